@@ -1,0 +1,111 @@
+"""The ReAct actor: one Thought + one Action per model call, the environment answers with an Observation.
+
+Works with chat and completion models alike: the prompt ends with ``Thought N:``, the reply is cut at
+``Observation`` on our side (a chat API may ignore ``stop``), and parsing is tolerant, so a reply with
+no usable action becomes an invalid step with a helpful observation rather than a crash.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from retroformer_cli.agents.prompts.base import PromptSet
+from retroformer_cli.llm.base import GenerationConfig, LLMClient, Message, Usage, apply_stop
+from retroformer_cli.records import Step
+
+_ACTION_LABEL = re.compile(r"^\s*Action\s*\d*\s*:\s*(.*)$", re.IGNORECASE | re.MULTILINE)
+_THOUGHT_LABEL = re.compile(r"^\s*Thought\s*\d*\s*:\s*", re.IGNORECASE)
+_BARE_ACTION = re.compile(r"\b([A-Za-z_]+)\s*\[([^\]\n]*)\]?")
+STOP = ("\nObservation", "\nQuestion:", "\n\n\n")
+
+
+@dataclass
+class ParsedReply:
+    thought: str
+    action: str | None  # None: no action could be found
+
+
+def parse_reply(text: str, action_names: Sequence[str] = ()) -> ParsedReply:
+    """Split a model reply into thought and action.
+
+    Accepts ``Thought 3: ...\\nAction 3: Search[x]``, a reply that continues after ``Thought 3:`` directly,
+    an action on the same line as the thought, or a bare ``Search[x]`` when the label is missing.
+    """
+    text, _ = apply_stop(text, STOP)
+    text = _THOUGHT_LABEL.sub("", text.strip(), count=1)
+    m = _ACTION_LABEL.search(text)
+    if m:
+        thought = text[: m.start()].strip()
+        action = m.group(1).strip()
+        return ParsedReply(thought=_one_line(thought), action=action or None)
+    names = {n.lower() for n in action_names}
+    for bare in _BARE_ACTION.finditer(text):
+        if not names or bare.group(1).lower() in names:
+            return ParsedReply(thought=_one_line(text[: bare.start()]), action=bare.group(0).strip())
+    return ParsedReply(thought=_one_line(text), action=None)
+
+
+def _one_line(s: str) -> str:
+    return " ".join(s.split())
+
+
+@dataclass
+class EpisodeResult:
+    steps: list[Step]
+    success: bool
+    score: float
+    terminated: bool
+    truncated: bool
+    instruction: str
+    first_observation: str
+    scratchpad: str
+    info: dict[str, Any]
+    actor_prompt: list[dict[str, str]]
+    usage: Usage = field(default_factory=Usage)
+
+
+async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptSet, memory: Sequence[str],
+                      gen: GenerationConfig, action_names: Sequence[str] = (), seed: int | None = None) -> EpisodeResult:
+    """Play one episode of ``task_id`` with the actor; ``memory`` holds the reflections to show."""
+    obs, info = env.reset(seed=seed, options={"task_id": task_id})
+    first_obs = obs
+    instruction = info.get("instruction", obs)
+    scratchpad = ""
+    steps: list[Step] = []
+    usage = Usage()
+    first_prompt: list[dict[str, str]] = []
+    end_info: dict[str, Any] = {}
+    terminated = truncated = False
+    n = 0
+    while not (terminated or truncated):
+        n += 1
+        prompt = prompts.actor_prompt(first_obs, memory, scratchpad, n)
+        messages = [Message("user", prompt)]
+        if not first_prompt:
+            first_prompt = [{"role": m.role, "content": m.content} for m in messages]
+        t0 = time.perf_counter()
+        out = await actor.agenerate(messages, gen)
+        latency = (time.perf_counter() - t0) * 1000
+        usage.add(out.usage)
+        parsed = parse_reply(out.text, action_names)
+        if parsed.action is None:
+            # An unparsable reply still costs a step (the protocol's budget) and tells the model the format.
+            obs, reward, terminated, truncated, end_info = env.step(f"<no action: {parsed.thought[:80]}>")
+            obs = f"Invalid reply: no action found. Reply with 'Thought {n}: ...' and 'Action {n}: {prompts.action_format}'."
+            action, valid = "", False
+        else:
+            action, valid = parsed.action, True
+            obs, reward, terminated, truncated, end_info = env.step(action)
+        steps.append(Step(thought=parsed.thought, action=action, observation=obs, reward=float(reward), valid=valid,
+                          raw=out.text, prompt_tokens=out.usage.prompt_tokens,
+                          completion_tokens=out.usage.completion_tokens, latency_ms=round(latency, 2)))
+        scratchpad += f"Thought {n}: {parsed.thought}\nAction {n}: {action}\nObservation {n}: {_one_line(obs)}\n"
+    return EpisodeResult(
+        steps=steps, success=bool(end_info.get("success", False)), score=float(end_info.get("score", 0.0)),
+        terminated=terminated, truncated=truncated, instruction=instruction, first_observation=first_obs,
+        scratchpad=scratchpad, info={k: v for k, v in end_info.items() if k not in ("task_id", "instruction")},
+        actor_prompt=first_prompt, usage=usage,
+    )

@@ -1,0 +1,93 @@
+"""The Reflexion loop: trials 1..K at one task; after a failed trial the reflector writes a reflection
+from the trajectory, and the latest ``memory_size`` reflections go into the next trial's prompt.
+
+The reflector is pluggable: ``None`` (ReAct baseline: no reflections), a frozen model (Reflexion) or a
+trained checkpoint (Retroformer) — all are just an :class:`LLMClient`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+from retroformer_cli.agents.actor import EpisodeResult, run_episode
+from retroformer_cli.agents.prompts.base import PromptSet
+from retroformer_cli.llm.base import GenerationConfig, LLMClient, Message, apply_stop
+from retroformer_cli.records import Reflection, Trial
+from retroformer_cli.workspace import now_iso
+
+REFLECTION_STOP = ("\nPrevious trial", "(END OF EXAMPLES)", "\nQuestion:")
+
+
+def outcome_line(result: EpisodeResult) -> str:
+    if result.truncated:
+        return "Observation: Ran out of steps before finishing."
+    return "Observation: Answer is INCORRECT" if not result.success else "Observation: Answer is CORRECT"
+
+
+async def reflect(reflector: LLMClient, prompts: PromptSet, result: EpisodeResult, gen: GenerationConfig) -> Reflection:
+    prompt = prompts.reflection_prompt(result.first_observation, result.scratchpad, outcome_line(result))
+    messages = [Message("user", prompt)]
+    t0 = time.perf_counter()
+    out = await reflector.agenerate(messages, gen)
+    text, _ = apply_stop(out.text, REFLECTION_STOP)
+    text = text.strip()
+    if text.lower().startswith("reflection:"):
+        text = text[len("reflection:"):].strip()
+    return Reflection(text=text, prompt=[{"role": m.role, "content": m.content} for m in messages],
+                      model_id=reflector.model_id, prompt_tokens=out.usage.prompt_tokens,
+                      completion_tokens=out.usage.completion_tokens,
+                      latency_ms=round((time.perf_counter() - t0) * 1000, 2))
+
+
+@dataclass
+class TaskSpec:
+    run_id: str
+    env_id: str
+    task_id: str
+    trials: int
+    memory_size: int
+    seed: int
+
+
+async def run_task(spec: TaskSpec, history: Sequence[Trial], acquire_env: Callable[[], Awaitable[Any]],
+                   release_env: Callable[[Any], None], actor: LLMClient, reflector: LLMClient | None,
+                   prompts: PromptSet, actor_gen: GenerationConfig, reflector_gen: GenerationConfig,
+                   on_trial: Callable[[Trial], None], action_names: Sequence[str] = ()) -> list[Trial]:
+    """Run the remaining trials of one task. ``history`` holds trials already on disk (resume)."""
+    done = sorted(history, key=lambda t: t.trial)
+    reflections = [t.reflection.text for t in done if t.reflection and t.reflection.text]
+    if done and (done[-1].success or done[-1].trial >= spec.trials):
+        return []
+    start = done[-1].trial + 1 if done else 1
+    new: list[Trial] = []
+    for k in range(start, spec.trials + 1):
+        memory = reflections[-spec.memory_size:] if spec.memory_size > 0 else []
+        started, t0 = now_iso(), time.perf_counter()
+        env = await acquire_env()
+        try:
+            result = await run_episode(env, spec.task_id, actor, prompts, memory, actor_gen, action_names,
+                                       seed=spec.seed)
+        finally:
+            release_env(env)
+        reflection = None
+        # No reflection after a success or after the last trial: nothing would read it.
+        if reflector is not None and not result.success and k < spec.trials:
+            reflection = await reflect(reflector, prompts, result, reflector_gen)
+            reflections.append(reflection.text)
+        trial = Trial(
+            run_id=spec.run_id, env_id=spec.env_id, task_id=spec.task_id, trial=k, instruction=result.instruction,
+            steps=result.steps, success=result.success, score=result.score, terminated=result.terminated,
+            truncated=result.truncated, memory=list(memory), reflection=reflection,
+            actor_model_id=actor.model_id, reflector_model_id=reflector.model_id if reflector else None,
+            actor_prompt=result.actor_prompt, info=result.info,
+            prompt_tokens=result.usage.prompt_tokens + (reflection.prompt_tokens if reflection else 0),
+            completion_tokens=result.usage.completion_tokens + (reflection.completion_tokens if reflection else 0),
+            started_at=started, finished_at=now_iso(), duration_s=round(time.perf_counter() - t0, 3),
+        )
+        on_trial(trial)
+        new.append(trial)
+        if result.success:
+            break
+    return new

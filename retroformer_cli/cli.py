@@ -1,0 +1,274 @@
+"""The `retroformer` command: thin Typer commands that parse options and call the stage APIs.
+
+Errors a user can cause become one red line on stderr (plus a hint) and a non-zero exit; set
+RETROFORMER_DEBUG=1 to see tracebacks. Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from retroformer_cli import __version__
+from retroformer_cli.errors import RetroformerError, UsageError
+
+app = typer.Typer(
+    name="retroformer",
+    help="Make LLM agents learn from their own failures: collect trials with reflections, train the "
+         "retrospective model, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,  # help texts use literal [brackets]
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class State:
+    workspace: Optional[Path] = None
+    config: Optional[Path] = None
+    json: bool = False
+
+
+state = State()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"retroformer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    workspace: Optional[Path] = typer.Option(None, "--workspace", "-w", envvar="RETROFORMER_WORKSPACE",
+                                             help="Workspace directory shared by all stages [default: ./retroformer-workspace]."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file (see configs/)."),
+    json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout; logs stay on stderr."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    state.workspace, state.config, state.json = workspace, config, json_output
+    from retroformer_cli.config import load_dotenv_file
+
+    load_dotenv_file(".env")
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map our errors (and Ctrl-C) to one line + exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from retroformer_cli import console
+
+        try:
+            return fn(*args, **kwargs)
+        except RetroformerError as e:
+            console.error(str(e), e.hint)
+            if os.environ.get("RETROFORMER_DEBUG"):
+                raise
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            console.error("Interrupted.")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # an unexpected failure still gets one line; the traceback is opt-in
+            if os.environ.get("RETROFORMER_DEBUG"):
+                raise
+            console.error(f"unexpected {type(e).__name__}: {e}", "set RETROFORMER_DEBUG=1 to see the traceback")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _workspace():
+    from retroformer_cli.workspace import Workspace
+
+    return Workspace.open(state.workspace)
+
+
+def _task_ids(value: Optional[str]) -> Optional[list[str]]:
+    """``a,b,c`` or ``@file`` (one id per line)."""
+    if not value:
+        return None
+    if value.startswith("@"):
+        p = Path(value[1:])
+        if not p.is_file():
+            raise UsageError(f"Task id file '{p}' does not exist (--task-ids).")
+        return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+# Options shared by collect and eval (the eval protocol runs collect first).
+EnvOpt = typer.Option(None, "--env", "-e", help="Environment: hotpotqa.")
+DataOpt = typer.Option(None, "--data", help="Data file or folder in the env's real format [env DATA_DIR; default: sample data].")
+SplitOpt = typer.Option(None, "--split", help="all | train | eval (deterministic by task id).")
+TasksOpt = typer.Option(None, "--tasks", "-n", help="Run the first N tasks of the split.")
+TaskIdsOpt = typer.Option(None, "--task-ids", help="Comma-separated task ids, or @FILE with one id per line.")
+TrialsOpt = typer.Option(None, "--trials", "-k", help="Trials per task [default: 3].")
+MaxStepsOpt = typer.Option(None, "--max-steps", help="Step limit per episode [default: the env's].")
+MemoryOpt = typer.Option(None, "--memory-size", help="Latest reflections shown to the actor [default: 3].")
+ConcOpt = typer.Option(None, "--concurrency", "-j", help="Tasks run at once [default: 8].")
+RunOpt = typer.Option(None, "--run", "-r", help="Run name [default: ENV-TIMESTAMP].")
+SeedOpt = typer.Option(None, "--seed", help="Seed recorded in the manifest and passed to env.reset.")
+ActorOpt = typer.Option(None, "--actor", help="Actor model: embedded | openai:NAME | hf:PATH | PATH | workspace:STAGE/NAME.")
+ActorUrlOpt = typer.Option(None, "--actor-base-url", help="OpenAI-compatible base URL for the actor [env OPENAI_BASE_URL].")
+ActorApiOpt = typer.Option(None, "--actor-api", help="chat | completions.")
+ActorTokOpt = typer.Option(None, "--actor-max-tokens", help="Max new tokens per actor step.")
+ActorTempOpt = typer.Option(None, "--actor-temperature", help="Actor sampling temperature.")
+ReflOpt = typer.Option(None, "--reflector", help="Reflector: none (ReAct) | embedded | openai:NAME | hf:PATH | PATH | workspace:STAGE/NAME.")
+ReflUrlOpt = typer.Option(None, "--reflector-base-url", help="OpenAI-compatible base URL for the reflector.")
+ReflApiOpt = typer.Option(None, "--reflector-api", help="chat | completions.")
+ReflTokOpt = typer.Option(None, "--reflector-max-tokens", help="Max new tokens per reflection.")
+ThreadsOpt = typer.Option(None, "--threads", help="torch threads for local models [default: min(2, cores)].")
+
+
+def _collect_overrides(**kw: Any) -> dict[str, Any]:
+    mapping = {
+        "env": "env", "data": "data", "split": "split", "tasks": "tasks", "trials": "trials", "max_steps": "max_steps",
+        "memory_size": "memory_size", "concurrency": "concurrency", "run": "run", "seed": "seed",
+        "actor": "actor.model", "actor_base_url": "actor.base_url", "actor_api": "actor.api",
+        "actor_max_tokens": "actor.max_tokens", "actor_temperature": "actor.temperature",
+        "reflector": "reflector.model", "reflector_base_url": "reflector.base_url", "reflector_api": "reflector.api",
+        "reflector_max_tokens": "reflector.max_tokens",
+    }
+    out = {mapping[k]: v for k, v in kw.items() if k in mapping and v is not None}
+    if kw.get("data") is not None:
+        out["data"] = str(kw["data"])
+    ids = _task_ids(kw.get("task_ids"))
+    if ids is not None:
+        out["task_ids"] = ids
+    if kw.get("threads") is not None:
+        out["actor.threads"] = out["reflector.threads"] = kw["threads"]
+    return out
+
+
+def _build_collect_config(overrides: dict[str, Any], resume: bool):
+    from retroformer_cli.config import CollectConfig, build_config, fill_from_env
+    from retroformer_cli.envs import canonical_name
+
+    ws = _workspace()
+    base = None
+    if resume:
+        if not overrides.get("run"):
+            raise UsageError("--resume needs --run NAME (see `retroformer runs`).")
+        stored = dict(ws.read_manifest(overrides["run"]).get("config") or {})
+        for m in ("actor", "reflector"):  # never stored; comes back from flags or the environment
+            if isinstance(stored.get(m), dict):
+                stored[m].pop("api_key", None)
+        base = stored
+    cfg = build_config(CollectConfig, state.config, overrides, base=base)
+    cfg.env = canonical_name(cfg.env)
+    fill_from_env(cfg)
+    return cfg, ws
+
+
+def _run_collect(cfg, ws, resume: bool, label: str = "collect"):
+    from retroformer_cli.console import RichCollectProgress, stderr
+    from retroformer_cli.stages import collect
+
+    stderr.print(f"[bold]{label}[/] env={cfg.env} run={cfg.run or '(new)'} trials={cfg.trials} "
+                 f"actor={cfg.actor.model} reflector={cfg.reflector.model} workspace={ws.root}")
+    return collect.run(cfg, ws, resume=resume, progress=RichCollectProgress(label=label))
+
+
+@app.command(epilog="Examples:\n\n  retroformer collect --env hotpotqa --tasks 2 --trials 2\n\n"
+                    "  retroformer collect --env hotpotqa --data ../data/hotpotqa/dev.jsonl --actor openai:gpt-4o-mini\n\n"
+                    "  retroformer collect --run my-run --resume")
+@handle_errors
+def collect(
+    env: Optional[str] = EnvOpt, data: Optional[Path] = DataOpt, split: Optional[str] = SplitOpt,
+    tasks: Optional[int] = TasksOpt, task_ids: Optional[str] = TaskIdsOpt, trials: Optional[int] = TrialsOpt,
+    max_steps: Optional[int] = MaxStepsOpt, memory_size: Optional[int] = MemoryOpt,
+    concurrency: Optional[int] = ConcOpt, run: Optional[str] = RunOpt, seed: Optional[int] = SeedOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (needs --run)."),
+    actor: Optional[str] = ActorOpt, actor_base_url: Optional[str] = ActorUrlOpt, actor_api: Optional[str] = ActorApiOpt,
+    actor_max_tokens: Optional[int] = ActorTokOpt, actor_temperature: Optional[float] = ActorTempOpt,
+    reflector: Optional[str] = ReflOpt, reflector_base_url: Optional[str] = ReflUrlOpt,
+    reflector_api: Optional[str] = ReflApiOpt, reflector_max_tokens: Optional[int] = ReflTokOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Run the actor (and the reflector after failed trials) over tasks for several trials."""
+    from retroformer_cli import console
+
+    overrides = _collect_overrides(**locals())
+    cfg, ws = _build_collect_config(overrides, resume)
+    result = _run_collect(cfg, ws, resume)
+    if state.json:
+        console.print_json(result.to_json())
+    console.stderr.print(f"[green]done[/]: run {result.run}: {result.solved}/{result.tasks} task(s) solved, "
+                         f"{result.trials_written} trial(s) written to {result.trials_path}")
+
+
+@app.command("eval", epilog="Examples:\n\n  retroformer eval --run react --run reflexion\n\n"
+                            "  retroformer eval --env hotpotqa --tasks 5 --trials 3   (collect on the eval split, then report)\n\n"
+                            "  retroformer --json eval --run my-run | jq '.runs[0].success_per_trial'")
+@handle_errors
+def eval_(
+    runs: Optional[List[str]] = typer.Option(None, "--run", "-r", help="Run(s) to report; repeat to compare."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Where to write the PNG plot [default: reports/]."),
+    env: Optional[str] = EnvOpt, data: Optional[Path] = DataOpt, split: Optional[str] = SplitOpt,
+    tasks: Optional[int] = TasksOpt, task_ids: Optional[str] = TaskIdsOpt, trials: Optional[int] = TrialsOpt,
+    max_steps: Optional[int] = MaxStepsOpt, memory_size: Optional[int] = MemoryOpt,
+    concurrency: Optional[int] = ConcOpt, seed: Optional[int] = SeedOpt,
+    actor: Optional[str] = ActorOpt, actor_base_url: Optional[str] = ActorUrlOpt, actor_api: Optional[str] = ActorApiOpt,
+    actor_max_tokens: Optional[int] = ActorTokOpt, actor_temperature: Optional[float] = ActorTempOpt,
+    reflector: Optional[str] = ReflOpt, reflector_base_url: Optional[str] = ReflUrlOpt,
+    reflector_api: Optional[str] = ReflApiOpt, reflector_max_tokens: Optional[int] = ReflTokOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Success per trial for runs; with --env, first run the evaluation protocol (collect on the eval split)."""
+    from retroformer_cli import console
+    from retroformer_cli.stages import evaluate
+
+    ws = _workspace()
+    runs = list(runs or [])
+    if env is not None:
+        kw = dict(locals())
+        kw["run"] = None
+        overrides = _collect_overrides(**kw)
+        overrides.setdefault("split", "eval")
+        cfg, ws = _build_collect_config(overrides, resume=False)
+        result = _run_collect(cfg, ws, resume=False, label="eval")
+        runs.append(result.run)
+    if not runs:
+        raise UsageError("Nothing to evaluate: pass --run NAME (see `retroformer runs`) or --env ENV to run the protocol.")
+    data_out = evaluate.run(ws, runs, plot_path=plot)
+    reports = [evaluate.RunReport(**r) for r in data_out["runs"]]
+    console.stderr.print(console.eval_table(reports))
+    for r in reports:
+        t = console.group_table(r)
+        if t is not None:
+            console.stderr.print(t)
+    console.stderr.print(f"[dim]plot: {data_out['plot']}[/]")
+    if state.json:
+        console.print_json(data_out)
+
+
+@app.command("runs")
+@handle_errors
+def runs_() -> None:
+    """List the runs in the workspace and their status."""
+    from rich.table import Table
+
+    from retroformer_cli import console
+
+    rows = _workspace().list_runs()
+    if state.json:
+        console.print_json(rows)
+        return
+    table = Table(title="Runs", title_justify="left")
+    for col in ("run", "env", "status", "trials", "actor", "reflector", "started"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["run"], str(r["env"]), str(r["status"]), str(r["trials_written"]), console._short(r["actor"]) or "-",
+                      console._short(r["reflector"]) or "none", str(r["started_at"]))
+    console.stderr.print(table if rows else "[dim]no runs yet[/]")
+
+
+def main() -> None:
+    app()

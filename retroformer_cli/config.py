@@ -1,0 +1,175 @@
+"""Dataclass configs: defaults < YAML ``--config`` < explicit CLI flags; then ``.env``/environment
+variables fill what is still unset (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MODEL, DATA_DIR, CKPT_DIR,
+the names the original Retroformer scripts read).
+
+Configs import nothing heavy; trainers and clients are built from them inside the stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from retroformer_cli.errors import ConfigError
+
+ENV_VARS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "DATA_DIR", "CKPT_DIR")
+
+
+@dataclass
+class ModelConfig:
+    """One model endpoint, for the actor or the reflector."""
+
+    model: str = field(default="embedded", metadata={"help": "embedded | none | openai:NAME | hf:PATH | PATH | workspace:STAGE/NAME"})
+    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (env OPENAI_BASE_URL)"})
+    api_key: str | None = field(default=None, metadata={"help": "API key (env OPENAI_API_KEY); never written to disk"})
+    api: str = field(default="chat", metadata={"help": "chat | completions"})
+    max_tokens: int = 96
+    temperature: float = 0.0
+    top_p: float = 1.0
+    concurrency: int = 16
+    timeout_s: float = 60.0
+    max_retries: int = 6
+    threads: int | None = field(default=None, metadata={"help": "torch threads for a local model (default: min(2, cores))"})
+    max_batch_size: int = 8
+
+
+@dataclass
+class CollectConfig:
+    """`retroformer collect`: run the actor (and reflector) over tasks for several trials."""
+
+    env: str = "hotpotqa"
+    data: str | None = field(default=None, metadata={"help": "data file or folder in the env's real format (env DATA_DIR); default: sample data"})
+    split: str = field(default="all", metadata={"help": "all | train | eval (deterministic by task id)"})
+    tasks: int | None = field(default=None, metadata={"help": "first N tasks of the split"})
+    task_ids: list[str] | None = None
+    trials: int = 3
+    max_steps: int | None = field(default=None, metadata={"help": "per-episode step limit (env default when unset)"})
+    memory_size: int = field(default=3, metadata={"help": "how many of the latest reflections go into the prompt"})
+    concurrency: int = 8
+    run: str | None = None
+    seed: int = 0
+    actor: ModelConfig = field(default_factory=ModelConfig)
+    reflector: ModelConfig = field(default_factory=lambda: ModelConfig(max_tokens=128))
+
+
+def to_dict(cfg: Any, *, redact: bool = True) -> dict[str, Any]:
+    """Config as plain data for manifests; secrets removed."""
+    data = dataclasses.asdict(cfg)
+
+    def scrub(d: Any) -> Any:
+        if isinstance(d, dict):
+            return {k: ("***" if (k == "api_key" and v and redact) else scrub(v)) for k, v in d.items()}
+        return d
+
+    return scrub(data)
+
+
+def _coerce(value: Any, ftype: Any, key: str) -> Any:
+    """Coerce YAML/CLI values to the field's annotated type (annotations are strings here)."""
+    t = str(ftype)
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"Config key '{key}' cannot be null.")
+    try:
+        if t.startswith("list"):
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            return [str(v).strip() for v in value]
+        if t.startswith("int"):
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if t.startswith("float"):
+            return float(value)
+        if t.startswith("bool"):
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if t.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Config key '{key}' expects {t}, got {value!r}.") from None
+    return value
+
+
+def apply_overrides(cfg: Any, overrides: Mapping[str, Any], *, source: str = "config") -> Any:
+    """Apply a nested or dotted mapping onto a dataclass, failing on unknown keys."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in fields:
+            from retroformer_cli.errors import did_you_mean
+
+            raise ConfigError(f"Unknown key '{key}' in {source}: {did_you_mean(head, list(fields))}.")
+        current = getattr(cfg, head)
+        if dataclasses.is_dataclass(current):
+            if rest:
+                apply_overrides(current, {rest: value}, source=source)
+            elif isinstance(value, Mapping):
+                apply_overrides(current, value, source=f"{source} [{head}]")
+            else:
+                raise ConfigError(f"Config key '{key}' in {source} must be a mapping of {head} settings.")
+        else:
+            setattr(cfg, head, _coerce(value, fields[head].type, key))
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file '{p}' does not exist (--config).")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"Config file '{p}' is not valid YAML{where}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{p}' must hold a mapping of settings, not {type(data).__name__}.")
+    return data
+
+
+def load_dotenv_file(path: str | Path = ".env") -> None:
+    """Load ``.env`` from the current directory without overriding the real environment."""
+    p = Path(path)
+    if p.is_file():
+        from dotenv import load_dotenv
+
+        load_dotenv(p, override=False)
+
+
+def fill_from_env(cfg: CollectConfig, environ: Mapping[str, str] | None = None) -> CollectConfig:
+    """Fill unset values from the original Retroformer environment variables."""
+    env = os.environ if environ is None else environ
+    for m in (cfg.actor, cfg.reflector):
+        if m.base_url is None and env.get("OPENAI_BASE_URL"):
+            m.base_url = env["OPENAI_BASE_URL"]
+        if m.api_key is None and env.get("OPENAI_API_KEY"):
+            m.api_key = env["OPENAI_API_KEY"]
+        if m.model in ("openai", "openai:") and env.get("OPENAI_MODEL"):
+            m.model = "openai:" + env["OPENAI_MODEL"]
+    if cfg.data is None and env.get("DATA_DIR"):
+        root = Path(env["DATA_DIR"])
+        cfg.data = str(root / cfg.env) if (root / cfg.env).exists() else str(root)
+    return cfg
+
+
+def build_config(cls: type, yaml_path: str | Path | None, overrides: Mapping[str, Any] | None = None,
+                 base: Mapping[str, Any] | None = None) -> Any:
+    """defaults < base (e.g. a resumed run's stored config) < YAML < overrides (explicit flags)."""
+    cfg = cls()
+    if base:
+        apply_overrides(cfg, base, source="stored run config")
+    if yaml_path:
+        apply_overrides(cfg, load_yaml(yaml_path), source=f"config file '{yaml_path}'")
+    if overrides:
+        apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None}, source="command-line flags")
+    return cfg

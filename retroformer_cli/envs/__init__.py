@@ -1,0 +1,42 @@
+"""Environment registry: ``make("hotpotqa", data=..., max_steps=...)``.
+
+Names are short (``hotpotqa``) with versioned aliases (``HotPotQA-v0``). Entry points are
+``"module:factory"`` strings so that registering an env imports nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from retroformer_cli.errors import UsageError, did_you_mean
+
+_REGISTRY: dict[str, str] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(name: str, entry_point: str, aliases: tuple[str, ...] = ()) -> None:
+    _REGISTRY[name] = entry_point
+    for a in aliases:
+        _ALIASES[a.lower()] = name
+
+
+def canonical_name(name: str) -> str:
+    key = name.lower()
+    if key in _REGISTRY:
+        return key
+    if key in _ALIASES:
+        return _ALIASES[key]
+    raise UsageError(f"Unknown environment '{name}' (--env): {did_you_mean(name, list(_REGISTRY))}.")
+
+
+def list_envs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make(name: str, **kwargs: Any):
+    module_name, factory = _REGISTRY[canonical_name(name)].split(":")
+    return getattr(importlib.import_module(module_name), factory)(**kwargs)
+
+
+register("hotpotqa", "retroformer_cli.envs.hotpotqa:HotPotQAEnv", aliases=("HotPotQA-v0",))

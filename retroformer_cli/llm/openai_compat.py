@@ -1,0 +1,256 @@
+"""LLMClient for any OpenAI-compatible HTTP endpoint (OpenAI, vLLM, llama.cpp server, Ollama, ...).
+
+We run our own retry loop (the SDK's is disabled) so every backend shares one policy: retry 408,
+409, 429, 5xx, timeouts and dropped connections with capped exponential backoff and full jitter,
+honouring ``Retry-After`` / ``retry-after-ms``; fail at once on other 4xx with the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from typing import Any, Sequence
+
+from ..errors import BackendError, UsageError
+from .base import Generation, GenerationConfig, Message, Usage, apply_stop, messages_to_prompt
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+MAX_STOP = 4  # OpenAI rejects more than four stop sequences
+# A refused connection is usually a wrong URL or a server that is down; retry only briefly so a
+# typo fails in about a second, while a server that is restarting still gets a chance.
+REFUSED_RETRIES = 3
+
+
+class _Failure(Exception):
+    """One failed attempt, classified."""
+
+    def __init__(self, desc: str, retryable: bool, wait_s: float | None = None, refused: bool = False,
+                 status: int | None = None):
+        super().__init__(desc)
+        self.desc, self.retryable, self.wait_s, self.refused, self.status = desc, retryable, wait_s, refused, status
+
+
+def _retry_after_s(headers: Any) -> float | None:
+    """Seconds the server asked us to wait, from ``retry-after-ms`` or ``Retry-After`` (secs or date)."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _server_message(err: Any) -> str:
+    """The human message inside an error response, falling back to the raw body."""
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        msg = body.get("message")
+        if msg is None and isinstance(body.get("error"), dict):
+            msg = body["error"].get("message")
+        if msg is None and isinstance(body.get("detail"), str):
+            msg = body["detail"]  # FastAPI-style servers
+        if msg:
+            return str(msg)
+    elif isinstance(body, str) and body.strip():
+        return body.strip()[:300]
+    try:
+        return err.response.text.strip()[:300] or "no message"
+    except Exception:  # noqa: BLE001 - a broken body must not hide the status code
+        return "no message"
+
+
+class OpenAICompatClient:
+    """Async client with bounded concurrency, per-request timeout and our own retry policy."""
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        api: str = "chat",
+        max_concurrency: int = 16,
+        timeout_s: float = 60.0,
+        max_retries: int = 6,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        option_name: str = "--actor",
+    ):
+        if api not in ("chat", "completions"):
+            raise UsageError(f"Unknown API '{api}' for {option_name}: use 'chat' or 'completions'.")
+        if max_concurrency < 1:
+            raise UsageError(f"Concurrency for {option_name} must be at least 1, got {max_concurrency}.")
+        import openai  # deferred: keeps `retroformer --help` fast
+
+        self._openai = openai
+        self.model_id = model
+        self.api = api
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.option_name = option_name
+        # Local servers ignore the key, but the SDK refuses to start without one.
+        self._api_key = api_key or "EMPTY"
+        self._base_url_arg = base_url
+        self._client = self._make_client()
+        self.base_url = str(self._client.base_url).rstrip("/")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sem: asyncio.Semaphore | None = None
+
+    def _make_client(self) -> Any:
+        # Our own pool (a class without the SDK wrapper's __del__): when a finished event loop's
+        # client is dropped, the wrapper would schedule a close on the new loop and print
+        # "Event loop is closed" tracebacks.
+        http = self._openai.DefaultAsyncHttpxClient(timeout=self.timeout_s)
+        return self._openai.AsyncOpenAI(base_url=self._base_url_arg, api_key=self._api_key, max_retries=0,
+                                        timeout=self.timeout_s, http_client=http)
+
+    def _bind_loop(self) -> asyncio.Semaphore:
+        """Semaphore and HTTP pool belong to one event loop; rebuild them if the caller's loop changed
+        (e.g. successive ``asyncio.run`` calls), since a pool from a closed loop cannot be reused."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:
+                self._client = self._make_client()
+            self._loop = loop
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+        assert self._sem is not None
+        return self._sem
+
+    def describe(self) -> dict[str, Any]:
+        """Settings for run manifests. Never includes the API key."""
+        return {"backend": "openai", "model": self.model_id, "base_url": self.base_url, "api": self.api}
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    # -- generation ---------------------------------------------------------------------------
+    async def agenerate(self, messages: Sequence[Message], config: GenerationConfig) -> Generation:
+        sem = self._bind_loop()
+        # The slot is held through backoff sleeps on purpose: a rate-limited server should see
+        # fewer requests, not the same number from other tasks.
+        async with sem:
+            start = time.perf_counter()
+            failures = 0
+            while True:
+                try:
+                    text, usage, finish = await self._attempt(messages, config)
+                    break
+                except _Failure as f:
+                    failures += 1
+                    budget = min(self.max_retries, REFUSED_RETRIES) if f.refused else self.max_retries
+                    if not f.retryable or failures > budget:
+                        raise self._final_error(f, failures) from None
+                    await asyncio.sleep(self._delay(failures, f.wait_s))
+            latency_ms = (time.perf_counter() - start) * 1000.0  # includes retries: what a caller waited
+        text, cut = apply_stop(text, config.stop)
+        if cut:
+            finish = "stop"
+        return Generation(text=text, model_id=self.model_id, usage=usage, latency_ms=latency_ms,
+                          finish_reason=finish, retries=failures)
+
+    def _delay(self, failures: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.backoff_max_s)
+        # Full jitter: spreads a burst of failed requests so they do not retry in lockstep.
+        cap = min(self.backoff_max_s, self.backoff_base_s * (2 ** (failures - 1)))
+        return random.uniform(0.0, cap)
+
+    async def _attempt(self, messages: Sequence[Message], config: GenerationConfig) -> tuple[str, Usage, str | None]:
+        kwargs: dict[str, Any] = {
+            "model": self.model_id,
+            "max_tokens": config.max_tokens,
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+        }
+        if config.stop:
+            kwargs["stop"] = [s for s in config.stop if s][:MAX_STOP]
+        if config.seed is not None:
+            kwargs["seed"] = config.seed
+        try:
+            # wait_for caps the total time; the SDK timeout alone is per socket operation.
+            if self.api == "chat":
+                msgs = [{"role": m.role, "content": m.content} for m in messages]
+                call = self._client.chat.completions.create(messages=msgs, **kwargs)
+            else:
+                call = self._client.completions.create(prompt=messages_to_prompt(messages), **kwargs)
+            resp = await asyncio.wait_for(call, self.timeout_s)
+        except Exception as e:  # noqa: BLE001 - classified below; CancelledError is not an Exception
+            raise self._classify(e) from e
+        if not getattr(resp, "choices", None):
+            raise _Failure("the response had no choices", retryable=False)
+        choice = resp.choices[0]
+        if self.api == "chat":
+            text = getattr(choice.message, "content", None) or ""
+        else:
+            text = getattr(choice, "text", None) or ""
+        u = getattr(resp, "usage", None)
+        usage = Usage(
+            prompt_tokens=int(getattr(u, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(u, "completion_tokens", 0) or 0),
+        )
+        return text, usage, getattr(choice, "finish_reason", None)
+
+    def _classify(self, e: Exception) -> _Failure:
+        oa = self._openai
+        if isinstance(e, (asyncio.TimeoutError, oa.APITimeoutError)):
+            return _Failure(f"no answer within {self.timeout_s:g} s", retryable=True)
+        if isinstance(e, oa.APIConnectionError):
+            chain, c = [], e.__cause__ or e.__context__
+            while c is not None and len(chain) < 8:
+                chain.append(c)
+                c = c.__cause__ or c.__context__
+            if any(isinstance(c, ConnectionRefusedError) or type(c).__name__ == "ConnectError" for c in chain):
+                return _Failure("connection refused", retryable=True, refused=True)
+            detail = self._redact(str(chain[-1])) if chain else "connection error"
+            return _Failure(f"connection failed ({detail or type(chain[-1]).__name__})", retryable=True)
+        if isinstance(e, oa.APIStatusError):
+            status = e.status_code
+            desc = f"HTTP {status}: {self._redact(_server_message(e))}"
+            if status in RETRYABLE_STATUS or status >= 500:
+                return _Failure(desc, retryable=True, wait_s=_retry_after_s(e.response.headers), status=status)
+            return _Failure(desc, retryable=False, status=status)
+        return _Failure(f"{type(e).__name__}: {self._redact(str(e))}", retryable=False)
+
+    def _redact(self, text: str) -> str:
+        """Servers sometimes echo the key in error messages; never let it reach the terminal or logs."""
+        if self._api_key != "EMPTY" and len(self._api_key) >= 4:
+            text = text.replace(self._api_key, "***")
+        return text
+
+    def _final_error(self, f: _Failure, failures: int) -> BackendError:
+        url, opt = self.base_url, self.option_name
+        if f.refused:
+            return BackendError(f"Cannot reach the OpenAI-compatible endpoint at {url}: connection refused "
+                                f"({opt}-base-url).", hint="Is the server running and is the port right?")
+        if f.status in (401, 403):
+            return BackendError(f"The OpenAI-compatible endpoint at {url} rejected the API key ({f.desc}).",
+                                hint=f"Check the API key used for {opt}.")
+        if f.status == 404:
+            return BackendError(f"The OpenAI-compatible endpoint at {url} answered {f.desc} for model "
+                                f"'{self.model_id}' ({opt}-model, {opt}-base-url).",
+                                hint="Check the model name and that the base URL ends in /v1.")
+        if not f.retryable:
+            return BackendError(f"The OpenAI-compatible endpoint at {url} rejected a request for model "
+                                f"'{self.model_id}' ({f.desc}) ({opt}).")
+        return BackendError(f"The OpenAI-compatible endpoint at {url} failed {failures} times in a row for "
+                            f"model '{self.model_id}'; last error: {f.desc} ({opt}-base-url).")

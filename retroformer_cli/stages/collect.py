@@ -1,0 +1,295 @@
+"""`retroformer collect`: run the actor (and reflector) over tasks for several trials.
+
+Python API::
+
+    from retroformer_cli.config import CollectConfig
+    from retroformer_cli.stages import collect
+    from retroformer_cli.workspace import Workspace
+    result = collect.run(CollectConfig(trials=2, tasks=2), Workspace.open("ws"))
+
+Tasks run concurrently on one asyncio loop; every finished trial is one fsynced JSONL line, so an
+interrupted run loses at most the episodes in flight and ``resume=True`` finishes exactly the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import platform
+import signal
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from retroformer_cli import __version__
+from retroformer_cli.config import CollectConfig, to_dict
+from retroformer_cli.errors import RetroformerError, UsageError
+from retroformer_cli.llm.base import GenerationConfig, LLMClient
+from retroformer_cli.records import Trial
+from retroformer_cli.store import JsonlWriter, read_jsonl
+from retroformer_cli.workspace import Workspace, git_revision, now_iso
+
+SPLITS = ("all", "train", "eval")
+EVAL_FRACTION_DENOMINATOR = 5  # 1 task in 5 (by id hash) is in the eval split
+
+
+def split_of(task_id: str) -> str:
+    """Deterministic split by task id: stable across machines, runs and data-file order."""
+    h = int(hashlib.sha256(task_id.encode("utf-8")).hexdigest()[:8], 16)
+    return "eval" if h % EVAL_FRACTION_DENOMINATOR == 0 else "train"
+
+
+def select_tasks(all_ids: list[str], cfg: CollectConfig) -> list[str]:
+    if cfg.split not in SPLITS:
+        raise UsageError(f"Unknown split '{cfg.split}' (--split): choose one of {', '.join(SPLITS)}.")
+    if cfg.task_ids:
+        known = set(all_ids)
+        missing = [t for t in cfg.task_ids if t not in known]
+        if missing:
+            raise UsageError(f"{len(missing)} task id(s) not in the data (--task-ids), e.g. '{missing[0]}'.")
+        ids = list(dict.fromkeys(cfg.task_ids))
+    else:
+        ids = list(all_ids)
+    if cfg.split != "all":
+        ids = [t for t in ids if split_of(t) == cfg.split]
+    if cfg.tasks is not None:
+        if cfg.tasks < 1:
+            raise UsageError("--tasks must be at least 1.")
+        ids = ids[: cfg.tasks]
+    if not ids:
+        raise UsageError("No tasks selected: check --split, --tasks and --task-ids.")
+    return ids
+
+
+def make_env(cfg: CollectConfig) -> Any:
+    from retroformer_cli.envs import make
+
+    kwargs: dict[str, Any] = {"data": cfg.data}
+    if cfg.max_steps is not None:
+        kwargs["max_steps"] = cfg.max_steps
+    return make(cfg.env, **kwargs)
+
+
+def _gen(m) -> GenerationConfig:
+    return GenerationConfig(max_tokens=m.max_tokens, temperature=m.temperature, top_p=m.top_p)
+
+
+def describe(client: LLMClient | None) -> dict[str, Any]:
+    if client is None:
+        return {"model_id": None, "backend": "none"}
+    d = dict(client.describe()) if hasattr(client, "describe") else {}
+    d.setdefault("model_id", client.model_id)
+    return d
+
+
+@dataclass
+class CollectResult:
+    run: str
+    trials_path: Path
+    tasks: int
+    trials_written: int
+    trials_total: int
+    solved: int
+    status: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["trials_path"] = str(self.trials_path)
+        return d
+
+
+class ProgressSink:
+    """What collect reports while it runs; the CLI plugs in a rich progress bar."""
+
+    def start(self, total_tasks: int, already_done: int) -> None: ...
+
+    def trial(self, trial: Trial) -> None: ...
+
+    def task_done(self, solved: bool) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progress: ProgressSink | None = None,
+        actor: LLMClient | None = None, reflector: LLMClient | None | str = "config") -> CollectResult:
+    """Collect trajectories. ``actor``/``reflector`` may be passed in (tests); else built from ``cfg``."""
+    progress = progress or ProgressSink()
+    if cfg.trials < 1:
+        raise UsageError("--trials must be at least 1.")
+    run_name = cfg.run or workspace.new_run_name(cfg.env)
+    cfg.run = run_name
+    manifest_path = workspace.manifest_path(run_name)
+    if manifest_path.exists() and not resume:
+        raise UsageError(f"Run '{run_name}' already exists in '{workspace.root}'.",
+                         hint="pass --resume to continue it, or choose another --run name")
+    if resume and not manifest_path.exists():
+        raise UsageError(f"Cannot resume run '{run_name}': it does not exist in '{workspace.root}'.")
+
+    env = make_env(cfg)
+    task_ids = select_tasks(list(env.task_ids()), cfg)
+
+    from retroformer_cli.agents.prompts.base import PROMPT_VERSION, get_prompts
+    from retroformer_cli.llm import make_client
+
+    prompts = get_prompts(cfg.env)
+    if actor is None:
+        actor = make_client(cfg.actor, workspace, "--actor")
+        if actor is None:
+            raise UsageError("The actor cannot be 'none' (--actor).")
+    if reflector == "config":
+        from retroformer_cli.llm import resolve_backend
+
+        same = resolve_backend(cfg.reflector, workspace, "--reflector") == resolve_backend(cfg.actor, workspace, "--actor")
+        if same and resolve_backend(cfg.actor, workspace, "--actor")[0] == "hf":
+            reflector = actor  # one in-process copy of the same weights serves both roles
+        else:
+            reflector = make_client(cfg.reflector, workspace, "--reflector")
+
+    history: dict[str, list[Trial]] = defaultdict(list)
+    trials_path = workspace.trials_path(run_name)
+    if resume and trials_path.exists():
+        for rec in read_jsonl(trials_path):
+            t = Trial.from_json(rec)
+            history[t.task_id].append(t)
+
+    manifest = workspace.read_manifest(run_name) if resume else {
+        "schema_version": 1, "kind": "run", "run": run_name, "env": cfg.env, "started_at": now_iso(),
+        "sessions": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0},
+    }
+    manifest.update({
+        "status": "running", "config": to_dict(cfg), "retroformer_version": __version__, "git_revision": git_revision(),
+        "python": platform.python_version(), "platform": platform.platform(), "prompt_version": PROMPT_VERSION,
+        "models": {"actor": describe(actor), "reflector": describe(reflector)}, "seed": cfg.seed,
+        "task_ids": task_ids, "finished_at": None,
+    })
+    session = {"started_at": now_iso(), "finished_at": None, "status": "running", "resume": resume}
+    manifest["sessions"].append(session)
+    workspace.write_manifest(run_name, manifest)
+
+    counters = {"written": 0, "prompt": 0, "completion": 0}
+    writer = JsonlWriter(trials_path)
+
+    def on_trial(trial: Trial) -> None:
+        writer.append(trial.to_json())
+        counters["written"] += 1
+        counters["prompt"] += trial.prompt_tokens
+        counters["completion"] += trial.completion_tokens
+        progress.trial(trial)
+
+    status = "failed"
+    t0 = time.perf_counter()
+    try:
+        asyncio.run(_collect_async(cfg, env, task_ids, history, actor, reflector, prompts, on_trial, progress))
+        status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+    finally:
+        writer.close()
+        progress.stop()
+        manifest["usage"]["prompt_tokens"] += counters["prompt"]
+        manifest["usage"]["completion_tokens"] += counters["completion"]
+        session.update(finished_at=now_iso(), status=status, trials_written=counters["written"])
+        manifest.update(status=status, finished_at=now_iso())
+        workspace.write_manifest(run_name, manifest)
+        env.close()
+
+    trials = [Trial.from_json(r) for r in read_jsonl(trials_path)] if trials_path.exists() else []
+    solved = len({t.task_id for t in trials if t.success})
+    result = CollectResult(run=run_name, trials_path=trials_path, tasks=len(task_ids), trials_written=counters["written"],
+                           trials_total=len(trials), solved=solved, status=status, prompt_tokens=counters["prompt"],
+                           completion_tokens=counters["completion"], seconds=round(time.perf_counter() - t0, 2))
+    if status == "interrupted":
+        raise CollectInterrupted(result)
+    return result
+
+
+class CollectInterrupted(RetroformerError):
+    exit_code = 130
+
+    def __init__(self, result: CollectResult):
+        super().__init__(f"Interrupted: run '{result.run}' kept {result.trials_total} finished trial(s).",
+                         hint=f"continue with: retroformer collect --run {result.run} --resume")
+        self.result = result
+
+
+async def _collect_async(cfg: CollectConfig, first_env: Any, task_ids: list[str], history: dict[str, list[Trial]],
+                         actor: LLMClient, reflector: LLMClient | None, prompts: Any,
+                         on_trial: Callable[[Trial], None], progress: ProgressSink) -> None:
+    from retroformer_cli.agents.reflexion import TaskSpec, run_task
+
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    try:  # SIGTERM stops as cleanly as Ctrl-C
+        loop.add_signal_handler(signal.SIGTERM, lambda: main and main.cancel())
+    except (NotImplementedError, RuntimeError):
+        pass
+
+    # A pool of environment instances, one per concurrent episode; built lazily beyond the first.
+    concurrency = max(1, cfg.concurrency)
+    pool: asyncio.Queue = asyncio.Queue()
+    pool.put_nowait(first_env)
+    created = [first_env]
+
+    async def acquire_env() -> Any:
+        if pool.empty() and len(created) < concurrency:
+            env = first_env.spawn() if hasattr(first_env, "spawn") else make_env(cfg)
+            created.append(env)
+            return env
+        return await pool.get()
+
+    def release_env(env: Any) -> None:
+        pool.put_nowait(env)
+
+    remaining = [t for t in task_ids if not _finished(history.get(t, []), cfg.trials)]
+    progress.start(len(task_ids), len(task_ids) - len(remaining))
+    gate = asyncio.Semaphore(concurrency)
+    action_names = getattr(first_env, "action_names", ())
+
+    async def one(task_id: str) -> None:
+        async with gate:
+            spec = TaskSpec(run_id=cfg.run or "", env_id=cfg.env, task_id=task_id, trials=cfg.trials,
+                            memory_size=cfg.memory_size, seed=cfg.seed)
+            new = await run_task(spec, history.get(task_id, []), acquire_env, release_env, actor, reflector, prompts,
+                                 _gen(cfg.actor), _gen(cfg.reflector), on_trial, action_names)
+            all_trials = history.get(task_id, []) + new
+            progress.task_done(any(t.success for t in all_trials))
+
+    tasks = [asyncio.create_task(one(t)) for t in remaining]
+    try:
+        await asyncio.gather(*tasks)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise KeyboardInterrupt from None
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    finally:
+        for env in created[1:]:
+            env.close()
+        for client in {id(c): c for c in (actor, reflector) if c is not None}.values():
+            await client.aclose()
+
+
+def _finished(trials: list[Trial], k: int) -> bool:
+    return bool(trials) and (any(t.success for t in trials) or max(t.trial for t in trials) >= k)
+
+
+def load_trials(workspace: Workspace, run: str) -> list[Trial]:
+    workspace.read_manifest(run)  # clear error for an unknown run
+    path = workspace.trials_path(run)
+    if not path.exists():
+        return []
+    return [Trial.from_json(r) for r in read_jsonl(path)]
+
+
