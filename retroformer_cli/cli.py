@@ -113,6 +113,7 @@ TrialsOpt = typer.Option(None, "--trials", "-k", help="Trials per task [default:
 MaxStepsOpt = typer.Option(None, "--max-steps", help="Step limit per episode [default: the env's].")
 MemoryOpt = typer.Option(None, "--memory-size", help="Latest reflections shown to the actor [default: 3].")
 ConcOpt = typer.Option(None, "--concurrency", "-j", help="Tasks run at once [default: 8].")
+WorkersOpt = typer.Option(None, "--workers", help="Environment instances / worker processes [default: --concurrency].")
 RunOpt = typer.Option(None, "--run", "-r", help="Run name [default: ENV-TIMESTAMP].")
 SeedOpt = typer.Option(None, "--seed", help="Seed recorded in the manifest and passed to env.reset.")
 ActorOpt = typer.Option(None, "--actor", help="Actor model: embedded | openai:NAME | hf:PATH | PATH | workspace:STAGE/NAME.")
@@ -130,7 +131,7 @@ ThreadsOpt = typer.Option(None, "--threads", help="torch threads for local model
 def _collect_overrides(**kw: Any) -> dict[str, Any]:
     mapping = {
         "env": "env", "data": "data", "split": "split", "tasks": "tasks", "trials": "trials", "max_steps": "max_steps",
-        "memory_size": "memory_size", "concurrency": "concurrency", "run": "run", "seed": "seed",
+        "memory_size": "memory_size", "concurrency": "concurrency", "workers": "workers", "run": "run", "seed": "seed",
         "actor": "actor.model", "actor_base_url": "actor.base_url", "actor_api": "actor.api",
         "actor_max_tokens": "actor.max_tokens", "actor_temperature": "actor.temperature",
         "reflector": "reflector.model", "reflector_base_url": "reflector.base_url", "reflector_api": "reflector.api",
@@ -184,7 +185,8 @@ def collect(
     env: Optional[str] = EnvOpt, data: Optional[Path] = DataOpt, split: Optional[str] = SplitOpt,
     tasks: Optional[int] = TasksOpt, task_ids: Optional[str] = TaskIdsOpt, trials: Optional[int] = TrialsOpt,
     max_steps: Optional[int] = MaxStepsOpt, memory_size: Optional[int] = MemoryOpt,
-    concurrency: Optional[int] = ConcOpt, run: Optional[str] = RunOpt, seed: Optional[int] = SeedOpt,
+    concurrency: Optional[int] = ConcOpt, workers: Optional[int] = WorkersOpt, run: Optional[str] = RunOpt,
+    seed: Optional[int] = SeedOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (needs --run)."),
     actor: Optional[str] = ActorOpt, actor_base_url: Optional[str] = ActorUrlOpt, actor_api: Optional[str] = ActorApiOpt,
     actor_max_tokens: Optional[int] = ActorTokOpt, actor_temperature: Optional[float] = ActorTempOpt,
@@ -214,7 +216,7 @@ def eval_(
     env: Optional[str] = EnvOpt, data: Optional[Path] = DataOpt, split: Optional[str] = SplitOpt,
     tasks: Optional[int] = TasksOpt, task_ids: Optional[str] = TaskIdsOpt, trials: Optional[int] = TrialsOpt,
     max_steps: Optional[int] = MaxStepsOpt, memory_size: Optional[int] = MemoryOpt,
-    concurrency: Optional[int] = ConcOpt, seed: Optional[int] = SeedOpt,
+    concurrency: Optional[int] = ConcOpt, workers: Optional[int] = WorkersOpt, seed: Optional[int] = SeedOpt,
     actor: Optional[str] = ActorOpt, actor_base_url: Optional[str] = ActorUrlOpt, actor_api: Optional[str] = ActorApiOpt,
     actor_max_tokens: Optional[int] = ActorTokOpt, actor_temperature: Optional[float] = ActorTempOpt,
     reflector: Optional[str] = ReflOpt, reflector_base_url: Optional[str] = ReflUrlOpt,

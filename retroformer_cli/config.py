@@ -49,6 +49,7 @@ class CollectConfig:
     max_steps: int | None = field(default=None, metadata={"help": "per-episode step limit (env default when unset)"})
     memory_size: int = field(default=3, metadata={"help": "how many of the latest reflections go into the prompt"})
     concurrency: int = 8
+    workers: int | None = field(default=None, metadata={"help": "environment instances / worker processes (default: concurrency)"})
     run: str | None = None
     seed: int = 0
     actor: ModelConfig = field(default_factory=ModelConfig)

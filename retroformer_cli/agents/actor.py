@@ -52,6 +52,20 @@ def _one_line(s: str) -> str:
     return " ".join(s.split())
 
 
+async def env_reset(env: Any, **kwargs: Any) -> tuple[str, dict[str, Any]]:
+    """Envs whose engine is slow (ALFWorld runs in worker processes) offer ``areset``/``astep`` so the
+    event loop, and the LLM calls of other episodes, never wait on them."""
+    if hasattr(env, "areset"):
+        return await env.areset(**kwargs)
+    return env.reset(**kwargs)
+
+
+async def env_step(env: Any, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+    if hasattr(env, "astep"):
+        return await env.astep(action)
+    return env.step(action)
+
+
 @dataclass
 class EpisodeResult:
     steps: list[Step]
@@ -70,7 +84,7 @@ class EpisodeResult:
 async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptSet, memory: Sequence[str],
                       gen: GenerationConfig, action_names: Sequence[str] = (), seed: int | None = None) -> EpisodeResult:
     """Play one episode of ``task_id`` with the actor; ``memory`` holds the reflections to show."""
-    obs, info = env.reset(seed=seed, options={"task_id": task_id})
+    obs, info = await env_reset(env, seed=seed, options={"task_id": task_id})
     first_obs = obs
     instruction = info.get("instruction", obs)
     scratchpad = ""
@@ -93,12 +107,12 @@ async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptS
         parsed = parse_reply(out.text, action_names)
         if parsed.action is None:
             # An unparsable reply still costs a step (the protocol's budget) and tells the model the format.
-            obs, reward, terminated, truncated, end_info = env.step(f"<no action: {parsed.thought[:80]}>")
+            obs, reward, terminated, truncated, end_info = await env_step(env, f"<no action: {parsed.thought[:80]}>")
             obs = f"Invalid reply: no action found. Reply with 'Thought {n}: ...' and 'Action {n}: {prompts.action_format}'."
             action, valid = "", False
         else:
             action, valid = parsed.action, True
-            obs, reward, terminated, truncated, end_info = env.step(action)
+            obs, reward, terminated, truncated, end_info = await env_step(env, action)
         steps.append(Step(thought=parsed.thought, action=action, observation=obs, reward=float(reward), valid=valid,
                           raw=out.text, prompt_tokens=out.usage.prompt_tokens,
                           completion_tokens=out.usage.completion_tokens, latency_ms=round(latency, 2)))

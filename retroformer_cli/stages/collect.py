@@ -231,14 +231,15 @@ async def _collect_async(cfg: CollectConfig, first_env: Any, task_ids: list[str]
     except (NotImplementedError, RuntimeError):
         pass
 
-    # A pool of environment instances, one per concurrent episode; built lazily beyond the first.
+    # A pool of environment instances, one per concurrent episode (capped by --workers); built lazily.
     concurrency = max(1, cfg.concurrency)
+    n_envs = max(1, min(concurrency, cfg.workers or concurrency))
     pool: asyncio.Queue = asyncio.Queue()
     pool.put_nowait(first_env)
     created = [first_env]
 
     async def acquire_env() -> Any:
-        if pool.empty() and len(created) < concurrency:
+        if pool.empty() and len(created) < n_envs:
             env = first_env.spawn() if hasattr(first_env, "spawn") else make_env(cfg)
             created.append(env)
             return env

@@ -39,9 +39,7 @@ class PromptSet:
 def get_prompts(env_id: str) -> PromptSet:
     from retroformer_cli.envs import canonical_name
 
-    name = canonical_name(env_id)
-    if name == "hotpotqa":
-        from retroformer_cli.agents.prompts.hotpotqa import PROMPTS
+    import importlib
 
-        return PROMPTS
-    raise KeyError(name)
+    # one module per environment: retroformer_cli/agents/prompts/<env>.py defining PROMPTS
+    return importlib.import_module(f"retroformer_cli.agents.prompts.{canonical_name(env_id)}").PROMPTS
