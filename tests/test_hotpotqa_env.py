@@ -124,7 +124,7 @@ def env() -> HotPotQAEnv:
 
 def test_sample_data_shape() -> None:
     questions = load_questions(SAMPLE_DATA / "questions.jsonl")
-    assert 6 <= len(questions) <= 8
+    assert 6 <= len(questions) <= 12
     assert {q.type for q in questions} == {"bridge", "comparison"}
     assert {"yes", "no"} <= {q.answer for q in questions}
     for q in questions:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from retroformer_cli.agents.prompts.base import PromptSet
@@ -19,7 +19,8 @@ from retroformer_cli.records import Step
 _ACTION_LABEL = re.compile(r"^\s*Action\s*\d*\s*:\s*(.*)$", re.IGNORECASE | re.MULTILINE)
 _THOUGHT_LABEL = re.compile(r"^\s*Thought\s*\d*\s*:\s*", re.IGNORECASE)
 _BARE_ACTION = re.compile(r"\b([A-Za-z_]+)\s*\[([^\]\n]*)\]?")
-STOP = ("\nObservation", "\nQuestion:", "\n\n\n")
+STOP = ("\nObservation", "\nThought", "\nQuestion:", "\n\n")  # sent to backends: end after the action line
+_PARSE_CUT = ("\nObservation", "\nQuestion:")  # a reply from a backend that ignored STOP: drop invented turns
 
 
 @dataclass
@@ -34,7 +35,7 @@ def parse_reply(text: str, action_names: Sequence[str] = ()) -> ParsedReply:
     Accepts ``Thought 3: ...\\nAction 3: Search[x]``, a reply that continues after ``Thought 3:`` directly,
     an action on the same line as the thought, or a bare ``Search[x]`` when the label is missing.
     """
-    text, _ = apply_stop(text, STOP)
+    text, _ = apply_stop(text, _PARSE_CUT)
     text = _THOUGHT_LABEL.sub("", text.strip(), count=1)
     m = _ACTION_LABEL.search(text)
     if m:
@@ -96,15 +97,29 @@ async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptS
     n = 0
     while not (terminated or truncated):
         n += 1
-        prompt = prompts.actor_prompt(first_obs, memory, scratchpad, n)
-        messages = [Message("user", prompt)]
+        messages = prompts.actor_messages(first_obs, memory, scratchpad, n)
         if not first_prompt:
             first_prompt = [{"role": m.role, "content": m.content} for m in messages]
         t0 = time.perf_counter()
         out = await actor.agenerate(messages, gen)
-        latency = (time.perf_counter() - t0) * 1000
         usage.add(out.usage)
-        parsed = parse_reply(out.text, action_names)
+        raw = out.text
+        parsed = parse_reply(raw, action_names)
+        step_usage = Usage(out.usage.prompt_tokens, out.usage.completion_tokens)
+        if parsed.action is None and parsed.thought:
+            # ReAct's two-call pattern: the model gave a thought but stopped; ask for the action alone.
+            follow = await actor.agenerate(prompts.actor_messages(first_obs, memory, scratchpad, n, parsed.thought),
+                                           replace(gen, stop=("\n",)))
+            usage.add(follow.usage)
+            step_usage.add(follow.usage)
+            raw += f"\nAction {n}:{follow.text}"
+            action_text = follow.text.strip()
+            if action_text:
+                action = parse_reply(action_text, action_names).action  # "Search[x]" or "Action 2: Search[x]"
+                if action is None:  # anything else is the action as written; the env judges it
+                    action = parse_reply(f"Action: {action_text}", action_names).action
+                parsed = ParsedReply(parsed.thought, action)
+        latency = (time.perf_counter() - t0) * 1000
         if parsed.action is None:
             # An unparsable reply still costs a step (the protocol's budget) and tells the model the format.
             obs, reward, terminated, truncated, end_info = await env_step(env, f"<no action: {parsed.thought[:80]}>")
@@ -114,8 +129,8 @@ async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptS
             action, valid = parsed.action, True
             obs, reward, terminated, truncated, end_info = await env_step(env, action)
         steps.append(Step(thought=parsed.thought, action=action, observation=obs, reward=float(reward), valid=valid,
-                          raw=out.text, prompt_tokens=out.usage.prompt_tokens,
-                          completion_tokens=out.usage.completion_tokens, latency_ms=round(latency, 2)))
+                          raw=raw, prompt_tokens=step_usage.prompt_tokens,
+                          completion_tokens=step_usage.completion_tokens, latency_ms=round(latency, 2)))
         scratchpad += f"Thought {n}: {parsed.thought}\nAction {n}: {action}\nObservation {n}: {_one_line(obs)}\n"
     return EpisodeResult(
         steps=steps, success=bool(end_info.get("success", False)), score=float(end_info.get("score", 0.0)),

@@ -13,11 +13,11 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from retroformer_cli.agents.actor import EpisodeResult, run_episode
 from retroformer_cli.agents.prompts.base import PromptSet
-from retroformer_cli.llm.base import GenerationConfig, LLMClient, Message, apply_stop
+from retroformer_cli.llm.base import GenerationConfig, LLMClient, apply_stop
 from retroformer_cli.records import Reflection, Trial
 from retroformer_cli.workspace import now_iso
 
-REFLECTION_STOP = ("\nPrevious trial", "(END OF EXAMPLES)", "\nQuestion:")
+REFLECTION_STOP = ("\nPrevious trial", "\nQuestion:", "\n\n")
 
 
 def outcome_line(result: EpisodeResult) -> str:
@@ -27,8 +27,7 @@ def outcome_line(result: EpisodeResult) -> str:
 
 
 async def reflect(reflector: LLMClient, prompts: PromptSet, result: EpisodeResult, gen: GenerationConfig) -> Reflection:
-    prompt = prompts.reflection_prompt(result.first_observation, result.scratchpad, outcome_line(result))
-    messages = [Message("user", prompt)]
+    messages = prompts.reflection_messages(result.first_observation, result.scratchpad, outcome_line(result))
     t0 = time.perf_counter()
     out = await reflector.agenerate(messages, gen)
     text, _ = apply_stop(out.text, REFLECTION_STOP)

@@ -73,8 +73,10 @@ def make_env(cfg: CollectConfig) -> Any:
     return make(cfg.env, **kwargs)
 
 
-def _gen(m) -> GenerationConfig:
-    return GenerationConfig(max_tokens=m.max_tokens, temperature=m.temperature, top_p=m.top_p)
+def _gen(m, stop: tuple[str, ...]) -> GenerationConfig:
+    # Stop strings go to the backend so local generation ends early; replies are also cut on our side.
+    return GenerationConfig(max_tokens=m.max_tokens, temperature=m.temperature, top_p=m.top_p, stop=stop,
+                            seed=None)
 
 
 def describe(client: LLMClient | None) -> dict[str, Any]:
@@ -222,7 +224,8 @@ class CollectInterrupted(RetroformerError):
 async def _collect_async(cfg: CollectConfig, first_env: Any, task_ids: list[str], history: dict[str, list[Trial]],
                          actor: LLMClient, reflector: LLMClient | None, prompts: Any,
                          on_trial: Callable[[Trial], None], progress: ProgressSink) -> None:
-    from retroformer_cli.agents.reflexion import TaskSpec, run_task
+    from retroformer_cli.agents.actor import STOP as ACTOR_STOP
+    from retroformer_cli.agents.reflexion import REFLECTION_STOP, TaskSpec, run_task
 
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -258,7 +261,7 @@ async def _collect_async(cfg: CollectConfig, first_env: Any, task_ids: list[str]
             spec = TaskSpec(run_id=cfg.run or "", env_id=cfg.env, task_id=task_id, trials=cfg.trials,
                             memory_size=cfg.memory_size, seed=cfg.seed)
             new = await run_task(spec, history.get(task_id, []), acquire_env, release_env, actor, reflector, prompts,
-                                 _gen(cfg.actor), _gen(cfg.reflector), on_trial, action_names)
+                                 _gen(cfg.actor, ACTOR_STOP), _gen(cfg.reflector, REFLECTION_STOP), on_trial, action_names)
             all_trials = history.get(task_id, []) + new
             progress.task_done(any(t.success for t in all_trials))
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-PROMPT_VERSION = "v1"  # bump when prompt text changes; recorded in run manifests
+from retroformer_cli.llm.base import Message
+
+PROMPT_VERSION = "v2"  # bump when prompt text changes; recorded in run manifests
 
 
 @dataclass(frozen=True)
@@ -23,17 +25,27 @@ class PromptSet:
         return ("You have attempted this task before and failed. The reflections below describe what went "
                 "wrong and a plan to avoid it; use them to do better this time.\nReflections:\n" + lines + "\n\n")
 
-    def actor_prompt(self, first_observation: str, memory: Sequence[str], scratchpad: str, step: int) -> str:
-        return (
-            f"{self.actor_instruction}\n\nHere are some examples:\n{self.actor_examples}\n(END OF EXAMPLES)\n\n"
-            f"{self.reflections_block(memory)}{first_observation.strip()}\n{scratchpad}Thought {step}:"
-        )
+    def actor_messages(self, first_observation: str, memory: Sequence[str], scratchpad: str, step: int,
+                       thought: str | None = None) -> list[Message]:
+        """System: instruction + examples (a stable prefix); user: reflections + the task; assistant: the
+        trajectory so far, ending in ``Thought N:`` (or ``Action N:`` once the thought is known) for the
+        model to continue. Completion backends flatten this to one text; chat backends that cannot
+        continue a prefilled answer reply with a fresh ``Thought N: ... Action N: ...``, which parses too."""
+        head = f"{scratchpad}Thought {step}:"
+        if thought is not None:
+            head += f" {thought}\nAction {step}:"
+        return [
+            Message("system", f"{self.actor_instruction}\n\nHere are some examples:\n\n{self.actor_examples}"),
+            Message("user", f"{self.reflections_block(memory)}{first_observation.strip()}"),
+            Message("assistant", head),
+        ]
 
-    def reflection_prompt(self, first_observation: str, scratchpad: str, outcome: str) -> str:
-        return (
-            f"{self.reflect_instruction}\n\nHere is an example:\n{self.reflect_examples}\n(END OF EXAMPLES)\n\n"
-            f"Previous trial:\n{first_observation.strip()}\n{scratchpad}{outcome}\n\nReflection:"
-        )
+    def reflection_messages(self, first_observation: str, scratchpad: str, outcome: str) -> list[Message]:
+        return [
+            Message("system", f"{self.reflect_instruction}\n\nHere is an example:\n\n{self.reflect_examples}"),
+            Message("user", f"Previous trial:\n{first_observation.strip()}\n{scratchpad}{outcome}"),
+            Message("assistant", "Reflection:"),
+        ]
 
 
 def get_prompts(env_id: str) -> PromptSet:

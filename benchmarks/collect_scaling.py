@@ -1,0 +1,158 @@
+"""How well `collect` overlaps LLM calls: wall time at --concurrency 1 vs 32 for the same LLM calls.
+
+The model is the fake OpenAI-compatible server in a SEPARATE process (its threads do not share our
+GIL), answering every request after a fixed delay (0.2 s by default) with an action that never
+finishes the task, so every episode uses all its steps. The tasks are made-up questions written to a
+temporary JSONL file in the real HotPotQA format. Each leg runs ``retroformer_cli.stages.collect.run``
+in process on a fresh temporary workspace, actor and reflector both pointing at the server.
+
+    speedup              = t(concurrency 1) / t(concurrency 32)                  target >= 25x
+    overhead_ms_per_call = (t(concurrency 1) - calls * delay) / calls            target <= 5 ms
+
+A human summary goes to stderr; the last stdout line is JSON:
+
+    {"calls": N, "t_concurrency_1_s": ..., "t_concurrency_32_s": ..., "speedup": ..., "overhead_ms_per_call": ...}
+
+Usage: python benchmarks/collect_scaling.py [--tasks 64] [--max-steps 2] [--delay 0.2] [--concurrency 32] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Every step searches a page that exists (a cheap exact hit in the docstore) and never answers.
+REPLY = "Thought: I need to look this up first.\nAction: Search[Velantia]"
+REFLECTION = "I never answered. Next time I will answer after one search."
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def write_questions(path: Path, n: int) -> None:
+    """``n`` made-up HotPotQA records (official layout: ``_id``, context as [title, sentences] pairs)."""
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            rec = {
+                "_id": f"bench{i:05d}",
+                "question": f"In which year was the founder of Benchmark Works No. {i} born?",
+                "answer": str(1850 + i % 100),
+                "type": "bridge",
+                "level": "medium",
+                "supporting_facts": [[f"Benchmark Works No. {i}", 0], [f"Founder {i}", 0]],
+                "context": [
+                    [f"Benchmark Works No. {i}", [f"Benchmark Works No. {i} was founded by Founder {i}.",
+                                                 " It made bicycles."]],
+                    [f"Founder {i}", [f"Founder {i} (born {1850 + i % 100}) was an engineer.",
+                                      " He lived in Velantia."]],
+                    ["Velantia", ["Velantia is a fictional country used in benchmarks.",
+                                  " Its capital is Lisket."]],
+                ],
+            }
+            f.write(json.dumps(rec) + "\n")
+
+
+def start_server(delay: float) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "retroformer_cli.llm.fake_server", "--port", "0", "--delay", str(delay),
+           "--reply", REPLY]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()  # the server prints its base_url once it listens
+    if not line.startswith("http://"):
+        proc.kill()
+        raise SystemExit(f"the fake server did not start (got {line!r})")
+    return proc, line
+
+
+def one_leg(data: Path, url: str, concurrency: int, tasks: int, max_steps: int, client_concurrency: int) -> dict:
+    from retroformer_cli.config import CollectConfig, ModelConfig
+    from retroformer_cli.stages import collect
+    from retroformer_cli.stages.collect import load_trials
+    from retroformer_cli.workspace import Workspace
+
+    # The client's own cap (ModelConfig.concurrency, default 16) must not throttle collect's concurrency.
+    cfg = CollectConfig(
+        env="hotpotqa", data=str(data), split="all", tasks=tasks, trials=1, max_steps=max_steps,
+        concurrency=concurrency, run=f"scale-c{concurrency}",
+        actor=ModelConfig(model="openai:fake", base_url=url, max_tokens=64, concurrency=client_concurrency),
+        reflector=ModelConfig(model="openai:fake", base_url=url, max_tokens=64, concurrency=client_concurrency),
+    )
+    with tempfile.TemporaryDirectory(prefix="retroformer-scale-ws-") as tmp:
+        ws = Workspace.open(Path(tmp) / "ws")
+        t0 = time.perf_counter()
+        result = collect.run(cfg, ws)
+        elapsed = time.perf_counter() - t0
+        trials = load_trials(ws, result.run)
+    if result.status != "completed":
+        raise SystemExit(f"collect at concurrency {concurrency} ended with status {result.status}")
+    calls = sum(len(t.steps) for t in trials) + sum(1 for t in trials if t.reflection is not None)
+    return {"seconds": elapsed, "calls": calls, "trials": len(trials)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", type=int, default=64, help="made-up questions (one episode each)")
+    ap.add_argument("--max-steps", type=int, default=2, help="steps per episode = LLM calls per task")
+    ap.add_argument("--delay", type=float, default=0.2, help="server delay per request (s)")
+    ap.add_argument("--concurrency", type=int, default=32, help="the concurrent leg's --concurrency")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of the (short) concurrent leg; the median counts")
+    args = ap.parse_args(argv)
+    client_concurrency = max(64, args.concurrency)
+
+    server, url = start_server(args.delay)
+    try:
+        with tempfile.TemporaryDirectory(prefix="retroformer-scale-data-") as tmp:
+            data = Path(tmp) / "questions.jsonl"
+            write_questions(data, args.tasks)
+            log(f"fake server at {url} (separate process, {args.delay:g} s per request); "
+                f"{args.tasks} tasks x {args.max_steps} steps, 1 trial")
+            one_leg(data, url, 4, 4, 1, client_concurrency)  # warm-up: imports, connection set-up
+            legs = [one_leg(data, url, args.concurrency, args.tasks, args.max_steps, client_concurrency)
+                    for _ in range(args.repeats)]  # short and noisy: keep the median
+            fast = sorted(legs, key=lambda r: r["seconds"])[len(legs) // 2]
+            each = ", ".join(f"{r['seconds']:.2f}" for r in legs)
+            log(f"concurrency {args.concurrency:>2}: {fast['seconds']:.2f} s for {fast['calls']} calls "
+                f"(median of {len(legs)}: {each})")
+            slow = one_leg(data, url, 1, args.tasks, args.max_steps, client_concurrency)
+            log(f"concurrency  1: {slow['seconds']:.2f} s for {slow['calls']} calls")
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+    if slow["calls"] != fast["calls"]:
+        raise SystemExit(f"the legs made different numbers of calls ({slow['calls']} vs {fast['calls']})")
+    n = slow["calls"]
+    speedup = slow["seconds"] / fast["seconds"]
+    overhead_ms = (slow["seconds"] - n * args.delay) / n * 1000.0
+    # Perfect overlap: tasks run in waves of `concurrency`, each wave max_steps sequential calls.
+    waves = -(-args.tasks // args.concurrency)
+    ideal = (n * args.delay) / (waves * args.max_steps * args.delay)
+    log(f"speedup {speedup:.1f}x (ideal {ideal:.1f}x, target >= 25x); "
+        f"client overhead {overhead_ms:.2f} ms per call (target <= 5 ms)")
+    print(json.dumps({
+        "calls": n,
+        "t_concurrency_1_s": round(slow["seconds"], 3),
+        f"t_concurrency_{args.concurrency}_s": round(fast["seconds"], 3),
+        "speedup": round(speedup, 2),
+        "overhead_ms_per_call": round(overhead_ms, 3),
+        "ideal_speedup": round(ideal, 2),
+        "delay_s": args.delay,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
