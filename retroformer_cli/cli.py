@@ -104,7 +104,7 @@ def _task_ids(value: Optional[str]) -> Optional[list[str]]:
 
 
 # Options shared by collect and eval (the eval protocol runs collect first).
-EnvOpt = typer.Option(None, "--env", "-e", help="Environment: hotpotqa.")
+EnvOpt = typer.Option(None, "--env", "-e", help="Environment: hotpotqa | webshop | alfworld [default: hotpotqa].")
 DataOpt = typer.Option(None, "--data", help="Data file or folder in the env's real format [env DATA_DIR; default: sample data].")
 SplitOpt = typer.Option(None, "--split", help="all | train | eval (deterministic by task id).")
 TasksOpt = typer.Option(None, "--tasks", "-n", help="Run the first N tasks of the split.")

