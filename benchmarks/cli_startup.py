@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MINIMAL_APP = '''
 import typer
 
-app = typer.Typer()
+app = typer.Typer(rich_markup_mode=None)  # same help renderer as retroformer: a like-for-like floor
 
 
 @app.command()

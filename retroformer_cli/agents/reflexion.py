@@ -53,7 +53,7 @@ class TaskSpec:
 async def run_task(spec: TaskSpec, history: Sequence[Trial], acquire_env: Callable[[], Awaitable[Any]],
                    release_env: Callable[[Any], None], actor: LLMClient, reflector: LLMClient | None,
                    prompts: PromptSet, actor_gen: GenerationConfig, reflector_gen: GenerationConfig,
-                   on_trial: Callable[[Trial], None], action_names: Sequence[str] = ()) -> list[Trial]:
+                   on_trial: Callable[[Trial], Awaitable[None]], action_names: Sequence[str] = ()) -> list[Trial]:
     """Run the remaining trials of one task. ``history`` holds trials already on disk (resume)."""
     done = sorted(history, key=lambda t: t.trial)
     reflections = [t.reflection.text for t in done if t.reflection and t.reflection.text]
@@ -85,7 +85,7 @@ async def run_task(spec: TaskSpec, history: Sequence[Trial], acquire_env: Callab
             completion_tokens=result.usage.completion_tokens + (reflection.completion_tokens if reflection else 0),
             started_at=started, finished_at=now_iso(), duration_s=round(time.perf_counter() - t0, 3),
         )
-        on_trial(trial)
+        await on_trial(trial)  # durable on disk before the next trial starts
         new.append(trial)
         if result.success:
             break

@@ -13,6 +13,8 @@ import random
 import time
 from typing import Any, Sequence
 
+import httpx
+
 from ..errors import BackendError, UsageError
 from .base import Generation, GenerationConfig, Message, Usage, apply_stop, messages_to_prompt
 
@@ -186,29 +188,33 @@ class OpenAICompatClient:
             kwargs["stop"] = [s for s in config.stop if s][:MAX_STOP]
         if config.seed is not None:
             kwargs["seed"] = config.seed
+        if self.api == "chat":
+            path, body = "/chat/completions", {"messages": [{"role": m.role, "content": m.content} for m in messages]}
+        else:
+            path, body = "/completions", {"prompt": messages_to_prompt(messages)}
+        body.update(kwargs)
         try:
-            # wait_for caps the total time; the SDK timeout alone is per socket operation.
-            if self.api == "chat":
-                msgs = [{"role": m.role, "content": m.content} for m in messages]
-                call = self._client.chat.completions.create(messages=msgs, **kwargs)
-            else:
-                call = self._client.completions.create(prompt=messages_to_prompt(messages), **kwargs)
-            resp = await asyncio.wait_for(call, self.timeout_s)
+            # The client's documented raw-request route (auth, base URL and error types as usual) skips the
+            # SDK's typed request transform and response models: about 1.5 ms of CPU per call, which
+            # shows at 32 concurrent episodes on one event loop. wait_for caps the total time; the SDK
+            # timeout alone is per socket operation.
+            resp = await asyncio.wait_for(self._client.post(path, body=body, cast_to=httpx.Response), self.timeout_s)
+            data = resp.json()
+        except ValueError:
+            raise _Failure("the response was not valid JSON", retryable=True) from None
         except Exception as e:  # noqa: BLE001 - classified below; CancelledError is not an Exception
             raise self._classify(e) from e
-        if not getattr(resp, "choices", None):
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not choices:
             raise _Failure("the response had no choices", retryable=False)
-        choice = resp.choices[0]
+        choice = choices[0] or {}
         if self.api == "chat":
-            text = getattr(choice.message, "content", None) or ""
+            text = (choice.get("message") or {}).get("content") or ""
         else:
-            text = getattr(choice, "text", None) or ""
-        u = getattr(resp, "usage", None)
-        usage = Usage(
-            prompt_tokens=int(getattr(u, "prompt_tokens", 0) or 0),
-            completion_tokens=int(getattr(u, "completion_tokens", 0) or 0),
-        )
-        return text, usage, getattr(choice, "finish_reason", None)
+            text = choice.get("text") or ""
+        u = data.get("usage") or {}
+        usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0), completion_tokens=int(u.get("completion_tokens") or 0))
+        return text, usage, choice.get("finish_reason")
 
     def _classify(self, e: Exception) -> _Failure:
         oa = self._openai
@@ -247,7 +253,7 @@ class OpenAICompatClient:
                                 hint=f"Check the API key used for {opt}.")
         if f.status == 404:
             return BackendError(f"The OpenAI-compatible endpoint at {url} answered {f.desc} for model "
-                                f"'{self.model_id}' ({opt}-model, {opt}-base-url).",
+                                f"'{self.model_id}' ({opt}, {opt}-base-url).",
                                 hint="Check the model name and that the base URL ends in /v1.")
         if not f.retryable:
             return BackendError(f"The OpenAI-compatible endpoint at {url} rejected a request for model "

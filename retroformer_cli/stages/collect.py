@@ -20,9 +20,10 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from retroformer_cli import __version__
 from retroformer_cli.config import CollectConfig, to_dict
@@ -180,8 +181,12 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     counters = {"written": 0, "prompt": 0, "completion": 0}
     writer = JsonlWriter(trials_path)
 
-    def on_trial(trial: Trial) -> None:
-        writer.append(trial.to_json())
+    write_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trials-writer")
+
+    async def on_trial(trial: Trial) -> None:
+        # fsync takes milliseconds: run it off the event loop (one writer thread keeps lines in order)
+        record = trial.to_json()
+        await asyncio.get_running_loop().run_in_executor(write_thread, writer.append, record)
         counters["written"] += 1
         counters["prompt"] += trial.prompt_tokens
         counters["completion"] += trial.completion_tokens
@@ -195,6 +200,7 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     except KeyboardInterrupt:
         status = "interrupted"
     finally:
+        write_thread.shutdown(wait=True)
         writer.close()
         progress.stop()
         manifest["usage"]["prompt_tokens"] += counters["prompt"]
@@ -225,7 +231,7 @@ class CollectInterrupted(RetroformerError):
 
 async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: Any, task_ids: list[str], history: dict[str, list[Trial]],
                          actor: LLMClient, reflector: LLMClient | None, prompts: Any,
-                         on_trial: Callable[[Trial], None], progress: ProgressSink) -> None:
+                         on_trial: Callable[[Trial], Awaitable[None]], progress: ProgressSink) -> None:
     from retroformer_cli.agents.actor import STOP as ACTOR_STOP
     from retroformer_cli.agents.reflexion import REFLECTION_STOP, TaskSpec, run_task
 
