@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: install, then run the whole suite (slow tests included).
+# The README's test command: install (with every env's extra), then run the whole suite, slow tests included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+EXTRAS=${EXTRAS:-dev,webshop,alfworld} bash scripts/install.sh
 ${PYTHON:-python3} -m pytest -q "$@"
