@@ -272,5 +272,17 @@ def runs_() -> None:
     console.stderr.print(table if rows else "[dim]no runs yet[/]")
 
 
+def _register_command_modules() -> None:
+    import importlib
+
+    from retroformer_cli.commands import COMMAND_MODULES
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"retroformer_cli.commands.{name}")
+
+
+_register_command_modules()
+
+
 def main() -> None:
     app()
