@@ -1,0 +1,139 @@
+"""`retroformer serve`: an OpenAI-compatible server for the embedded model, local models and workspace
+checkpoints, with LoRA adapters selectable by model name. FastAPI, uvicorn and torch load inside the command."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from retroformer_cli.cli import _workspace, app, handle_errors
+from retroformer_cli.errors import BackendError, RetroformerError, UsageError
+
+LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _resolve_model(spec: str, ws, option: str) -> str:
+    """``embedded`` | a folder | ``hf:PATH`` | ``workspace:STAGE/NAME`` → what the engine loads."""
+    from retroformer_cli.config import ModelConfig
+    from retroformer_cli.llm import resolve_backend
+
+    backend, target = resolve_backend(ModelConfig(model=spec), ws, option)
+    if backend != "hf":
+        raise UsageError(f"{option} '{spec}' is not a local model: use embedded, a model or adapter folder, "
+                         "hf:PATH or workspace:STAGE/NAME.")
+    return target
+
+
+def _parse_adapters(values: list[str], ws) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise UsageError(f"--adapter '{value}' must be NAME=PATH (PATH: a LoRA folder or workspace:STAGE/NAME).")
+        if name in adapters:
+            raise UsageError(f"--adapter name '{name}' is given twice.")
+        folder = _resolve_model(path, ws, "--adapter")
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise UsageError(f"--adapter {name}={path}: '{folder}' is not a LoRA adapter folder (no adapter_config.json).")
+        adapters[name] = folder
+    return adapters
+
+
+@app.command(epilog="Examples:\n\n  retroformer serve                                  (the embedded model on http://127.0.0.1:8000/v1)\n\n"
+                    "  retroformer serve --model workspace:sft/base --adapter reflector=workspace:ppo/r1 --api-key secret\n\n"
+                    "  retroformer collect --actor openai:embedded --actor-base-url http://127.0.0.1:8000/v1")
+@handle_errors
+def serve(
+    model: str = typer.Option("embedded", "--model", "-m", help="Base model: embedded | folder | hf:PATH | workspace:STAGE/NAME."),
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", help="LoRA adapter served as model NAME: NAME=PATH or NAME=workspace:STAGE/NAME (repeat)."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Model name of the base [default: the --model value]."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 exposes the server to the network)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RETROFORMER_API_KEY", help="Require this key (Authorization: Bearer KEY) [env RETROFORMER_API_KEY]."),
+    engine: str = typer.Option("transformers", "--engine", help="transformers (CPU/GPU, in process) | vllm (GPU, pip install vllm)."),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", help="Sequences per batched generate call."),
+    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="Collect a burst of requests into one batch until none arrived for this long (at most 100 ms)."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before new ones get HTTP 429."),
+    max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", help="Largest max_tokens a request may ask for."),
+    max_request_bytes: int = typer.Option(1 << 20, "--max-request-bytes", help="Largest request body (HTTP 413 above)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads [default: min(2, cores)]; 1 on a busy shared CPU."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (transformers engine)."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="GPUs per model (vllm engine)."),
+    runtime_adapters: bool = typer.Option(True, "--runtime-adapters/--no-runtime-adapters", help="Allow /v1/load_lora_adapter and /v1/unload_lora_adapter."),
+) -> None:
+    """Serve a local model and its LoRA adapters behind the OpenAI API (chat, completions, streaming)."""
+    from retroformer_cli import console
+
+    if engine not in ("transformers", "vllm"):
+        raise UsageError(f"--engine must be transformers or vllm, got '{engine}'.")
+    for name, value in (("--max-batch-size", max_batch_size), ("--max-queue", max_queue),
+                        ("--max-tokens-limit", max_tokens_limit), ("--max-request-bytes", max_request_bytes),
+                        ("--tensor-parallel-size", tensor_parallel_size)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}.")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}.")
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {port}.")
+    ws = _workspace()
+    target = _resolve_model(model, ws, "--model")
+    adapters = _parse_adapters(list(adapter or []), ws)
+    name = served_model_name or model
+    if name in adapters:
+        raise UsageError(f"--adapter name '{name}' is also the base model's name; pick another.")
+    if not _is_loopback(host) and not api_key:
+        console.stderr.print(f"[yellow]warning[/]: serving on {host} without --api-key: anyone who can reach this "
+                             "port can use the model (and load adapters).")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UsageError("retroformer serve needs FastAPI and uvicorn: pip install 'retroformer-cli[serve]'.") from None
+
+    from retroformer_cli.serve.app import create_app
+    from retroformer_cli.serve.runner import serve_foreground
+
+    common = dict(served_name=name, adapters=adapters, cache_dir=ws.cache_dir, max_batch_size=max_batch_size,
+                  max_queue=max_queue, max_tokens_limit=max_tokens_limit)
+    if engine == "vllm":
+        from retroformer_cli.serve.vllm_engine import VLLMEngine
+
+        eng = VLLMEngine(target, tensor_parallel_size=tensor_parallel_size, **common)
+    else:
+        from retroformer_cli.serve.engine import TransformersEngine
+
+        if batch_wait_ms < 0:
+            raise UsageError(f"--batch-wait-ms must not be negative, got {batch_wait_ms}.")
+        eng = TransformersEngine(target, threads=threads, device=device, batch_wait_ms=batch_wait_ms, **common)
+    app_ = create_app(eng, api_key=api_key, max_request_bytes=max_request_bytes, allow_runtime_adapters=runtime_adapters)
+    console.stderr.print(f"[bold]serve[/] loading {name} ({engine} engine"
+                         + (f", adapters: {', '.join(adapters)}" if adapters else "") + ") ...")
+
+    def ready(url: str) -> None:
+        models = ", ".join(eng.model_names())
+        console.stderr.print(f"[green]ready[/]: {url}  models: {models}  auth: {'api key' if api_key else 'none'}  "
+                             f"(Ctrl-C finishes in-flight requests and stops)")
+
+    try:
+        serve_foreground(app_, host, port, ready)
+    except OSError as exc:
+        failed = getattr(app_.state, "startup_error", None)
+        if isinstance(failed, RetroformerError):
+            raise failed from None
+        if failed is not None:
+            raise BackendError(f"Cannot start the {engine} engine for {name}: {failed}") from None
+        raise UsageError(f"Cannot serve on {host}:{port}: {exc}.") from None
+    console.stderr.print("[dim]serve: stopped[/]")
