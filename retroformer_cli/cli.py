@@ -111,6 +111,7 @@ TasksOpt = typer.Option(None, "--tasks", "-n", help="Run the first N tasks of th
 TaskIdsOpt = typer.Option(None, "--task-ids", help="Comma-separated task ids, or @FILE with one id per line.")
 TrialsOpt = typer.Option(None, "--trials", "-k", help="Trials per task [default: 3].")
 MaxStepsOpt = typer.Option(None, "--max-steps", help="Step limit per episode [default: the env's].")
+EnvOptionOpt = typer.Option(None, "--env-option", help="Extra env argument KEY=VALUE (repeatable), e.g. wording=react for ALFWorld.")
 MemoryOpt = typer.Option(None, "--memory-size", help="Latest reflections shown to the actor [default: 3].")
 ConcOpt = typer.Option(None, "--concurrency", "-j", help="Tasks run at once [default: 8].")
 WorkersOpt = typer.Option(None, "--workers", help="Environment instances / worker processes [default: --concurrency].")
@@ -143,6 +144,16 @@ def _collect_overrides(**kw: Any) -> dict[str, Any]:
     ids = _task_ids(kw.get("task_ids"))
     if ids is not None:
         out["task_ids"] = ids
+    if kw.get("env_option"):
+        import yaml
+
+        opts = {}
+        for item in kw["env_option"]:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise UsageError(f"--env-option expects KEY=VALUE, got '{item}'.")
+            opts[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        out["env_options"] = opts
     if kw.get("threads") is not None:
         out["actor.threads"] = out["reflector.threads"] = kw["threads"]
     return out
@@ -184,7 +195,8 @@ def _run_collect(cfg, ws, resume: bool, label: str = "collect"):
 def collect(
     env: Optional[str] = EnvOpt, data: Optional[Path] = DataOpt, split: Optional[str] = SplitOpt,
     tasks: Optional[int] = TasksOpt, task_ids: Optional[str] = TaskIdsOpt, trials: Optional[int] = TrialsOpt,
-    max_steps: Optional[int] = MaxStepsOpt, memory_size: Optional[int] = MemoryOpt,
+    max_steps: Optional[int] = MaxStepsOpt, env_option: Optional[List[str]] = EnvOptionOpt,
+    memory_size: Optional[int] = MemoryOpt,
     concurrency: Optional[int] = ConcOpt, workers: Optional[int] = WorkersOpt, run: Optional[str] = RunOpt,
     seed: Optional[int] = SeedOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (needs --run)."),
@@ -215,7 +227,8 @@ def eval_(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Where to write the PNG plot [default: reports/]."),
     env: Optional[str] = EnvOpt, data: Optional[Path] = DataOpt, split: Optional[str] = SplitOpt,
     tasks: Optional[int] = TasksOpt, task_ids: Optional[str] = TaskIdsOpt, trials: Optional[int] = TrialsOpt,
-    max_steps: Optional[int] = MaxStepsOpt, memory_size: Optional[int] = MemoryOpt,
+    max_steps: Optional[int] = MaxStepsOpt, env_option: Optional[List[str]] = EnvOptionOpt,
+    memory_size: Optional[int] = MemoryOpt,
     concurrency: Optional[int] = ConcOpt, workers: Optional[int] = WorkersOpt, seed: Optional[int] = SeedOpt,
     actor: Optional[str] = ActorOpt, actor_base_url: Optional[str] = ActorUrlOpt, actor_api: Optional[str] = ActorApiOpt,
     actor_max_tokens: Optional[int] = ActorTokOpt, actor_temperature: Optional[float] = ActorTempOpt,
@@ -225,6 +238,8 @@ def eval_(
 ) -> None:
     """Success per trial for runs; with --env, first run the evaluation protocol (collect on the eval split)."""
     from retroformer_cli import console
+    from retroformer_cli.config import load_yaml
+    from retroformer_cli.envs import protocol_split
     from retroformer_cli.stages import evaluate
 
     ws = _workspace()
@@ -233,8 +248,10 @@ def eval_(
         kw = dict(locals())
         kw["run"] = None
         overrides = _collect_overrides(**kw)
-        overrides.setdefault("split", "eval")
         cfg, ws = _build_collect_config(overrides, resume=False)
+        yaml_split = state.config is not None and "split" in load_yaml(state.config)
+        if "split" not in overrides and not yaml_split:
+            cfg.split = protocol_split(cfg.env)
         result = _run_collect(cfg, ws, resume=False, label="eval")
         runs.append(result.run)
     if not runs:

@@ -47,6 +47,7 @@ class CollectConfig:
     task_ids: list[str] | None = None
     trials: int = 3
     max_steps: int | None = field(default=None, metadata={"help": "per-episode step limit (env default when unset)"})
+    env_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra env constructor arguments, e.g. wording: react (ALFWorld)"})
     memory_size: int = field(default=3, metadata={"help": "how many of the latest reflections go into the prompt"})
     concurrency: int = 8
     workers: int | None = field(default=None, metadata={"help": "environment instances / worker processes (default: concurrency)"})
@@ -86,6 +87,10 @@ def _coerce(value: Any, ftype: Any, key: str) -> Any:
             return int(value)
         if t.startswith("float"):
             return float(value)
+        if t.startswith("dict"):
+            if not isinstance(value, Mapping):
+                raise ValueError
+            return dict(value)
         if t.startswith("bool"):
             if isinstance(value, str):
                 return value.lower() in ("1", "true", "yes", "on")

@@ -135,3 +135,21 @@ def test_resume_finishes_exactly_the_rest(workspace):
     assert m["status"] == "completed" and [s["status"] for s in m["sessions"]] == ["interrupted", "completed"]
     # memory was rebuilt from disk: trial 3 of every task saw two reflections
     assert all(len(t.memory) == 2 for t in trials if t.trial == 3)
+
+
+def test_env_options_reach_the_env(workspace):
+    cfg = CollectConfig(trials=1, run="opt", tasks=1, env_options={"split": None})
+    collect.run(cfg, workspace, actor=FakeLLM(["Action: Finish[x]"]), reflector=None)
+    with pytest.raises(UsageError, match="no option 'colour'"):
+        collect.run(CollectConfig(run="opt2", env_options={"colour": "red"}), workspace, actor=FakeLLM(), reflector=None)
+
+
+def test_two_call_fallback_asks_for_the_action(workspace):
+    replies = iter(["I should look up Lisket first.", "Search[Lisket]"] + ["Action: Finish[x]"] * 20)
+    actor = FakeLLM(lambda m, c: next(replies))
+    collect.run(CollectConfig(trials=1, run="two", tasks=1), workspace, actor=actor, reflector=None)
+    (t,) = load_trials(workspace, "two")
+    assert t.steps[0].valid and t.steps[0].action == "Search[Lisket]"
+    assert t.steps[0].thought == "I should look up Lisket first."
+    assert actor.calls[1][0][-1].content.endswith("Thought 1: I should look up Lisket first.\nAction 1:")
+    assert actor.calls[1][1].stop == ("\n",)

@@ -46,6 +46,12 @@ def accepts(name: str, keyword: str) -> bool:
     return keyword in inspect.signature(_factory(name)).parameters
 
 
+def protocol_split(name: str) -> str:
+    """The split `retroformer eval --env` collects on: the env's ``protocol_split`` (ALFWorld's data folder is
+    already the evaluation games: ``all``), else our deterministic ``eval`` split."""
+    return getattr(_factory(name), "protocol_split", "eval")
+
+
 def make(name: str, **kwargs: Any):
     return _factory(name)(**kwargs)
 

@@ -68,11 +68,14 @@ def select_tasks(all_ids: list[str], cfg: CollectConfig) -> list[str]:
 def make_env(cfg: CollectConfig, workspace: Workspace | None = None) -> Any:
     from retroformer_cli.envs import accepts, make
 
-    kwargs: dict[str, Any] = {"data": cfg.data}
+    kwargs: dict[str, Any] = {**cfg.env_options, "data": cfg.data}
     if cfg.max_steps is not None:
         kwargs["max_steps"] = cfg.max_steps
     if workspace is not None and accepts(cfg.env, "cache_dir"):  # envs with indexes cache them in the workspace
         kwargs["cache_dir"] = workspace.cache_dir
+    for key in cfg.env_options:
+        if not accepts(cfg.env, key):
+            raise UsageError(f"The {cfg.env} environment has no option '{key}' (--env-option / env_options).")
     return make(cfg.env, **kwargs)
 
 

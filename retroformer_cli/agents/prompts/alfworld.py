@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 from retroformer_cli.agents.prompts.base import PromptSet
 from retroformer_cli.envs.alfworld.games import task_type_from_goal
 from retroformer_cli.envs.alfworld.wording import command_in, observation_in
+from retroformer_cli.llm.base import Message
 
 _COMMANDS = ("go to (receptacle), open (receptacle), close (receptacle), take (object) from (receptacle), "
              "{place}, heat (object) with (receptacle), cool (object) with (receptacle), "
@@ -263,7 +264,10 @@ def wording_of(first_observation: str) -> str:
 
 @dataclass(frozen=True)
 class ALFWorldPromptSet(PromptSet):
-    """Picks the few-shot examples by the task type in the first observation's goal."""
+    """Picks the few-shot examples by the task type in the first observation's goal, in its wording.
+
+    The message layout is the base class's; only the instruction and the examples are filled in per
+    episode (they stay the same for every step of an episode, so the system prompt remains a stable prefix)."""
 
     examples: Mapping[str, str] = field(default_factory=lambda: dict(EXAMPLES))
     companion: Mapping[str, str] = field(default_factory=lambda: dict(COMPANION))
@@ -278,19 +282,21 @@ class ALFWorldPromptSet(PromptSet):
         kinds = [self.companion.get(kind, "clean"), kind if kind in self.examples else "pick"]
         return "\n\n".join(rewrite_example(self.examples[k], wording) for k in kinds)
 
-    def actor_prompt(self, first_observation: str, memory: Sequence[str], scratchpad: str, step: int) -> str:
+    def for_episode(self, first_observation: str) -> PromptSet:
+        """A plain PromptSet with this episode's instruction, examples and reflection example."""
         wording = wording_of(first_observation)
-        return (
-            f"{self.instruction_for(wording)}\n\nHere are some examples:\n{self.examples_for(first_observation)}\n"
-            f"(END OF EXAMPLES)\n\n{self.reflections_block(memory)}{first_observation.strip()}\n{scratchpad}Thought {step}:"
-        )
+        return PromptSet(actor_instruction=self.instruction_for(wording),
+                         actor_examples=self.examples_for(first_observation),
+                         reflect_instruction=self.reflect_instruction,
+                         reflect_examples=rewrite_example(self.reflect_examples, wording),
+                         action_format=self.action_format)
 
-    def reflection_prompt(self, first_observation: str, scratchpad: str, outcome: str) -> str:
-        example = rewrite_example(self.reflect_examples, wording_of(first_observation))
-        return (
-            f"{self.reflect_instruction}\n\nHere is an example:\n{example}\n(END OF EXAMPLES)\n\n"
-            f"Previous trial:\n{first_observation.strip()}\n{scratchpad}{outcome}\n\nReflection:"
-        )
+    def actor_messages(self, first_observation: str, memory: Sequence[str], scratchpad: str, step: int,
+                       thought: str | None = None) -> list[Message]:
+        return self.for_episode(first_observation).actor_messages(first_observation, memory, scratchpad, step, thought)
+
+    def reflection_messages(self, first_observation: str, scratchpad: str, outcome: str) -> list[Message]:
+        return self.for_episode(first_observation).reflection_messages(first_observation, scratchpad, outcome)
 
 
 PROMPTS = ALFWorldPromptSet(
