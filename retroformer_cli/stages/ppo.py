@@ -1,0 +1,421 @@
+"""`retroformer ppo`: policy-gradient fine-tuning of the retrospective model (the reflector).
+
+TRL 1.16 has no ``PPOTrainer``; we use its maintained ``GRPOTrainer``: PPO's clipped surrogate objective
+with group-relative advantages (``num_generations`` reflections per failed trajectory, each scored, the
+advantage is the reward minus the group mean) and a KL penalty ``beta`` to the reference model. The
+policy is a LoRA adapter: started from the SFT checkpoint (the reference is then a frozen copy of the SFT
+adapter) or from a fresh adapter on the base (the reference is the base, adapter disabled).
+
+Rewards (``mode``):
+
+* ``offline`` — the reward model's score of the generated reflection (the paper's setting);
+* ``online`` — the true return difference G(k+1) − G(k), by replaying the actor's next trial with the
+  candidate reflection in its memory (see :mod:`retroformer_cli.stages.ppo_rewards`).
+
+Python API::
+
+    from retroformer_cli.stages.ppo import PPOStageConfig, run_ppo
+    from retroformer_cli.workspace import Workspace
+    result = run_ppo(PPOStageConfig(reward_model="default", max_steps=2), Workspace.open("ws"))
+
+The checkpoint lands in ``<checkpoints>/ppo/<name>/`` (adapter + tokenizer + ``retroformer_checkpoint.json``,
+written atomically) and works as a reflector: ``retroformer collect --reflector workspace:ppo/<name>``.
+Trainer checkpoints (and the online replay cache) go to ``<checkpoints>/ppo/.work-<name>/``; ``resume=True``
+continues from the newest ``checkpoint-N`` there. Under ``accelerate launch`` every process samples and
+scores its share of the completions; only the main process writes the final checkpoint.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from retroformer_cli import __version__
+from retroformer_cli.config import to_dict
+from retroformer_cli.errors import DataError, RetroformerError, UsageError
+from retroformer_cli.stages.train_common import CHECKPOINT_MANIFEST as MANIFEST
+from retroformer_cli.stages.train_common import LoraSettings
+from retroformer_cli.workspace import Workspace, git_revision
+MODES = ("offline", "online")
+
+
+@dataclass
+class PPOStageConfig:
+    """`retroformer ppo` settings (defaults < ``--config ppo.yaml`` < flags)."""
+
+    dataset: str = field(default="ratings", metadata={"help": "dataset folder under <workspace>/datasets/ (prompts.*.jsonl)"})
+    sft: str | None = field(default=None, metadata={"help": "SFT checkpoint: NAME under checkpoints/sft/ or a folder; 'none': base + fresh LoRA; unset: sft/default if present"})
+    base: str = field(default="embedded", metadata={"help": "base model without --sft: embedded | a local model folder"})
+    reward_model: str | None = field(default=None, metadata={"help": "offline mode: reward checkpoint NAME under checkpoints/reward/ or a folder; unset: reward/default"})
+    mode: str = field(default="offline", metadata={"help": "offline (reward model score) | online (replayed G(k+1) - G(k))"})
+    actor: str | None = field(default=None, metadata={"help": "online mode: actor model spec; default: each run's actor"})
+    name: str = field(default="default", metadata={"help": "checkpoint name under checkpoints/ppo/"})
+    max_steps: int = 20
+    num_generations: int = field(default=4, metadata={"help": "reflections sampled per prompt (the GRPO group)"})
+    prompts_per_step: int = field(default=2, metadata={"help": "prompts per device per optimizer step"})
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-5
+    beta: float = field(default=0.04, metadata={"help": "KL penalty to the reference (SFT policy or base)"})
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range"})
+    loss_type: str = field(default="dapo", metadata={"help": "GRPO loss aggregation: dapo | grpo | dr_grpo | bnpo ..."})
+    scale_rewards: str = field(default="group", metadata={"help": "group | batch | none"})
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_completion_length: int = field(default=64, metadata={"help": "max tokens of a sampled reflection"})
+    max_prompt_tokens: int = field(default=2048, metadata={"help": "prompts longer than this are skipped (TRL no longer truncates)"})
+    save_steps: int = 10
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    seed: int = 0
+    threads: int | None = field(default=None, metadata={"help": "torch threads on CPU [default: min(2, cores)]"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (large models)"})
+    online_concurrency: int = field(default=8, metadata={"help": "online mode: episodes replayed at once"})
+    online_memory_size: int | None = field(default=None, metadata={"help": "online mode: reflections in memory [default: the run's]"})
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "a fresh adapter (no SFT checkpoint)"})
+
+
+@dataclass
+class PPOResult:
+    name: str
+    path: Path
+    mode: str
+    steps: int
+    seconds: float
+    metrics: dict[str, Any]
+    log_history: list[dict[str, Any]]
+    resumed_from: str | None = None
+    rows: int = 0
+    skipped_long_prompts: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["path"] = str(self.path)
+        return d
+
+
+class TrainProgress:
+    """What training reports while it runs; the CLI plugs in a rich progress bar."""
+
+    def start(self, total_steps: int, done_steps: int) -> None: ...
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+    def step(self, step: int) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class PPOInterrupted(RetroformerError):
+    exit_code = 130
+
+    def __init__(self, name: str, last_checkpoint: str | None):
+        saved = f"the last trainer checkpoint is {Path(last_checkpoint).name}" if last_checkpoint else "no trainer checkpoint was saved yet"
+        super().__init__(f"Interrupted: ppo '{name}' stopped; {saved}.",
+                         hint=f"continue with: retroformer ppo --name {name} --resume (same options)")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _resolve_checkpoint(workspace: Workspace, stage: str, spec: str, option: str) -> Path:
+    """A checkpoint NAME under ``<checkpoints>/<stage>/`` or a folder."""
+    cand = workspace.checkpoint_dir(stage, spec)
+    if spec and cand.is_dir():
+        return cand
+    p = Path(spec).expanduser()
+    if spec and p.is_dir():
+        return p
+    root = workspace.checkpoints_dir / stage
+    known = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
+    raise UsageError(f"{stage} checkpoint '{spec}' not found in {root} ({option}); known: {', '.join(known) or 'none'}.",
+                     hint=f"train one with `retroformer {stage}`, or pass a checkpoint folder")
+
+
+def resolve_inputs(cfg: PPOStageConfig, workspace: Workspace, need_reward: bool = True) -> tuple[Path | None, Path | None]:
+    """(SFT adapter folder or None, reward checkpoint folder or None), applying the defaults: an unset
+    ``sft`` uses ``sft/default`` when it exists (else the base + a fresh adapter); an unset ``reward_model``
+    uses ``reward/default`` in offline mode."""
+    sft = None
+    if cfg.sft is None:
+        if (workspace.checkpoint_dir("sft", "default") / "adapter_config.json").is_file():
+            sft = workspace.checkpoint_dir("sft", "default")
+    elif cfg.sft.lower() != "none":
+        sft = _resolve_checkpoint(workspace, "sft", cfg.sft, "--sft")
+    reward = None
+    if cfg.mode == "offline" and need_reward:
+        if cfg.reward_model is None:
+            if not workspace.checkpoint_dir("reward", "default").is_dir():
+                raise UsageError("Offline mode needs a reward model (--reward-model NAME): there is no reward/default "
+                                 f"checkpoint in {workspace.checkpoints_dir}.",
+                                 hint="train one with `retroformer reward`, or use --mode online")
+            reward = workspace.checkpoint_dir("reward", "default")
+        else:
+            reward = _resolve_checkpoint(workspace, "reward", cfg.reward_model, "--reward-model")
+    return sft, reward
+
+
+def _load_rows(workspace: Workspace, dataset: str, split: str) -> list[dict[str, Any]]:
+    """RL prompt rows of a dataset built by `retroformer datasets build` (prefill already stripped there)."""
+    from retroformer_cli.stages.datasets import read_split
+
+    return list(read_split(workspace, dataset, "prompts", split))
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt text exactly as the local backend renders it for the reflector (a prefilled assistant
+    turn such as ``Reflection:`` is continued, not closed)."""
+    if getattr(tokenizer, "chat_template", None):
+        if messages and messages[-1]["role"] == "assistant":
+            return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    from retroformer_cli.llm.base import Message, messages_to_prompt
+
+    return messages_to_prompt([Message(m["role"], m["content"]) for m in messages])
+
+
+def build_train_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_prompt_tokens: int) -> tuple[Any, int]:
+    """A ``datasets.Dataset`` with a text ``prompt`` (rendered), the chat ``chat`` for the reward model, and
+    ``task_id``/``run``/``trial``/``env`` for the online reward. Returns (dataset, skipped long prompts)."""
+    from datasets import Dataset
+
+    cols: dict[str, list] = {"prompt": [], "chat": [], "task_id": [], "run": [], "trial": [], "env": []}
+    skipped = 0
+    for i, r in enumerate(rows):
+        chat = r.get("prompt")
+        if not isinstance(chat, list) or not chat:
+            raise DataError(f"Prompt row {i + 1} has no chat 'prompt' (a list of messages).")
+        text = render_prompt(tokenizer, chat)
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
+            skipped += 1
+            continue
+        cols["prompt"].append(text)
+        cols["chat"].append([{"role": m["role"], "content": m["content"]} for m in chat])
+        # imported rows (rating TSV, Reflexion logs) have no run or trial: keep them typed, not "None"
+        cols["task_id"].append(str(r.get("task_id") or ""))
+        cols["run"].append(str(r.get("run") or ""))
+        cols["trial"].append(int(r.get("trial") or 0))
+        cols["env"].append(str(r.get("env") or ""))
+    return Dataset.from_dict(cols), skipped
+
+
+def last_checkpoint(trainer_dir: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` (trainer state written, which HF Trainer does last)."""
+    if not trainer_dir.is_dir():
+        return None
+    done = []
+    for d in trainer_dir.iterdir():
+        if d.is_dir() and d.name.startswith("checkpoint-") and d.name[11:].isdigit() and (d / "trainer_state.json").is_file():
+            done.append((int(d.name[11:]), d))
+    return max(done)[1] if done else None
+
+
+def load_policy(cfg: PPOStageConfig, workspace: Workspace, sft: Path | None) -> tuple[Any, Any, Any, str]:
+    """(model, tokenizer, peft_config or None, base label). From an SFT adapter: the adapter attached and
+    trainable (TRL then keeps a frozen copy as the KL reference); else the base and a fresh LoRA config
+    (the reference is the base, adapter disabled)."""
+    from retroformer_cli.llm.model_cache import is_adapter_dir, read_adapter_base, set_offline
+    from retroformer_cli.stages import sft as sft_stage
+    from retroformer_cli.stages import train_common as tc
+
+    set_offline()
+    if sft is not None:
+        if not is_adapter_dir(sft):
+            raise UsageError(f"The SFT checkpoint '{sft}' is not a LoRA adapter folder (no adapter_config.json) (--sft).")
+        model, tok = sft_stage.load_policy(str(sft), workspace.cache_dir)
+        return model, tok, None, read_adapter_base(sft)
+    label, path = tc.resolve_base(cfg.base, workspace)
+    model, tok = sft_stage.load_base_causal_lm(path)
+    return model, tok, tc.lora_config(cfg.lora, "CAUSAL_LM"), label
+
+
+def grpo_args(cfg: PPOStageConfig, output_dir: Path, use_cpu: bool) -> Any:
+    """The ``GRPOConfig`` our stage trains with (also used by the benchmark for the direct call)."""
+    import torch
+    from trl import GRPOConfig
+
+    bf16 = (not use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return GRPOConfig(
+        output_dir=str(output_dir), max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_generations=cfg.num_generations,
+        max_completion_length=cfg.max_completion_length, learning_rate=cfg.learning_rate, beta=cfg.beta,
+        epsilon=cfg.epsilon, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
+        temperature=cfg.temperature, top_p=cfg.top_p, logging_steps=cfg.logging_steps, save_strategy="steps",
+        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, report_to="none", disable_tqdm=True,
+        seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=use_cpu, bf16=bf16,
+        remove_unused_columns=False, log_completions=False,
+    )
+
+
+def _validate(cfg: PPOStageConfig, workspace: Workspace) -> None:
+    if cfg.mode not in MODES:
+        raise UsageError(f"Unknown reward mode '{cfg.mode}' (--mode): choose offline or online.")
+    import re
+
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", cfg.name or ""):
+        raise UsageError(f"Checkpoint name '{cfg.name}' is not allowed (--name): use letters, digits, '.', '_' or '-'.")
+    for key in ("max_steps", "num_generations", "prompts_per_step", "gradient_accumulation_steps",
+                "max_completion_length", "save_steps", "logging_steps", "online_concurrency"):
+        if getattr(cfg, key) < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(cfg, key)}.")
+    if cfg.num_generations < 2:
+        raise UsageError("--num-generations must be at least 2: GRPO's advantage compares reflections of one prompt.")
+    if cfg.beta < 0:
+        raise UsageError(f"--beta must not be negative, got {cfg.beta}.")
+
+
+def _progress_callback(progress: TrainProgress, history: list[dict[str, Any]]) -> Any:
+    from transformers import TrainerCallback
+
+    class _Cb(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            if state.is_world_process_zero:
+                progress.start(state.max_steps, state.global_step)
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if state.is_world_process_zero:
+                progress.step(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            if state.is_world_process_zero and logs:
+                row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+                history.append(row)
+                progress.log(state.global_step, row)
+
+    return _Cb()
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"retroformer": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "trl", "peft", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: TrainProgress | None = None, *, resume: bool = False,
+            scorer: Callable | None = None, actor_client: Any = None, callbacks: list | None = None) -> PPOResult:
+    """Train the reflector with GRPO; ``scorer``/``actor_client`` replace the reward model / actor (tests)."""
+    from retroformer_cli.stages import train_common as tc
+
+    _validate(cfg, workspace)
+    progress = progress or TrainProgress()
+    final = workspace.checkpoint_dir("ppo", cfg.name)
+    work = tc.work_dir(workspace, "ppo", cfg.name)  # trainer checkpoints + online replay cache
+    rows = _load_rows(workspace, cfg.dataset, "train")
+    skipped_runs = 0
+    if cfg.mode == "online":  # imported logs have no run to replay
+        known = set(workspace.list_run_names())
+        kept = [r for r in rows if r.get("run") in known]
+        skipped_runs, rows = len(rows) - len(kept), kept
+    if not rows:
+        why = " from a run of this workspace (online mode replays runs)" if cfg.mode == "online" else ""
+        raise DataError(f"Dataset '{cfg.dataset}' has no RL training prompts{why} (--dataset).",
+                        hint="prompts are failed trials followed by another trial: collect with --trials 2 or more")
+    sft_path, reward_path = resolve_inputs(cfg, workspace, need_reward=scorer is None)
+    resume_from = None
+    if resume:
+        resume_from = last_checkpoint(work)
+        if resume_from is None:
+            raise UsageError(f"Nothing to resume for ppo '{cfg.name}': no trainer checkpoint in {work} (--resume).",
+                             hint="lower --save-steps, or start without --resume")
+
+    import torch
+    from accelerate import PartialState
+
+    dist = PartialState()  # one process, or one of several under `accelerate launch`
+    if not resume and dist.is_main_process and work.exists():
+        shutil.rmtree(work)  # a fresh start never resumes from an older run's checkpoints
+    dist.wait_for_everyone()
+
+    use_cpu = not torch.cuda.is_available()
+    if use_cpu:
+        tc.set_threads(cfg.threads)
+    model, tokenizer, peft_config, base = load_policy(cfg, workspace, sft_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset, skipped = build_train_dataset(rows, tokenizer, cfg.max_prompt_tokens)
+    if len(dataset) == 0:
+        raise DataError(f"All {len(rows)} prompts of '{cfg.dataset}' are longer than --max-prompt-tokens "
+                        f"({cfg.max_prompt_tokens}).")
+
+    from retroformer_cli.stages.ppo_rewards import OfflineReward, OnlineReward
+
+    online = None
+    if cfg.mode == "offline":
+        if scorer is None:
+            from retroformer_cli.stages.reward import load_scorer
+
+            scorer = load_scorer(str(reward_path), workspace.cache_dir)
+        reward_fn: Any = OfflineReward(scorer)
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        online = OnlineReward(workspace, actor=actor_client if actor_client is not None else cfg.actor,
+                              concurrency=cfg.online_concurrency, memory_size=cfg.online_memory_size,
+                              cache_path=work / f"online_cache.{dist.process_index}.jsonl", threads=cfg.threads,
+                              cache_glob=str(work / "online_cache.*.jsonl"))
+        for r in sorted(set(dataset["run"])):
+            online.context(r)  # an unreadable run or a bad --actor fails now, not mid-step
+        reward_fn = online
+
+    import warnings
+
+    from transformers import PrinterCallback
+    from trl import GRPOTrainer
+
+    # transformers 5 renames gradient_checkpointing; TRL 1.16 still passes the old name
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    history: list[dict[str, Any]] = []
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward_fn], args=grpo_args(cfg, work, use_cpu),
+                          train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+                          callbacks=[_progress_callback(progress, history), *(callbacks or [])])
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout, which is for --json data
+    t0 = time.perf_counter()
+    try:
+        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        lc = last_checkpoint(work)
+        raise PPOInterrupted(cfg.name, str(lc) if lc else None) from None
+    finally:
+        progress.stop()
+        if online is not None:
+            online.close()
+    seconds = round(time.perf_counter() - t0, 2)
+    steps = [h for h in history if "reward" in h]
+    last = steps[-1] if steps else {}
+    metrics: dict[str, Any] = {
+        "global_step": trainer.state.global_step, "train_runtime_s": out.metrics.get("train_runtime"),
+        "train_loss": out.metrics.get("train_loss"), "reward_first": steps[0].get("reward") if steps else None,
+        "reward_last": last.get("reward"), "reward_mean": (sum(h["reward"] for h in steps) / len(steps)) if steps else None,
+        "kl_last": last.get("kl"), "loss_last": last.get("loss"), "train_rows": len(dataset),
+        "skipped_long_prompts": skipped, "skipped_unknown_runs": skipped_runs,
+    }
+    if online is not None:
+        metrics.update(online_episodes=online.episodes, online_cache_hits=online.hits)
+    result = PPOResult(name=cfg.name, path=final, mode=cfg.mode, steps=trainer.state.global_step, seconds=seconds,
+                       metrics=metrics, log_history=history, resumed_from=resume_from.name if resume_from else None,
+                       rows=len(dataset), skipped_long_prompts=skipped)
+    if trainer.is_world_process_zero():
+        peft_model = trainer.accelerator.unwrap_model(trainer.model)
+
+        def write(tmp: Path) -> None:
+            peft_model.save_pretrained(str(tmp), selected_adapters=["default"])  # not TRL's frozen "ref" copy
+            tc.fix_adapter_base(tmp, base)
+            tokenizer.save_pretrained(str(tmp))
+
+        manifest = tc.checkpoint_manifest(
+            "ppo", base, cfg.dataset, to_dict(cfg), metrics, sft=str(sft_path) if sft_path else None,
+            reward={"mode": cfg.mode, "reward_model": str(reward_path) if reward_path else None,
+                    "actor": cfg.actor if cfg.mode == "online" else None},
+            trainer="trl.GRPOTrainer", runs=sorted(set(dataset["run"])), log_history=history,
+            resumed_from=result.resumed_from, seconds=seconds, versions=_versions(), git_revision=git_revision())
+        tc.save_checkpoint(final, write, manifest)
+    trainer.accelerator.wait_for_everyone()
+    return result

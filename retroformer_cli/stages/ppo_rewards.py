@@ -1,0 +1,253 @@
+"""Reward functions for `retroformer ppo`, in the form TRL's ``GRPOTrainer`` calls them.
+
+GRPO calls ``reward_func(prompts=..., completions=..., completion_ids=..., **columns)`` where ``columns``
+are the other dataset columns, repeated once per generation (TRL 1.16, ``_calculate_rewards``), plus
+``trainer_state``, ``log_extra`` and ``log_metric``. An ``async`` ``__call__`` is run by TRL on its own
+event loop thread, so the online reward can run a whole group of episodes with ``asyncio.gather``.
+
+* :class:`OfflineReward` — the paper's setting: the reward model's score of the generated reflection.
+* :class:`OnlineReward` — the true return difference G(k+1) − G(k): the candidate reflection goes into the
+  actor's memory (with the reflections trial k+1 would have seen), trial k+1 is replayed with a fresh
+  environment through :func:`retroformer_cli.agents.actor.run_episode`, and the new score minus the score
+  of the failed trial k is the reward. Replays are cached by (env, task, memory incl. the candidate, actor).
+
+Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from retroformer_cli.errors import DataError, UsageError
+from retroformer_cli.llm.base import GenerationConfig, LLMClient, apply_stop
+
+Scorer = Callable[[list[list[dict]], list[str]], list[float]]
+
+
+def clean_reflection(text: str) -> str:
+    """The reflection as the collect loop would store it: cut at the reflector's stop strings, without a
+    leading ``Reflection:`` label (see :func:`retroformer_cli.agents.reflexion.reflect`)."""
+    from retroformer_cli.agents.reflexion import REFLECTION_STOP
+
+    text, _ = apply_stop(text, REFLECTION_STOP)
+    text = text.strip()
+    if text.lower().startswith("reflection:"):
+        text = text[len("reflection:"):].strip()
+    return text
+
+
+class OfflineReward:
+    """reward = scorer(reflection prompt, generated reflection); the prompt comes from the ``chat`` column."""
+
+    __name__ = "reward_model"
+
+    def __init__(self, scorer: Scorer):
+        self.scorer = scorer
+        self.calls = 0
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[str], chat: Sequence[list[dict]] | None = None,
+                 **_: Any) -> list[float]:
+        self.calls += 1
+        texts = [clean_reflection(c if isinstance(c, str) else c[-1]["content"]) for c in completions]
+        convs = list(chat) if chat is not None else [[{"role": "user", "content": str(p)}] for p in prompts]
+        return [float(s) for s in self.scorer(convs, texts)]
+
+
+@dataclass
+class _RunContext:
+    """What replaying trial k+1 of one run needs: its env factory, actor, prompts and trials."""
+
+    run: str
+    env_id: str
+    make_env: Callable[[], Any]
+    actor: LLMClient
+    gen: GenerationConfig
+    prompts: Any
+    action_names: tuple[str, ...]
+    memory_size: int
+    seed: int
+    trials: dict[tuple[str, int], Any]
+    envs: list[Any] = field(default_factory=list)  # idle environments
+    created: list[Any] = field(default_factory=list)
+
+    def acquire(self) -> Any:
+        if self.envs:
+            return self.envs.pop()
+        first = self.created[0] if self.created else None
+        env = first.spawn() if first is not None and hasattr(first, "spawn") else self.make_env()
+        self.created.append(env)
+        return env
+
+    def release(self, env: Any) -> None:
+        self.envs.append(env)
+
+
+class OnlineReward:
+    """reward = score of the replayed trial k+1 with the candidate reflection − score of trial k.
+
+    ``actor`` overrides every run's actor (a spec string like ``--actor``, or a ready client in tests);
+    ``None`` uses the actor model of each run's manifest. ``cache_path`` keeps replay scores across
+    resumes (one JSON line per replay); ``cache_glob`` also reads the files of other processes.
+    """
+
+    __name__ = "return_difference"
+
+    def __init__(self, workspace: Any, actor: str | LLMClient | None = None, concurrency: int = 8,
+                 memory_size: int | None = None, cache_path: Path | None = None, threads: int | None = None,
+                 cache_glob: str | None = None):
+        self.workspace = workspace
+        self.actor_override = actor
+        self.concurrency = max(1, concurrency)
+        self.memory_size = memory_size
+        self.threads = threads
+        self.cache: dict[str, float] = {}
+        self.episodes = 0  # replays actually run (cache misses)
+        self.hits = 0
+        self._contexts: dict[str, _RunContext] = {}
+        self._clients: dict[str, LLMClient] = {}
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._gate: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer = None
+        if cache_path is not None:  # one file per process; every process reads all of them on resume
+            import glob
+
+            from retroformer_cli.store import JsonlWriter, read_jsonl
+
+            for f in sorted(set(glob.glob(cache_glob or str(cache_path))) | {str(cache_path)}):
+                if Path(f).is_file():
+                    for rec in read_jsonl(f):
+                        self.cache[rec["key"]] = float(rec["score"])
+            self._writer = JsonlWriter(cache_path)
+
+    # ------------------------------------------------------------------ setup per run
+    def _client(self, model_cfg: Any) -> LLMClient:
+        from retroformer_cli.llm import make_client
+
+        key = json.dumps([model_cfg.model, model_cfg.base_url, model_cfg.api], sort_keys=True)
+        if key not in self._clients:
+            client = make_client(model_cfg, self.workspace, "--actor")
+            if client is None:
+                raise UsageError("The actor for online rewards cannot be 'none' (--actor).")
+            self._clients[key] = client
+        return self._clients[key]
+
+    def context(self, run: str) -> _RunContext:
+        if run in self._contexts:
+            return self._contexts[run]
+        from retroformer_cli.agents.actor import STOP as ACTOR_STOP
+        from retroformer_cli.agents.prompts.base import get_prompts
+        from retroformer_cli.config import CollectConfig, build_config, fill_from_env
+        from retroformer_cli.stages.collect import _gen, load_trials, make_env
+
+        stored = dict(self.workspace.read_manifest(run).get("config") or {})
+        for m in ("actor", "reflector"):  # secrets are never stored; they come back from the environment
+            if isinstance(stored.get(m), dict):
+                stored[m] = {k: v for k, v in stored[m].items() if k != "api_key"}
+        known = {f.name for f in CollectConfig.__dataclass_fields__.values()}
+        cfg = build_config(CollectConfig, None, base={k: v for k, v in stored.items() if k in known})
+        if isinstance(self.actor_override, str):
+            cfg.actor.model = self.actor_override
+        if self.threads is not None:
+            cfg.actor.threads = self.threads
+        fill_from_env(cfg)
+        actor = self.actor_override if (self.actor_override is not None and not isinstance(self.actor_override, str)) \
+            else self._client(cfg.actor)
+        trials = {(t.task_id, t.trial): t for t in load_trials(self.workspace, run)}
+        first = make_env(cfg, self.workspace)
+        ctx = _RunContext(run=run, env_id=cfg.env, make_env=lambda: make_env(cfg, self.workspace), actor=actor,
+                          gen=_gen(cfg.actor, ACTOR_STOP), prompts=get_prompts(cfg.env),
+                          action_names=tuple(getattr(first, "action_names", ())),
+                          memory_size=self.memory_size if self.memory_size is not None else cfg.memory_size,
+                          seed=cfg.seed, trials=trials, envs=[first], created=[first])
+        self._contexts[run] = ctx
+        return ctx
+
+    def memory_for(self, ctx: _RunContext, task_id: str, trial: int, reflection: str) -> list[str]:
+        """The memory trial k+1 would have shown, with the candidate in place of trial k's reflection."""
+        earlier = [ctx.trials[(task_id, j)] for j in range(1, trial) if (task_id, j) in ctx.trials]
+        texts = [t.reflection.text for t in earlier if t.reflection is not None and t.reflection.text]
+        texts.append(reflection)
+        return texts[-ctx.memory_size:] if ctx.memory_size > 0 else []
+
+    # ------------------------------------------------------------------ reward
+    def _key(self, ctx: _RunContext, task_id: str, memory: list[str]) -> str:
+        blob = json.dumps([ctx.env_id, task_id, memory, ctx.actor.model_id, ctx.seed], ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    async def replay(self, run: str, task_id: str, trial: int, reflection: str) -> tuple[float, float]:
+        """(new score, score of trial k) for one candidate reflection."""
+        ctx = self.context(run)
+        base = ctx.trials.get((task_id, int(trial)))
+        if base is None:
+            raise DataError(f"Trial {trial} of task '{task_id}' is not in run '{run}': the prompt set and the "
+                            "run's trials.jsonl disagree (rebuild the dataset).")
+        memory = self.memory_for(ctx, task_id, int(trial), reflection)
+        key = self._key(ctx, task_id, memory)
+        if key in self.cache:
+            self.hits += 1
+            return self.cache[key], base.score
+        if key in self._inflight:  # an identical candidate in the same group: run once
+            self.hits += 1
+            return await asyncio.shield(self._inflight[key]), base.score
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            from retroformer_cli.agents.actor import run_episode
+
+            assert self._gate is not None
+            async with self._gate:
+                env = ctx.acquire()
+                try:
+                    result = await run_episode(env, task_id, ctx.actor, ctx.prompts, memory, ctx.gen,
+                                               ctx.action_names, seed=ctx.seed)
+                finally:
+                    ctx.release(env)
+            score = float(result.score)
+            self.episodes += 1
+            self.cache[key] = score
+            if self._writer is not None:
+                self._writer.append({"key": key, "run": run, "task_id": task_id, "trial": int(trial),
+                                     "reflection": reflection, "score": score})
+            fut.set_result(score)
+            return score, base.score
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+            raise
+        finally:
+            self._inflight.pop(key, None)
+
+    async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], task_id: Sequence[str],
+                       run: Sequence[str], trial: Sequence[int], log_metric: Callable | None = None,
+                       **_: Any) -> list[float]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self._gate, self._inflight = loop, asyncio.Semaphore(self.concurrency), {}
+        texts = [clean_reflection(c if isinstance(c, str) else c[-1]["content"]) for c in completions]
+        before = self.episodes
+        pairs = await asyncio.gather(*[self.replay(r, t, k, x) for r, t, k, x in zip(run, task_id, trial, texts)])
+        if log_metric is not None:
+            log_metric("online/episodes", float(self.episodes - before))
+            log_metric("online/success", sum(1.0 for new, _ in pairs if new > 0) / max(1, len(pairs)))
+        return [new - old for new, old in pairs]
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+
+    def close(self) -> None:
+        for ctx in self._contexts.values():
+            for env in ctx.created:
+                env.close()
+        for client in self._clients.values():
+            if hasattr(client, "close"):
+                client.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -1,0 +1,195 @@
+"""What the training stages share: base-model resolution, threads, LoRA settings, rich progress as a
+TrainerCallback, atomic checkpoint folders and their manifest. Nothing heavy at import time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from retroformer_cli import __version__
+from retroformer_cli.errors import UsageError
+from retroformer_cli.workspace import Workspace, now_iso
+
+CHECKPOINT_MANIFEST = "retroformer_checkpoint.json"
+
+
+@dataclass
+class LoraSettings:
+    r: int = field(default=2, metadata={"help": "LoRA rank"})
+    alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+def set_threads(threads: int | None) -> int:
+    import torch
+
+    n = threads or min(2, os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def resolve_base(spec: str, workspace: Workspace) -> tuple[str, Path]:
+    """(label written as the adapter's base_model_name_or_path, local folder of the base model).
+
+    ``embedded`` stays ``embedded`` (the local backend resolves it); a folder is recorded as given."""
+    from retroformer_cli.llm.model_cache import EMBEDDED, is_adapter_dir, resolve_local_model
+
+    path = resolve_local_model(spec, workspace.cache_dir)
+    if is_adapter_dir(path):
+        raise UsageError(f"--base '{spec}' is a LoRA adapter; pass a full model folder or 'embedded'.")
+    return (EMBEDDED if spec == EMBEDDED else str(spec)), path
+
+
+def lora_config(s: LoraSettings, task_type: str):
+    from peft import LoraConfig
+
+    return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.target_modules),
+                      task_type=task_type, bias="none")
+
+
+def work_dir(workspace: Workspace, stage: str, name: str) -> Path:
+    """The trainer's output_dir (intermediate checkpoint-N folders for --resume), beside the final one."""
+    return workspace.checkpoint_dir(stage, f".work-{name}")
+
+
+def last_trainer_checkpoint(path: Path) -> Path | None:
+    cks = [p for p in path.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(cks, key=lambda p: int(p.name.split("-")[-1])) if cks else None
+
+
+def save_checkpoint(dest: Path, write: Callable[[Path], None], manifest: dict[str, Any]) -> None:
+    """Write a checkpoint folder atomically: everything goes into a temp dir beside ``dest``, then a rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    try:
+        write(tmp)
+        (tmp / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n",
+                                               encoding="utf-8")
+        os.chmod(tmp, 0o755)
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def fix_adapter_base(folder: Path, base_label: str) -> None:
+    p = folder / "adapter_config.json"
+    cfg = json.loads(p.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = base_label
+    p.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def checkpoint_manifest(stage: str, base: str, dataset: str, config: dict[str, Any], metrics: dict[str, Any],
+                        **extra: Any) -> dict[str, Any]:
+    return {"stage": stage, "base": base, "dataset": dataset, "config": config, "metrics": metrics,
+            "created_at": now_iso(), "retroformer_version": __version__, **extra}
+
+
+def read_checkpoint_manifest(folder: Path) -> dict[str, Any]:
+    p = Path(folder) / CHECKPOINT_MANIFEST
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+
+def progress_callback(label: str, console=None):
+    """A transformers TrainerCallback that drives a rich Progress on stderr (plain lines when not a TTY)."""
+    from transformers import TrainerCallback
+
+    from retroformer_cli.console import stderr
+
+    con = console or stderr
+
+    class RichTrainerProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.progress = None
+            self.task = None
+            self.last: dict[str, float] = {}
+            self.started = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kw):
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                     console=con, disable=not con.is_terminal)
+            self.task = self.progress.add_task(label, total=state.max_steps, completed=state.global_step, info="")
+            self.progress.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            keep = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and
+                    any(s in k for s in ("loss", "accuracy", "margin", "learning_rate", "grad_norm"))}
+            self.last.update(keep)
+            info = " ".join(f"{k}={v:.4g}" for k, v in keep.items() if k != "learning_rate")
+            if self.progress is not None:
+                self.progress.update(self.task, info=info)
+            if not con.is_terminal and info:
+                con.print(f"{label}: step {state.global_step}/{state.max_steps} {info}")
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.progress is not None:
+                self.progress.stop()
+                self.progress = None
+
+    return RichTrainerProgress()
+
+
+def loss_history(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    evals = [h["eval_loss"] for h in log_history if "eval_loss" in h]
+    return {"train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
+            "eval_loss": evals[-1] if evals else None}
+
+
+def precision_kwargs() -> dict[str, Any]:
+    """bf16 on a GPU that has it, fp32 on CPU (TRL's configs default to bf16, which CPUs reject)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"bf16": bool(cuda and torch.cuda.is_bf16_supported()), "use_cpu": not cuda}
+
+
+def quiet_transformers(seed: int | None = None) -> None:
+    """Our progress replaces transformers' load reports and bars; stdout stays free for --json."""
+    from transformers import logging as tlog
+    from transformers import set_seed
+
+    tlog.set_verbosity_error()
+    import warnings
+
+    # transformers 5 / TRL 1.16 deprecation notices about arguments we pass on purpose (keep_end truncation keeps
+    # the reflection when a trajectory is too long) are noise for users.
+    warnings.filterwarnings("ignore", message=".*deprecated.*", category=FutureWarning)
+    tlog.disable_progress_bar()
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    if seed is not None:
+        set_seed(seed)
+
+
+def drop_stdout_printer(trainer: Any) -> None:
+    """With tqdm off, transformers adds a PrinterCallback that prints every log dict to stdout."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
