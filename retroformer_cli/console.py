@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any, Sequence
 
@@ -112,7 +113,15 @@ def group_table(report: Any) -> Table | None:
     return table
 
 
-def _short(model_id: str | None) -> str | None:
-    if model_id and len(model_id) > 48:
-        return "…" + model_id[-47:]
-    return model_id
+_EMBEDDED_ID = re.compile(r"HuggingFaceTB/SmolLM2-135M-Instruct \(GGUF [^)]*\)")
+
+
+def _short(model_id: str | None, width: int = 32) -> str | None:
+    """A table-sized model id: the embedded id as 'embedded', adapters as 'base+stage/name'."""
+    if not model_id:
+        return model_id
+    text = _EMBEDDED_ID.sub("embedded", model_id)
+    base, plus, adapter = text.partition("+")
+    if plus:
+        text = f"{base}+{'/'.join(adapter.rstrip('/').split('/')[-2:])}"
+    return text if len(text) <= width else "…" + text[-(width - 1):]

