@@ -69,6 +69,27 @@ def local_model_id(model: str) -> str:
     return model
 
 
+def finish_tokens(ids: list[int], stop_ids: Any, stop: Sequence[str], decode: Any) -> tuple[str, str, int]:
+    """Decode generated ids into (text, finish_reason, completion tokens): cut at an end-of-turn id or the
+    first stop string; the tokens counted run up to the one that completed the stop string (or the
+    end-of-turn token). Shared by this client and ``retroformer serve``'s engine."""
+    cut = next((k for k, t in enumerate(ids) if t in stop_ids), None)
+    body = ids if cut is None else ids[:cut]
+    text, stopped = apply_stop(decode(body), stop)
+    if stopped:  # binary search for the token that completed the stop string
+        lo, hi = 1, len(body)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if apply_stop(decode(body[:mid]), stop)[1]:
+                hi = mid
+            else:
+                lo = mid + 1
+        return text, "stop", lo
+    if cut is not None:
+        return text, "stop", cut + 1  # the end-of-turn token counts
+    return text, "length", len(ids)
+
+
 class HFLocalClient:
     """An :class:`~retroformer_cli.llm.base.LLMClient` running a transformers model in-process.
 
@@ -200,21 +221,8 @@ class HFLocalClient:
         return [self._finish(ids, int(n), config.stop) for ids, n in zip(rows, prompt_counts)]
 
     def _finish(self, ids: list[int], prompt_tokens: int, stop: Sequence[str]) -> Generation:
-        cut = next((k for k, t in enumerate(ids) if t in self._stop_ids), None)
-        body = ids if cut is None else ids[:cut]
-        text, stopped = apply_stop(self._decode(body), stop)
-        if stopped:  # count tokens up to the one that completed the stop string
-            lo, hi = 1, len(body)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if apply_stop(self._decode(body[:mid]), stop)[1]:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            return self._result(text, prompt_tokens, lo, "stop")
-        if cut is not None:
-            return self._result(text, prompt_tokens, cut + 1, "stop")  # the end-of-turn token counts
-        return self._result(text, prompt_tokens, len(ids), "length")
+        text, reason, n = finish_tokens(ids, self._stop_ids, stop, self._decode)
+        return self._result(text, prompt_tokens, n, reason)
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)

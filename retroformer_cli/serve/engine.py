@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 from retroformer_cli.errors import RetroformerError
 from retroformer_cli.llm.base import apply_stop, messages_to_prompt
+from retroformer_cli.llm.hf_local import finish_tokens
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -530,22 +531,8 @@ class TransformersEngine:
         return contextlib.nullcontext()
 
     def _finish(self, row: _Row, ids: list[int]) -> Choice:
-        stop = row.req.sampling.stop
-        cut = next((k for k, t in enumerate(ids) if t in self._stop_ids), None)
-        body = ids if cut is None else ids[:cut]
-        text, stopped = apply_stop(self._decode(body), stop)
-        if stopped:  # count tokens up to the one that completed the stop string
-            lo, hi = 1, len(body)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if apply_stop(self._decode(body[:mid]), stop)[1]:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            return Choice(row.index, text, "stop", lo)
-        if cut is not None:
-            return Choice(row.index, text, "stop", cut + 1)  # the end-of-turn token counts
-        return Choice(row.index, text, "length", len(ids))
+        text, reason, n = finish_tokens(ids, self._stop_ids, row.req.sampling.stop, self._decode)
+        return Choice(row.index, text, reason, n)
 
     def _decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
