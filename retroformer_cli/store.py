@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from retroformer_cli.errors import DataError
 
@@ -89,3 +89,27 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, p)
+
+
+def write_dir_atomic(dest: str | Path, write: Callable[[Path], None]) -> None:
+    """Fill a temp folder beside ``dest`` with ``write(tmp)``, then rename it over ``dest``: readers see the old
+    folder or the new one, never half of one; a failed write leaves ``dest`` as it was."""
+    import shutil
+    import tempfile
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

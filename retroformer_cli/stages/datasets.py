@@ -34,10 +34,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import random
-import shutil
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +42,7 @@ from typing import Any, Iterable, Sequence
 
 from retroformer_cli import __version__
 from retroformer_cli.errors import DataError, UsageError
+from retroformer_cli.store import write_dir_atomic
 from retroformer_cli.workspace import Workspace, now_iso
 
 SPLIT_SALT = "retroformer-split:"
@@ -274,10 +272,10 @@ def build(cfg: DatasetConfig, workspace: Workspace) -> DatasetResult:
     sets = {"sft": _sft_rows(ratings), "pairs": _pair_rows(ratings, cfg), "prompts": _prompt_rows(ratings)}
 
     dest = workspace.datasets_dir / cfg.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{cfg.name}-", dir=dest.parent))
     counts: dict[str, Any] = {}
-    try:
+    manifest: dict[str, Any] = {}
+
+    def fill(tmp: Path) -> None:
         counts["ratings"] = _write_jsonl(tmp / "ratings.jsonl", ratings)
         for kind, rows in sets.items():
             for split in SPLITS:
@@ -290,25 +288,16 @@ def build(cfg: DatasetConfig, workspace: Workspace) -> DatasetResult:
                       zero=sum(r["rating"] == 0 for r in ratings))
         from retroformer_cli.config import to_dict
 
-        manifest = {
+        manifest.update({
             "name": cfg.name, "kind": "ratings", "created_at": now_iso(), "retroformer_version": __version__,
             "sources": sources, "counts": counts, "config": to_dict(cfg),
             "split_rule": f"validation iff int(sha256('{SPLIT_SALT}' + task_id)[:8], 16) / 2**32 < {cfg.val_fraction}",
             "prefill_rule": "training sets drop a trailing assistant prefill from prompt; completions are the bare "
                             "reflection without a leading 'Reflection:'",
-        }
+        })
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".old-{cfg.name}-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomic(dest, fill)
     return DatasetResult(cfg.name, dest, counts, manifest)
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,24 +63,15 @@ def last_trainer_checkpoint(path: Path) -> Path | None:
 
 
 def save_checkpoint(dest: Path, write: Callable[[Path], None], manifest: dict[str, Any]) -> None:
-    """Write a checkpoint folder atomically: everything goes into a temp dir beside ``dest``, then a rename."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
-    try:
+    """Write a checkpoint folder atomically (model files from ``write`` plus the manifest)."""
+    from retroformer_cli.store import write_dir_atomic
+
+    def fill(tmp: Path) -> None:
         write(tmp)
         (tmp / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n",
                                                encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomic(dest, fill)
 
 
 def fix_adapter_base(folder: Path, base_label: str) -> None:
