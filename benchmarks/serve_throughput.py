@@ -1,12 +1,15 @@
 """`retroformer serve` throughput: 8 concurrent clients vs the same 8 requests sent one after another.
 
-    python benchmarks/serve_throughput.py [--model embedded] [--threads 2] [--max-tokens 64] [--workspace DIR]
+    python benchmarks/serve_throughput.py [--model embedded] [--threads N] [--max-tokens 64] [--workspace DIR]
+                                          [--stagger-ms 250] [--no-prefix-reuse]
 
 Starts the real server (`python -m retroformer_cli serve`) as a subprocess on a free 127.0.0.1 port, sends
-greedy chat requests with the official `openai` client, and reports completion tokens/s for both runs, the
-per-request latency (p50/p95), whether the answers are identical, the batch sizes the server ran and the
-server's peak RSS (VmHWM, Linux). The embedded model is cached in the workspace (first start ~20 s).
-Progress goes to stderr; the last stdout line is one JSON object.
+greedy chat requests with the official `openai` client and reports completion tokens/s for three legs:
+the 8 requests one after another (the baseline), all 8 at once (one burst), and 8 clients starting
+``--stagger-ms`` apart (continuous batching: each joins the running batch at the next step). Also the per-request
+latency (p50/p95), whether every leg's answers equal the baseline's, and the server's peak RSS (VmHWM, Linux).
+The embedded model is cached in the workspace (first start ~20 s). Progress goes to stderr; the last stdout
+line is one JSON object.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--workspace", default="retroformer-workspace", help="where the embedded model is cached")
     ap.add_argument("--engine", default="transformers")
+    ap.add_argument("--stagger-ms", type=float, default=250.0)
+    ap.add_argument("--no-prefix-reuse", action="store_true")
     args = ap.parse_args()
 
     port = free_port()
@@ -80,6 +85,8 @@ def main() -> None:
            "--port", str(port), "--max-batch-size", str(len(QUESTIONS)), "--engine", args.engine]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.no_prefix_reuse:
+        cmd += ["--no-prefix-reuse"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -101,6 +108,16 @@ def main() -> None:
                                            max_tokens=args.max_tokens, temperature=0)
         return r.choices[0].message.content, r.usage.completion_tokens, time.perf_counter() - started
 
+    def leg(start_delays: list[float]) -> tuple[list, float]:
+        def delayed(pair: tuple[float, str]):
+            time.sleep(pair[0])
+            return one(pair[1])
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+            out = list(pool.map(delayed, zip(start_delays, QUESTIONS)))
+        return out, time.perf_counter() - t0
+
     try:
         one("warm up")
         t0 = time.perf_counter()
@@ -108,14 +125,13 @@ def main() -> None:
         seq_s = time.perf_counter() - t0
         seq_tokens = sum(r[1] for r in sequential)
         log(f"sequential: {seq_tokens} tokens in {seq_s:.1f} s")
-        batches_before = httpx.get(f"http://127.0.0.1:{port}/health").json()["batches"]
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(len(QUESTIONS)) as pool:
-            concurrent = list(pool.map(one, QUESTIONS))
-        con_s = time.perf_counter() - t0
+        concurrent, con_s = leg([0.0] * len(QUESTIONS))
         con_tokens = sum(r[1] for r in concurrent)
+        log(f"one burst: {con_tokens} tokens in {con_s:.1f} s")
+        staggered, stag_s = leg([i * args.stagger_ms / 1000 for i in range(len(QUESTIONS))])
+        stag_tokens = sum(r[1] for r in staggered)
+        log(f"staggered {args.stagger_ms:g} ms: {stag_tokens} tokens in {stag_s:.1f} s")
         health = httpx.get(f"http://127.0.0.1:{port}/health").json()
-        log(f"concurrent: {con_tokens} tokens in {con_s:.1f} s ({health['batches'] - batches_before} batch(es))")
         rss = peak_rss_mb(proc.pid)
     finally:
         proc.send_signal(signal.SIGINT)
@@ -124,12 +140,16 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     same = sum(a[0] == b[0] for a, b in zip(sequential, concurrent))
+    same_stag = sum(a[0] == b[0] for a, b in zip(sequential, staggered))
     seq_lat = [r[2] for r in sequential]
     con_lat = [r[2] for r in concurrent]
+    stag_lat = [r[2] for r in staggered]
+    seq_rate = seq_tokens / seq_s
     result = {
         "benchmark": "serve_throughput",
         "model": args.model,
         "engine": args.engine,
+        "prefix_reuse": not args.no_prefix_reuse,
         "threads": args.threads,
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
@@ -142,13 +162,21 @@ def main() -> None:
         "concurrent_tokens": con_tokens,
         "concurrent_s": round(con_s, 2),
         "concurrent_tok_per_s": round(con_tokens / con_s, 1),
-        "speedup": round((con_tokens / con_s) / (seq_tokens / seq_s), 2),
+        "speedup": round((con_tokens / con_s) / seq_rate, 2),
+        "stagger_ms": args.stagger_ms,
+        "staggered_tokens": stag_tokens,
+        "staggered_s": round(stag_s, 2),
+        "staggered_tok_per_s": round(stag_tokens / stag_s, 1),
+        "staggered_speedup": round((stag_tokens / stag_s) / seq_rate, 2),
         "sequential_latency_p50_s": pct(seq_lat, 0.5),
         "sequential_latency_p95_s": pct(seq_lat, 0.95),
         "concurrent_latency_p50_s": pct(con_lat, 0.5),
         "concurrent_latency_p95_s": pct(con_lat, 0.95),
-        "concurrent_batches": health["batches"] - batches_before,
+        "staggered_latency_p50_s": pct(stag_lat, 0.5),
+        "staggered_latency_p95_s": pct(stag_lat, 0.95),
+        "forward_passes": health.get("forward_passes"),
         "identical_answers": f"{same}/{len(QUESTIONS)}",
+        "identical_answers_staggered": f"{same_stag}/{len(QUESTIONS)}",
         "server_peak_rss_mb": rss,
     }
     print(json.dumps(result))

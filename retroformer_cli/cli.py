@@ -126,7 +126,10 @@ ReflOpt = typer.Option(None, "--reflector", help="Reflector: none (ReAct) | embe
 ReflUrlOpt = typer.Option(None, "--reflector-base-url", help="OpenAI-compatible base URL for the reflector.")
 ReflApiOpt = typer.Option(None, "--reflector-api", help="chat | completions.")
 ReflTokOpt = typer.Option(None, "--reflector-max-tokens", help="Max new tokens per reflection.")
-ThreadsOpt = typer.Option(None, "--threads", help="torch threads for local models [default: min(2, cores)].")
+ThreadsOpt = typer.Option(None, "--threads", help="torch threads for local models [default: 1 on up to 2 cores, else cores - 1, at most 8].")
+PrefixReuseOpt = typer.Option(None, "--prefix-reuse/--no-prefix-reuse", help="Local models: reuse the computed keys/values of a known prompt prefix [default: on].")
+PrefixCacheOpt = typer.Option(None, "--prefix-cache-mb", help="Local models: memory bound of the prefix cache in MiB [default: 512].")
+DtypeOpt = typer.Option(None, "--dtype", help="Local models: auto (float32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16.")
 
 
 def _collect_overrides(**kw: Any) -> dict[str, Any]:
@@ -154,8 +157,9 @@ def _collect_overrides(**kw: Any) -> dict[str, Any]:
                 raise UsageError(f"--env-option expects KEY=VALUE, got '{item}'.")
             opts[key.strip()] = yaml.safe_load(value) if value.strip() else ""
         out["env_options"] = opts
-    if kw.get("threads") is not None:
-        out["actor.threads"] = out["reflector.threads"] = kw["threads"]
+    for flag in ("threads", "prefix_reuse", "prefix_cache_mb", "dtype"):  # one local engine serves both roles
+        if kw.get(flag) is not None:
+            out[f"actor.{flag}"] = out[f"reflector.{flag}"] = kw[flag]
     return out
 
 
@@ -204,7 +208,8 @@ def collect(
     actor_max_tokens: Optional[int] = ActorTokOpt, actor_temperature: Optional[float] = ActorTempOpt,
     reflector: Optional[str] = ReflOpt, reflector_base_url: Optional[str] = ReflUrlOpt,
     reflector_api: Optional[str] = ReflApiOpt, reflector_max_tokens: Optional[int] = ReflTokOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: Optional[int] = ThreadsOpt, prefix_reuse: Optional[bool] = PrefixReuseOpt,
+    prefix_cache_mb: Optional[int] = PrefixCacheOpt, dtype: Optional[str] = DtypeOpt,
 ) -> None:
     """Run the actor (and the reflector after failed trials) over tasks for several trials."""
     from retroformer_cli import console
@@ -234,7 +239,8 @@ def eval_(
     actor_max_tokens: Optional[int] = ActorTokOpt, actor_temperature: Optional[float] = ActorTempOpt,
     reflector: Optional[str] = ReflOpt, reflector_base_url: Optional[str] = ReflUrlOpt,
     reflector_api: Optional[str] = ReflApiOpt, reflector_max_tokens: Optional[int] = ReflTokOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: Optional[int] = ThreadsOpt, prefix_reuse: Optional[bool] = PrefixReuseOpt,
+    prefix_cache_mb: Optional[int] = PrefixCacheOpt, dtype: Optional[str] = DtypeOpt,
 ) -> None:
     """Success per trial for runs; with --env, first run the evaluation protocol (collect on the eval split)."""
     from retroformer_cli import console

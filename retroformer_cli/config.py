@@ -32,8 +32,11 @@ class ModelConfig:
     concurrency: int = 16
     timeout_s: float = 60.0
     max_retries: int = 6
-    threads: int | None = field(default=None, metadata={"help": "torch threads for a local model (default: min(2, cores))"})
-    max_batch_size: int = 8
+    threads: int | None = field(default=None, metadata={"help": "torch threads for a local model (default: 1 on up to 2 cores, else cores - 1, at most 8)"})
+    max_batch_size: int = field(default=8, metadata={"help": "local models: sequences decoding together"})
+    dtype: str = field(default="auto", metadata={"help": "local models: auto (float32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16"})
+    prefix_reuse: bool = field(default=True, metadata={"help": "local models: reuse the computed keys/values of a known prompt prefix"})
+    prefix_cache_mb: int = field(default=512, metadata={"help": "local models: memory bound of the prefix cache (LRU beyond it)"})
 
 
 @dataclass

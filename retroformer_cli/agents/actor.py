@@ -105,13 +105,15 @@ async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptS
         usage.add(out.usage)
         raw = out.text
         parsed = parse_reply(raw, action_names)
-        step_usage = Usage(out.usage.prompt_tokens, out.usage.completion_tokens)
+        step_usage = Usage(out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.cached_tokens)
+        margins = [out.min_margin]
         if parsed.action is None and parsed.thought:
             # ReAct's two-call pattern: the model gave a thought but stopped; ask for the action alone.
             follow = await actor.agenerate(prompts.actor_messages(first_obs, memory, scratchpad, n, parsed.thought),
                                            replace(gen, stop=("\n",)))
             usage.add(follow.usage)
             step_usage.add(follow.usage)
+            margins.append(follow.min_margin)
             raw += f"\nAction {n}:{follow.text}"
             action_text = follow.text.strip()
             if action_text:
@@ -130,7 +132,9 @@ async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptS
             obs, reward, terminated, truncated, end_info = await env_step(env, action)
         steps.append(Step(thought=parsed.thought, action=action, observation=obs, reward=float(reward), valid=valid,
                           raw=raw, prompt_tokens=step_usage.prompt_tokens,
-                          completion_tokens=step_usage.completion_tokens, latency_ms=round(latency, 2)))
+                          completion_tokens=step_usage.completion_tokens, latency_ms=round(latency, 2),
+                          cached_tokens=step_usage.cached_tokens,
+                          min_margin=min((m for m in margins if m is not None), default=None)))
         scratchpad += f"Thought {n}: {parsed.thought}\nAction {n}: {action}\nObservation {n}: {_one_line(obs)}\n"
     return EpisodeResult(
         steps=steps, success=bool(end_info.get("success", False)), score=float(end_info.get("score", 0.0)),

@@ -36,7 +36,7 @@ async def reflect(reflector: LLMClient, prompts: PromptSet, result: EpisodeResul
         text = text[len("reflection:"):].strip()
     return Reflection(text=text, prompt=[{"role": m.role, "content": m.content} for m in messages],
                       model_id=reflector.model_id, prompt_tokens=out.usage.prompt_tokens,
-                      completion_tokens=out.usage.completion_tokens,
+                      completion_tokens=out.usage.completion_tokens, cached_tokens=out.usage.cached_tokens,
                       latency_ms=round((time.perf_counter() - t0) * 1000, 2))
 
 
@@ -83,6 +83,7 @@ async def run_task(spec: TaskSpec, history: Sequence[Trial], acquire_env: Callab
             actor_prompt=result.actor_prompt, info=result.info,
             prompt_tokens=result.usage.prompt_tokens + (reflection.prompt_tokens if reflection else 0),
             completion_tokens=result.usage.completion_tokens + (reflection.completion_tokens if reflection else 0),
+            cached_tokens=result.usage.cached_tokens + (reflection.cached_tokens if reflection else 0),
             started_at=started, finished_at=now_iso(), duration_s=round(time.perf_counter() - t0, 3),
         )
         await on_trial(trial)  # durable on disk before the next trial starts

@@ -64,12 +64,16 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RETROFORMER_API_KEY", help="Require this key (Authorization: Bearer KEY) [env RETROFORMER_API_KEY]."),
     engine: str = typer.Option("transformers", "--engine", help="transformers (CPU/GPU, in process) | vllm (GPU, pip install vllm)."),
-    max_batch_size: int = typer.Option(8, "--max-batch-size", help="Sequences per batched generate call."),
-    batch_wait_ms: float = typer.Option(10.0, "--batch-wait-ms", help="Collect a burst of requests into one batch until none arrived for this long (at most 100 ms)."),
+    max_batch_size: int = typer.Option(8, "--max-batch-size", help="Sequences decoding together (continuous batching: a request joins at the next step)."),
+    batch_wait_ms: Optional[float] = typer.Option(None, "--batch-wait-ms", hidden=True, help="Ignored since continuous batching (kept so old scripts run)."),
+    prefix_reuse: bool = typer.Option(True, "--prefix-reuse/--no-prefix-reuse", help="Reuse the computed keys/values of a known prompt prefix (transformers engine)."),
+    prefix_cache_mb: int = typer.Option(512, "--prefix-cache-mb", help="Memory bound of the prefix cache in MiB (least recently used blocks go first)."),
+    max_step_tokens: int = typer.Option(512, "--max-step-tokens", help="Tokens per forward pass: one per decoding sequence plus prompt chunks."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16 (transformers engine)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before new ones get HTTP 429."),
     max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", help="Largest max_tokens a request may ask for."),
     max_request_bytes: int = typer.Option(1 << 20, "--max-request-bytes", help="Largest request body (HTTP 413 above)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads [default: min(2, cores)]; 1 on a busy shared CPU."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads [default: 1 on up to 2 cores, else cores - 1 (at most 8)]."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (transformers engine)."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="GPUs per model (vllm engine)."),
     runtime_adapters: bool = typer.Option(True, "--runtime-adapters/--no-runtime-adapters", help="Allow /v1/load_lora_adapter and /v1/unload_lora_adapter."),
@@ -111,13 +115,15 @@ def serve(
     if engine == "vllm":
         from retroformer_cli.serve.vllm_engine import VLLMEngine
 
-        eng = VLLMEngine(target, tensor_parallel_size=tensor_parallel_size, **common)
+        eng = VLLMEngine(target, tensor_parallel_size=tensor_parallel_size, prefix_reuse=prefix_reuse, **common)
     else:
         from retroformer_cli.serve.engine import TransformersEngine
 
-        if batch_wait_ms < 0:
-            raise UsageError(f"--batch-wait-ms must not be negative, got {batch_wait_ms}.")
-        eng = TransformersEngine(target, threads=threads, device=device, batch_wait_ms=batch_wait_ms, **common)
+        if batch_wait_ms is not None:
+            console.stderr.print("[yellow]warning[/]: --batch-wait-ms is ignored: requests join the running batch "
+                                 "at the next step (continuous batching).")
+        eng = TransformersEngine(target, threads=threads, device=device, dtype=dtype, prefix_reuse=prefix_reuse,
+                                 prefix_cache_mb=prefix_cache_mb, max_step_tokens=max_step_tokens, **common)
     app_ = create_app(eng, api_key=api_key, max_request_bytes=max_request_bytes, allow_runtime_adapters=runtime_adapters)
     console.stderr.print(f"[bold]serve[/] loading {name} ({engine} engine"
                          + (f", adapters: {', '.join(adapters)}" if adapters else "") + ") ...")

@@ -74,4 +74,5 @@ def make_client(cfg: "ModelConfig", workspace: "Workspace", option: str) -> LLMC
     from retroformer_cli.llm.hf_local import HFLocalClient
 
     return HFLocalClient(model=target, cache_dir=workspace.cache_dir, threads=cfg.threads,
-                         max_batch_size=cfg.max_batch_size)
+                         max_batch_size=cfg.max_batch_size, dtype=cfg.dtype, prefix_reuse=cfg.prefix_reuse,
+                         prefix_cache_mb=cfg.prefix_cache_mb)

@@ -30,6 +30,7 @@ class GenerationConfig:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the backend did not compute again (reused prefix; OpenAI's cached_tokens)
 
     @property
     def total_tokens(self) -> int:
@@ -38,6 +39,7 @@ class Usage:
     def add(self, other: "Usage") -> None:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        self.cached_tokens += other.cached_tokens
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Generation:
     latency_ms: float = 0.0
     finish_reason: str | None = None
     retries: int = 0  # how many failed attempts preceded this answer
+    min_margin: float | None = None  # local greedy decoding: smallest top-1/top-2 logit gap (near-tie detector)
 
 
 @runtime_checkable

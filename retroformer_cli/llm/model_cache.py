@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -90,9 +91,14 @@ def embedded_cache_path(cache_dir: Path | str) -> Path:
 
 
 def set_offline() -> None:
-    """No hub access: every model we load is local. An explicit user setting wins."""
+    """No hub access: every model we load is local. An explicit user setting wins. transformers' own
+    progress bars (weight loading, GGUF conversion) stay off: our progress goes to our display."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -136,8 +142,9 @@ def _file_lock(lock_path: Path) -> Iterator[bool]:
 
 def _convert_embedded(dest: Path) -> None:
     """Dequantize the GGUF into ``dest`` (a fresh, private temp folder)."""
-    set_offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    set_offline()
 
     gguf = embedded_gguf_path()
     # A plain GGUF load keeps a quantizer attached and then refuses save_pretrained; dequantize=True
@@ -230,15 +237,50 @@ def _resolve_base(adapter_dir: Path, cache_dir: Path | str) -> tuple[str, Path]:
     return base, base_path
 
 
+def split_model_spec(spec: str, cache_dir: Path | str) -> tuple[str, str | None]:
+    """``(base, adapter)`` for a model spec: a LoRA adapter folder runs on its base model (``embedded`` or a
+    folder) with the adapter loaded by name; anything else is its own base and has no adapter."""
+    if spec == EMBEDDED:
+        return EMBEDDED, None
+    path = resolve_local_model(spec, cache_dir)
+    if is_adapter_dir(path):
+        base, _ = _resolve_base(path, cache_dir)
+        return base, str(path)
+    return str(path), None
+
+
+def load_base_model(spec: str, cache_dir: Path | str | None, device: str = "cpu",
+                    dtype: Any = None) -> tuple[Any, Any, dict[str, Any]]:
+    """Load (model, tokenizer, info) of a base model (``embedded`` or a transformers folder) for inference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    set_offline()
+    path = resolve_local_model(spec, cache_dir if cache_dir is not None else default_cache_dir())
+    if is_adapter_dir(path):
+        raise BackendError(f"'{spec}' is a LoRA adapter, not a base model: load its base and add the adapter.")
+    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    started = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except Exception as exc:  # transformers raises many kinds
+        raise BackendError(f"Cannot load the local model '{spec}' from {path}: {exc}") from exc
+    model.to(device)
+    model.eval()
+    return model, tokenizer, {"path": str(path), "load_seconds": round(time.perf_counter() - started, 3)}
+
+
 def load_model_and_tokenizer(
     spec: str, cache_dir: Path | str, device: str = "cpu", dtype: Any = None
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """Load (model, tokenizer, info) for ``spec``; LoRA adapters are applied and merged for fast inference.
+    """Load (model, tokenizer, info) for ``spec``; a LoRA adapter is applied and merged (the trainers' and
+    reward scorer's path; inference goes through the engine, which keeps adapters unmerged).
 
     ``info`` holds ``path`` and, for adapters, ``adapter`` and ``base`` (for manifests).
     """
-    set_offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    set_offline()
 
     path = resolve_local_model(spec, cache_dir)
     info: dict[str, Any] = {"path": str(path)}

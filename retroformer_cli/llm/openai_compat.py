@@ -213,7 +213,9 @@ class OpenAICompatClient:
         else:
             text = choice.get("text") or ""
         u = data.get("usage") or {}
-        usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0), completion_tokens=int(u.get("completion_tokens") or 0))
+        details = u.get("prompt_tokens_details") or {}
+        usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0), completion_tokens=int(u.get("completion_tokens") or 0),
+                      cached_tokens=int((details.get("cached_tokens") if isinstance(details, dict) else 0) or 0))
         return text, usage, choice.get("finish_reason")
 
     def _classify(self, e: Exception) -> _Failure:

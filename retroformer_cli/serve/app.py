@@ -117,9 +117,12 @@ def _text(content: str | list[_TextPart] | None) -> str:
     return "".join(p.text for p in content)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens`` counts prompt tokens served from the
+    prefix cache (as OpenAI and vLLM report them)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _sse(data: dict[str, Any]) -> str:
@@ -279,7 +282,7 @@ def create_app(engine: Any, *, api_key: str | None = None, max_request_bytes: in
                 "id": rid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                              "logprobs": None, "finish_reason": c.finish_reason} for c in result.choices],
-                "usage": _usage(result.prompt_tokens, result.completion_tokens),
+                "usage": _usage(result.prompt_tokens, result.completion_tokens, getattr(result, "cached_tokens", 0)),
             }
         queue: asyncio.Queue = asyncio.Queue()
         handle = engine.submit(body.model, prompt_ids, sampling, lambda i, t: queue.put_nowait((i, t)))
@@ -298,7 +301,7 @@ def create_app(engine: Any, *, api_key: str | None = None, max_request_bytes: in
                        lambda i, t: chunk([{"index": i, "delta": {"content": t}, "logprobs": None, "finish_reason": None}]),
                        lambda result: [chunk([{"index": c.index, "delta": {}, "logprobs": None,
                                                "finish_reason": c.finish_reason}]) for c in result.choices]
-                       + ([chunk([], _usage(result.prompt_tokens, result.completion_tokens))] if include_usage else []))
+                       + ([chunk([], _usage(result.prompt_tokens, result.completion_tokens, getattr(result, "cached_tokens", 0)))] if include_usage else []))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
@@ -323,7 +326,8 @@ def create_app(engine: Any, *, api_key: str | None = None, max_request_bytes: in
             choices = [{"index": p * n + c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
                        for p, r in enumerate(results) for c in r.choices]
             return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-                    "usage": _usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results))}
+                    "usage": _usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results),
+                                   sum(getattr(r, "cached_tokens", 0) for r in results))}
         if len(prompts) > 1:
             raise ServeError("Streaming supports one prompt per request.", param="prompt")
         queue: asyncio.Queue = asyncio.Queue()
@@ -341,7 +345,7 @@ def create_app(engine: Any, *, api_key: str | None = None, max_request_bytes: in
                        lambda i, t: chunk([{"index": i, "text": t, "logprobs": None, "finish_reason": None}]),
                        lambda result: [chunk([{"index": c.index, "text": "", "logprobs": None,
                                                "finish_reason": c.finish_reason}]) for c in result.choices]
-                       + ([chunk([], _usage(result.prompt_tokens, result.completion_tokens))] if include_usage else []))
+                       + ([chunk([], _usage(result.prompt_tokens, result.completion_tokens, getattr(result, "cached_tokens", 0)))] if include_usage else []))
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadAdapterRequest) -> PlainTextResponse:

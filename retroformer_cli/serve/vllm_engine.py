@@ -46,7 +46,8 @@ class VLLMEngine:
     def __init__(self, model: str = "embedded", *, served_name: str | None = None, adapters: dict[str, str] | None = None,
                  cache_dir: Path | str | None = None, max_batch_size: int = 256, max_queue: int = 1024,
                  max_tokens_limit: int = 1024, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 max_lora_rank: int = 64, max_loras: int = 8, dtype: str = "auto", **_ignored: Any):
+                 max_lora_rank: int = 64, max_loras: int = 8, dtype: str = "auto", prefix_reuse: bool = True,
+                 **_ignored: Any):
         require_vllm()
         from retroformer_cli.llm.model_cache import default_cache_dir, is_adapter_dir, resolve_local_model
 
@@ -60,6 +61,7 @@ class VLLMEngine:
         self.max_batch_size, self.max_queue, self.max_tokens_limit = max_batch_size, max_queue, max_tokens_limit
         self.tensor_parallel_size, self.gpu_memory_utilization = tensor_parallel_size, gpu_memory_utilization
         self.max_lora_rank, self.max_loras, self.dtype = max_lora_rank, max_loras, dtype
+        self.prefix_reuse = prefix_reuse  # vLLM's automatic prefix caching, the same idea as our prefix cache
         self._initial_adapters = dict(adapters or {})
         self.adapters: dict[str, str] = {}
         self._lora: dict[str, Any] = {}  # name -> LoRARequest
@@ -78,7 +80,8 @@ class VLLMEngine:
         args = AsyncEngineArgs(model=self.model_path, served_model_name=self.base_name, dtype=self.dtype,
                                tensor_parallel_size=self.tensor_parallel_size,
                                gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_batch_size,
-                               enable_lora=True, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank)
+                               enable_lora=True, max_loras=self.max_loras, max_lora_rank=self.max_lora_rank,
+                               enable_prefix_caching=self.prefix_reuse)
         self._engine = AsyncLLMEngine.from_engine_args(args)
         self._tok = await self._engine.get_tokenizer()
         config = getattr(self._engine, "model_config", None)  # newer vLLM: an attribute; older: a coroutine

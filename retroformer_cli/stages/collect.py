@@ -104,6 +104,7 @@ class CollectResult:
     status: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -169,7 +170,7 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
 
     manifest = workspace.read_manifest(run_name) if resume else {
         "schema_version": 1, "kind": "run", "run": run_name, "env": cfg.env, "started_at": now_iso(),
-        "sessions": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0},
+        "sessions": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0, "cached_prompt_tokens": 0},
     }
     manifest.update({
         "status": "running", "config": to_dict(cfg), "retroformer_version": __version__, "git_revision": git_revision(),
@@ -181,7 +182,7 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     manifest["sessions"].append(session)
     workspace.write_manifest(run_name, manifest)
 
-    counters = {"written": 0, "prompt": 0, "completion": 0}
+    counters = {"written": 0, "prompt": 0, "completion": 0, "cached": 0}
     writer = JsonlWriter(trials_path)
 
     write_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trials-writer")
@@ -193,6 +194,7 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
         counters["written"] += 1
         counters["prompt"] += trial.prompt_tokens
         counters["completion"] += trial.completion_tokens
+        counters["cached"] += trial.cached_tokens
         progress.trial(trial)
 
     status = "failed"
@@ -208,7 +210,11 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
         progress.stop()
         manifest["usage"]["prompt_tokens"] += counters["prompt"]
         manifest["usage"]["completion_tokens"] += counters["completion"]
-        session.update(finished_at=now_iso(), status=status, trials_written=counters["written"])
+        manifest["usage"]["cached_prompt_tokens"] = manifest["usage"].get("cached_prompt_tokens", 0) + counters["cached"]
+        engines = {role: client.stats() for role, client in (("actor", actor), ("reflector", reflector))
+                   if client is not None and hasattr(client, "stats")}
+        session.update(finished_at=now_iso(), status=status, trials_written=counters["written"],
+                       **({"engine_stats": engines} if any(engines.values()) else {}))
         manifest.update(status=status, finished_at=now_iso())
         workspace.write_manifest(run_name, manifest)
         env.close()
@@ -217,7 +223,7 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     solved = len({t.task_id for t in trials if t.success})
     result = CollectResult(run=run_name, trials_path=trials_path, tasks=len(task_ids), trials_written=counters["written"],
                            trials_total=len(trials), solved=solved, status=status, prompt_tokens=counters["prompt"],
-                           completion_tokens=counters["completion"], seconds=round(time.perf_counter() - t0, 2))
+                           completion_tokens=counters["completion"], cached_tokens=counters["cached"], seconds=round(time.perf_counter() - t0, 2))
     if status == "interrupted":
         raise CollectInterrupted(result)
     return result
