@@ -163,6 +163,20 @@ def test_accounting_counts_prompt_cached_and_completion_tokens(tiny):
         engine.shutdown()
 
 
+def test_requests_arriving_together_compute_their_shared_prefix_once(tiny):
+    engine = make_engine(tiny, True, prefill_chunk=64)
+    try:
+        shared = engine.encode_text(SYSTEM * 2)[:320]  # 20 blocks, five chunks of 64
+        prompts = [shared + engine.encode_text(f" question {i}: where?") for i in range(4)]
+        handles = [engine.submit(p, Sampling(max_tokens=2)) for p in prompts]  # all queued before the first pass
+        results = [h.result(60) for h in handles]
+        assert sum(r.cached_tokens for r in results) >= 3 * 320, [r.cached_tokens for r in results]
+        computed = engine.counters["prompt_tokens"] - engine.counters["cached_tokens"]
+        assert computed <= 320 + sum(len(p) - 320 for p in prompts) + 4 * 16
+    finally:
+        engine.shutdown()
+
+
 def test_cache_memory_stays_bounded_under_distinct_prompts(tiny):
     engine = make_engine(tiny, True, prefix_cache_mb=1)
     try:

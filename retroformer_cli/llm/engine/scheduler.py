@@ -27,11 +27,13 @@ request gives the same text whatever it is batched with.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import itertools
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -54,6 +56,15 @@ from retroformer_cli.llm.engine.types import (
 log = logging.getLogger("retroformer.engine")
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 _ids = itertools.count(1)
+_started: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_engines() -> None:
+    # A model thread still inside torch when the interpreter exits can abort the process ("terminate called
+    # without an active exception"); stop every engine first (queued work is abandoned).
+    for engine in list(_started):
+        engine.shutdown(drain=False, timeout=10)
 
 DeltaFn = Callable[[int, str], None]  # (choice index, new text)
 DoneFn = Callable[[Any], None]  # Result or BaseException
@@ -191,6 +202,7 @@ class Engine:
                 self._thread = threading.Thread(target=self._main, name=f"retroformer-engine-{self.name}",
                                                 daemon=True)
                 self._thread.start()
+                _started.add(self)
         if wait:
             self.wait_ready(timeout)
         return self
@@ -561,7 +573,6 @@ class Engine:
         if self.prefix is not None:
             lead.keys = block_keys(self._namespaces[req.adapter], req.prompt, self.config.block_size)
             self._reuse(lead)
-        req.cached = lead.computed
         self._running.extend(req.seqs)
 
     def _alloc(self, capacity: int) -> Any:
@@ -582,7 +593,10 @@ class Engine:
         blocks = self.prefix.match(usable, skip=first)
         for i in range(first, len(blocks)):
             seq.kv[:, :, :, i * bs:(i + 1) * bs].copy_(blocks[i])
-        seq.computed = max(seq.computed, len(blocks) * bs)
+        if len(blocks) * bs > seq.computed:
+            if seq.index == 0:  # choice 0 holds the request's prompt; the others copy it
+                seq.req.cached += len(blocks) * bs - seq.computed
+            seq.computed = len(blocks) * bs
 
     def _store(self, seq: _Seq, upto: int) -> None:
         """Put the whole blocks of ``seq.tokens[:upto]`` into the prefix cache."""
@@ -849,7 +863,7 @@ class Engine:
         seq.req.counts[seq.index] = counted if counted is not None else len(seq.generated)
         if seq.kv is not None:
             if self.prefix is not None and seq.computed:
-                self._store(seq, seq.computed)
+                self._store(seq, min(seq.computed, len(seq.tokens)))
             seq.kv = None
         if seq in self._running:
             self._running.remove(seq)

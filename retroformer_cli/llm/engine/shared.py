@@ -7,7 +7,6 @@ model thread and one prefix cache.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import threading
 from pathlib import Path
@@ -49,11 +48,9 @@ def ensure_adapter(engine: Engine, name: str, path: str) -> None:
 
 
 def shutdown_all() -> None:
+    """Stop every shared engine (their queued work is abandoned); the next use starts new ones."""
     with _lock:
         engines = list(_engines.values())
         _engines.clear()
     for engine in engines:
-        engine.shutdown(drain=False, timeout=5)
-
-
-atexit.register(shutdown_all)
+        engine.shutdown(drain=False, timeout=10)
