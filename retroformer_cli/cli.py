@@ -9,14 +9,27 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import typer
+import typer.core
 
 from retroformer_cli import __version__
 from retroformer_cli.errors import RetroformerError, UsageError
 
+class _RootGroup(typer.core.TyperGroup):
+    """The root command: ``--json`` is a global option but is also accepted after the subcommand
+    (``retroformer eval --run x --json``), as users type it; it is moved in front before parsing."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        if "--json" in args[:end]:
+            args = ["--json", *[a for a in args[:end] if a != "--json"], *args[end:]]
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
+    cls=_RootGroup,
     name="retroformer",
     help="Make LLM agents learn from their own failures: collect trials with reflections, train the "
          "retrospective model, evaluate.",
@@ -48,7 +61,7 @@ def main_options(
     workspace: Optional[Path] = typer.Option(None, "--workspace", "-w", envvar="RETROFORMER_WORKSPACE",
                                              help="Workspace directory shared by all stages [default: ./retroformer-workspace]."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file (see configs/)."),
-    json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout; logs stay on stderr."),
+    json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout; logs stay on stderr (also accepted after the subcommand)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
     state.workspace, state.config, state.json = workspace, config, json_output
@@ -229,6 +242,9 @@ def collect(
 @handle_errors
 def eval_(
     runs: Optional[List[str]] = typer.Option(None, "--run", "-r", help="Run(s) to report; repeat to compare."),
+    compare: Optional[Tuple[str, str]] = typer.Option(None, "--compare", help="Compare two runs task by task (paired): --compare A B. Two runs given with --run that share tasks are compared anyway."),
+    price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per million prompt tokens, for a cost estimate [default: the runs' price_in_per_m settings]."),
+    price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per million completion tokens, for a cost estimate."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Where to write the PNG plot [default: reports/]."),
     env: Optional[str] = EnvOpt, data: Optional[Path] = DataOpt, split: Optional[str] = SplitOpt,
     tasks: Optional[int] = TasksOpt, task_ids: Optional[str] = TaskIdsOpt, trials: Optional[int] = TrialsOpt,
@@ -248,8 +264,11 @@ def eval_(
     from retroformer_cli.envs import protocol_split
     from retroformer_cli.stages import evaluate
 
+    from retroformer_cli.stages.evaluate import Prices
+
     ws = _workspace()
     runs = list(runs or [])
+    pairs = [tuple(compare)] if compare else []
     if env is not None:
         kw = dict(locals())
         kw["run"] = None
@@ -260,39 +279,23 @@ def eval_(
             cfg.split = protocol_split(cfg.env)
         result = _run_collect(cfg, ws, resume=False, label="eval")
         runs.append(result.run)
-    if not runs:
+    if not runs and not pairs:
         raise UsageError("Nothing to evaluate: pass --run NAME (see `retroformer runs`) or --env ENV to run the protocol.")
-    data_out = evaluate.run(ws, runs, plot_path=plot)
+    data_out = evaluate.run(ws, runs, plot_path=plot, pairs=pairs, prices=Prices(price_in, price_out))
+    for warning in data_out["warnings"]:
+        console.stderr.print(f"[yellow]warning[/]: {warning}")
+    if state.json:
+        console.print_json(data_out)
+        return
     reports = [evaluate.RunReport(**r) for r in data_out["runs"]]
-    console.stderr.print(console.eval_table(reports))
+    console.stdout.print(console.eval_table(reports))
     for r in reports:
         t = console.group_table(r)
         if t is not None:
-            console.stderr.print(t)
-    console.stderr.print(f"[dim]plot: {data_out['plot']}[/]")
-    if state.json:
-        console.print_json(data_out)
-
-
-@app.command("runs")
-@handle_errors
-def runs_() -> None:
-    """List the runs in the workspace and their status."""
-    from rich.table import Table
-
-    from retroformer_cli import console
-
-    rows = _workspace().list_runs()
-    if state.json:
-        console.print_json(rows)
-        return
-    table = Table(title="Runs", title_justify="left")
-    for col in ("run", "env", "status", "trials", "actor", "reflector", "started"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["run"], str(r["env"]), str(r["status"]), str(r["trials_written"]), console._short(r["actor"]) or "-",
-                      console._short(r["reflector"]) or "none", str(r["started_at"]))
-    console.stderr.print(table if rows else "[dim]no runs yet[/]")
+            console.stdout.print(t)
+    for comparison in data_out["comparisons"]:
+        console.stdout.print(console.comparison_table(comparison))
+    console.stderr.print(f"[dim]plot: {data_out['plot']}  (HTML report: retroformer report {' '.join(runs)})[/]")
 
 
 def _register_command_modules() -> None:

@@ -37,6 +37,8 @@ class ModelConfig:
     dtype: str = field(default="auto", metadata={"help": "local models: auto (float32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16"})
     prefix_reuse: bool = field(default=True, metadata={"help": "local models: reuse the computed keys/values of a known prompt prefix"})
     prefix_cache_mb: int = field(default=512, metadata={"help": "local models: memory bound of the prefix cache (LRU beyond it)"})
+    price_in_per_m: float | None = field(default=None, metadata={"help": "USD per million prompt tokens (eval's cost estimate)"})
+    price_out_per_m: float | None = field(default=None, metadata={"help": "USD per million completion tokens (eval's cost estimate)"})
 
 
 @dataclass

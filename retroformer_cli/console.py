@@ -1,8 +1,12 @@
-"""Output helpers: people read stderr (progress, tables, hints), programs read stdout (``--json``)."""
+"""Output helpers, as gh, pip and hf do: results (tables, JSON) on stdout, progress, logs and hints on stderr.
+
+With ``--json`` stdout carries only the JSON document; human tables are left out.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from typing import Any, Sequence
@@ -11,6 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 stderr = Console(stderr=True, highlight=False)
+# Piped or redirected (`| less`, `> report.txt`), tables keep their natural width instead of rich's 80 columns.
+stdout = Console(highlight=False, soft_wrap=False,
+                 width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 
 
 def print_json(data: Any) -> None:
@@ -84,7 +91,7 @@ def pct(x: float) -> str:
 
 def eval_table(reports: Sequence[Any]) -> Table:
     k = max(len(r.success_per_trial) for r in reports)
-    table = Table(title="Success rate per trial (cumulative)", title_justify="left")
+    table = Table(title="Success rate per trial (cumulative), 95% Wilson interval", title_justify="left")
     table.add_column("run")
     table.add_column("reflector")
     table.add_column("tasks", justify="right")
@@ -94,10 +101,37 @@ def eval_table(reports: Sequence[Any]) -> Table:
     table.add_column("F1", justify="right")
     table.add_column("steps", justify="right")
     table.add_column("tokens", justify="right")
+    table.add_column("tokens/solved", justify="right")
+    show_cost = any(getattr(r, "cost_usd", None) is not None for r in reports)
+    if show_cost:
+        table.add_column("cost (USD)", justify="right")
+        table.add_column("cost/solved", justify="right")
     for r in reports:
-        cells = [pct(v) for v in r.success_per_trial] + [""] * (k - len(r.success_per_trial))
-        table.add_row(r.run, _short(r.reflector) or "none (ReAct)", str(r.tasks), *cells, f"{r.score_per_trial[-1]:.3f}",
-                      f"{r.f1_per_trial[-1]:.3f}" if r.f1_per_trial else "-", f"{r.mean_steps:.1f}", f"{r.tokens:,}")
+        cis = getattr(r, "success_ci_per_trial", None) or [None] * len(r.success_per_trial)
+        cells = [pct(v) + (f"\n[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+                 for v, ci in zip(r.success_per_trial, cis)] + [""] * (k - len(r.success_per_trial))
+        tps = getattr(r, "tokens_per_solved", None)
+        row = [r.run, _short(r.reflector) or "none (ReAct)", str(r.tasks), *cells, f"{r.score_per_trial[-1]:.3f}",
+               f"{r.f1_per_trial[-1]:.3f}" if r.f1_per_trial else "-", f"{r.mean_steps:.1f}", f"{r.tokens:,}",
+               f"{tps:,.0f}" if tps else "-"]
+        if show_cost:
+            cost, per = getattr(r, "cost_usd", None), getattr(r, "cost_per_solved_usd", None)
+            row += [f"{cost:.4f}" if cost is not None else "-", f"{per:.4f}" if per is not None else "-"]
+        table.add_row(*row)
+    return table
+
+
+def comparison_table(comparison: dict[str, Any]) -> Table:
+    """Per trial: A - B with its 95% interval, tasks won and lost, exact McNemar p."""
+    a, b = comparison["a"], comparison["b"]
+    table = Table(title=f"Paired comparison on {comparison['shared_tasks']} shared tasks: {a} (A) vs {b} (B)",
+                  title_justify="left")
+    for col in ("trial", "A", "B", "A - B", "95% interval", "A won", "A lost", "McNemar p"):
+        table.add_column(col, justify="right")
+    for c in comparison["per_trial"]:
+        table.add_row(str(c["trial"]), pct(c["rate_a"]), pct(c["rate_b"]), f"{100 * c['difference']:+.1f} pts",
+                      f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]", str(c["won"]), str(c["lost"]),
+                      f"{c['p_value']:.2g}")
     return table
 
 
@@ -125,3 +159,55 @@ def _short(model_id: str | None, width: int = 32) -> str | None:
     if plus:
         text = f"{base}+{'/'.join(adapter.rstrip('/').split('/')[-2:])}"
     return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def task_list_table(run: str, rows: Sequence[dict[str, Any]]) -> Table:
+    table = Table(title=f"{run}: tasks (retroformer show {run} TASK for one)", title_justify="left")
+    for col, justify in (("task", "left"), ("solved at", "right"), ("trials", "right"), ("score", "right"),
+                         ("steps", "right"), ("tokens", "right"), ("reflections", "right")):
+        table.add_column(col, justify=justify)
+    for r in rows:
+        table.add_row(r["task"], f"trial {r['solved_at']}" if r["solved_at"] else "-", str(r["trials"]),
+                      f"{r['score']:.2f}" if r["score"] is not None else "-", str(r["steps"]), f"{r['tokens']:,}",
+                      str(r["reflections"]))
+    return table
+
+
+def task_view(run: str, task: str, trials: Sequence[Any]) -> Any:
+    """One task's trials: the reflections the actor saw, its steps, and the reflection it got afterwards."""
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.text import Text
+
+    parts: list[Any] = [Text(f"{run} / {task}", style="bold")]
+    if trials:
+        parts.append(Text(trials[0].instruction.strip()))
+    for t in trials:
+        body: list[Any] = []
+        if t.memory:
+            memory = Text("Reflections in the prompt:\n", style="bold cyan")
+            for m in t.memory:
+                memory.append(f"- {m.strip()}\n", style="cyan")
+            body.append(memory)
+        for i, s in enumerate(t.steps, start=1):
+            step = Text()
+            if s.thought:
+                step.append(f"Thought {i}: ", style="bold")
+                step.append(f"{s.thought}\n")
+            step.append(f"Action {i}: ", style="bold")
+            step.append(f"{s.action or '(no action)'}\n", style="green" if s.valid else "red")
+            if s.observation:
+                step.append(f"Observation {i}: ", style="bold")
+                step.append(s.observation.strip())
+            body.append(step)
+        if not t.steps:
+            body.append(Text("(no steps recorded)", style="dim"))
+        if t.reflection and t.reflection.text:
+            body.append(Panel(Text(t.reflection.text.strip()), title="reflection written after this trial",
+                              title_align="left", border_style="yellow"))
+        outcome = "solved" if t.success else "failed"
+        title = (f"trial {t.trial}: {outcome}, score {t.score:.2f}, {len(t.steps)} steps, "
+                 f"{t.prompt_tokens + t.completion_tokens:,} tokens")
+        parts.append(Panel(Group(*body), title=title, title_align="left",
+                           border_style="green" if t.success else "red"))
+    return Group(*parts)

@@ -117,7 +117,8 @@ class Workspace:
     def list_run_names(self) -> list[str]:
         if not self.runs_dir.is_dir():
             return []
-        return sorted(p.name for p in self.runs_dir.iterdir() if (p / "manifest.json").is_file())
+        return sorted(p.name for p in self.runs_dir.iterdir()
+                      if not p.name.startswith(".") and (p / "manifest.json").is_file())
 
     def list_runs(self) -> list[dict[str, Any]]:
         """Summary of every run: name, env, status, trials written, times."""
@@ -131,8 +132,9 @@ class Workspace:
                     n = sum(1 for line in f if line.endswith(b"\n") and line.strip())
             rows.append({
                 "run": name, "env": m.get("env"), "status": m.get("status"), "trials_written": n,
-                "actor": (m.get("models") or {}).get("actor", {}).get("model_id"),
-                "reflector": (m.get("models") or {}).get("reflector", {}).get("model_id"),
+                "actor": ((m.get("models") or {}).get("actor") or {}).get("model_id"),
+                "reflector": ((m.get("models") or {}).get("reflector") or {}).get("model_id"),
                 "started_at": m.get("started_at"), "finished_at": m.get("finished_at"),
+                "imported_from": (m.get("imported") or {}).get("format"),
             })
         return rows

@@ -225,15 +225,16 @@ def test_collect_eval_runs_end_to_end(cli, server):
     assert [r["run"] for r in rep["runs"]] == ["a", "b"]
     assert rep["runs"][0]["reflector"] == "fake" and rep["runs"][1]["reflector"] is None
     assert (cli.ws.parent / "cmp.png").read_bytes()[:4] == b"\x89PNG"
-    assert "trial 1" in res.stderr and "trial 2" in res.stderr  # the table goes to stderr
+    res = cli("eval", "--run", "a", "--run", "b")  # people's tables are results: stdout, like gh and pip
+    assert res.exit_code == 0, res.stderr
+    assert "trial 1" in res.stdout and "trial 2" in res.stdout and "trial 1" not in res.stderr
 
     res = cli("runs", json_out=True)
     assert res.exit_code == 0, res.stderr
     rows = {r["run"]: r for r in json.loads(res.stdout)}
     assert set(rows) == {"a", "b"} and rows["a"]["status"] == "completed"
     res = cli("runs")
-    assert res.exit_code == 0 and "a" in res.stderr and "completed" in res.stderr
-    assert res.stdout == ""
+    assert res.exit_code == 0 and "completed" in res.stdout and "completed" not in res.stderr
 
     # an existing run is refused unless resumed; resuming a finished run is a no-op
     assert_one_line_error(cli("collect", "--run", "a", *model_flags(url)), "already exists", code=2)

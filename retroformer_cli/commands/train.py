@@ -199,8 +199,9 @@ def reward_score(
     scores = reward.load_scorer(path, ws.cache_dir)([msgs] * len(reflection), list(reflection))
     if state.json:
         console.print_json({"checkpoint": str(path), "scores": scores})
+        return
     for r, s in zip(reflection, scores):
-        console.stderr.print(f"{s:+.4f}  {r[:100]}")
+        console.stdout.print(f"{s:+.4f}  {r[:100]}", markup=False)
 
 
 # --- ppo ---

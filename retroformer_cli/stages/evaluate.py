@@ -1,8 +1,11 @@
-"""`retroformer eval`: success per trial, mean score, steps and tokens for one or more runs, plus a plot.
+"""`retroformer eval`: success per trial with 95% intervals, mean score, steps, tokens and cost for one or more
+runs, paired comparisons of two runs on their shared tasks, and a plot.
 
 Success at trial k is cumulative, as in the Reflexion and Retroformer papers: the fraction of tasks
 solved at any trial <= k (a solved task stops, so its success carries forward). Mean score at trial k
-uses each task's latest trial <= k.
+uses each task's latest trial <= k. Intervals are Wilson score intervals over the run's tasks; a paired
+comparison reports, per trial, the difference A - B, its Bonett-Price 95% interval, the tasks won and lost and
+the exact McNemar p-value (:mod:`retroformer_cli.stages.stats`).
 """
 
 from __future__ import annotations
@@ -31,13 +34,64 @@ class RunReport:
     mean_steps: float
     tokens: int
     by_group: dict[str, list[float]] = field(default_factory=dict)  # e.g. per task type (ALFWorld)
+    solved_per_trial: list[int] = field(default_factory=list)  # cumulative counts (success_per_trial * tasks)
+    success_ci_per_trial: list[list[float]] = field(default_factory=list)  # Wilson 95% [low, high]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tokens_per_solved: float | None = None  # all tokens of the run / tasks solved
+    cost_usd: float | None = None  # with prices per million tokens (flags or the run's model configs)
+    cost_per_solved_usd: float | None = None
+    imported: dict[str, Any] | None = None  # where an imported run came from
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def report_run(workspace: Workspace, run: str, trials: Sequence[Trial] | None = None) -> RunReport:
+@dataclass
+class Prices:
+    """USD per million tokens; ``None`` fields fall back to each run's stored model config."""
+
+    prompt: float | None = None
+    completion: float | None = None
+
+
+def _cost(manifest: dict[str, Any], trials: Sequence[Trial], prices: Prices | None) -> float | None:
+    """Actor and reflector tokens at their prices (flags first, then the run's ``price_*_per_m`` settings)."""
+    cfg = manifest.get("config") or {}
+    refl_in = sum(t.reflection.prompt_tokens for t in trials if t.reflection)
+    refl_out = sum(t.reflection.completion_tokens for t in trials if t.reflection)
+    parts = {"actor": (sum(t.prompt_tokens for t in trials) - refl_in, sum(t.completion_tokens for t in trials) - refl_out),
+             "reflector": (refl_in, refl_out)}
+    if not any(tin + tout for tin, tout in parts.values()):
+        return None  # no tokens recorded (imported logs): no estimate rather than a misleading 0
+    total = 0.0
+    for role, (tin, tout) in parts.items():
+        role_cfg = cfg.get(role) if isinstance(cfg.get(role), dict) else {}
+        p_in = prices.prompt if prices and prices.prompt is not None else role_cfg.get("price_in_per_m")
+        p_out = prices.completion if prices and prices.completion is not None else role_cfg.get("price_out_per_m")
+        if tin + tout == 0:
+            continue
+        if p_in is None or p_out is None:
+            return None
+        total += (tin * float(p_in) + tout * float(p_out)) / 1e6
+    return total
+
+
+def outcomes(workspace: Workspace, run: str) -> tuple[dict[str, Any], dict[str, dict[int, Trial]]]:
+    """A run's manifest and its trials by task and trial number."""
     from retroformer_cli.stages.collect import load_trials
+
+    manifest = workspace.read_manifest(run)
+    by_task: dict[str, dict[int, Trial]] = defaultdict(dict)
+    for t in load_trials(workspace, run):
+        by_task[t.task_id][t.trial] = t
+    return manifest, by_task
+
+
+def report_run(workspace: Workspace, run: str, trials: Sequence[Trial] | None = None,
+               prices: Prices | None = None) -> RunReport:
+    from retroformer_cli.stages.collect import load_trials
+    from retroformer_cli.stages.stats import wilson
 
     manifest = workspace.read_manifest(run)
     trials = list(trials) if trials is not None else load_trials(workspace, run)
@@ -78,30 +132,77 @@ def report_run(workspace: Workspace, run: str, trials: Sequence[Trial] | None = 
             groups[g] = [sum(any(t.success for i, t in by_task[x].items() if i <= k) for x in ids) / len(ids)
                          for k in range(1, k_max + 1)]
     models = manifest.get("models") or {}
+    solved = [round(v * len(task_ids)) for v in success]
+    tokens = sum(t.prompt_tokens + t.completion_tokens for t in trials)
+    final_solved = solved[-1] if solved else 0
+    cost = _cost(manifest, trials, prices)
+    imported = manifest.get("imported")
     return RunReport(
         run=run, env=manifest.get("env"), actor=(models.get("actor") or {}).get("model_id"),
         reflector=(models.get("reflector") or {}).get("model_id"), status=manifest.get("status"),
         tasks=len(task_ids), trials=k_max, success_per_trial=success, score_per_trial=score,
         f1_per_trial=f1 if has_f1 else None,
         mean_steps=(sum(len(t.steps) for t in trials) / len(trials)) if trials else 0.0,
-        tokens=sum(t.prompt_tokens + t.completion_tokens for t in trials), by_group=groups,
+        tokens=tokens, by_group=groups, solved_per_trial=solved,
+        success_ci_per_trial=[list(wilson(s_, len(task_ids))) for s_ in solved],
+        prompt_tokens=sum(t.prompt_tokens for t in trials), completion_tokens=sum(t.completion_tokens for t in trials),
+        tokens_per_solved=(tokens / final_solved) if final_solved and tokens else None,
+        cost_usd=cost, cost_per_solved_usd=(cost / final_solved) if cost is not None and final_solved else None,
+        imported={k: imported.get(k) for k in ("format", "source", "agent") if k in imported} if imported else None,
     )
 
 
-def plot(reports: Sequence[RunReport], path: Path) -> Path:
-    """Success rate vs trial, one line per run, as PNG."""
+def compare(workspace: Workspace, run_a: str, run_b: str) -> dict[str, Any]:
+    """Paired comparison of two runs on the tasks both have, per trial, plus warnings about what differs."""
+    from retroformer_cli.stages.stats import paired
+
+    (ma, ta), (mb, tb) = outcomes(workspace, run_a), outcomes(workspace, run_b)
+    ids_a = list(ma.get("task_ids") or sorted(ta))
+    ids_b = set(mb.get("task_ids") or sorted(tb))
+    shared = [t for t in ids_a if t in ids_b]
+    warnings = []
+    only_a, only_b = len(set(ids_a) - ids_b), len(ids_b - set(ids_a))
+    if only_a or only_b:
+        warnings.append(f"the runs' task sets differ: {only_a} task(s) only in {run_a}, {only_b} only in {run_b}; "
+                        f"the comparison uses the {len(shared)} shared task(s)")
+    if ma.get("env") != mb.get("env"):
+        warnings.append(f"the runs are on different envs ({ma.get('env')} vs {mb.get('env')})")
+    actor_a = ((ma.get("models") or {}).get("actor") or {}).get("model_id")
+    actor_b = ((mb.get("models") or {}).get("actor") or {}).get("model_id")
+    if actor_a != actor_b:
+        warnings.append(f"the actors differ ({actor_a} vs {actor_b}): differences are not the reflectors' alone")
+    k_a = max([(ma.get("config") or {}).get("trials") or 0] + [k for ts in ta.values() for k in ts])
+    k_b = max([(mb.get("config") or {}).get("trials") or 0] + [k for ts in tb.values() for k in ts])
+    if k_a != k_b:
+        warnings.append(f"the runs have different trial counts ({k_a} vs {k_b}); trials past the shorter run carry "
+                        "its last outcome forward")
+
+    def solved(by_task: dict[str, dict[int, Trial]], task: str, k: int) -> bool:
+        return any(t.success for i, t in by_task.get(task, {}).items() if i <= k)
+
+    per_trial = [paired([solved(ta, x, k) for x in shared], [solved(tb, x, k) for x in shared], trial=k).to_json()
+                 for k in range(1, max(k_a, k_b, 1) + 1)]
+    return {"a": run_a, "b": run_b, "shared_tasks": len(shared), "per_trial": per_trial, "warnings": warnings}
+
+
+def figure(reports: Sequence[RunReport]) -> Any:
+    """Success rate vs trial, one line per run, with its 95% Wilson interval as a band (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]  # runs that coincide stay visible
     for i, r in enumerate(reports):
         xs = list(range(1, len(r.success_per_trial) + 1))
         line, marker = styles[i % len(styles)]
-        ax.plot(xs, [100 * v for v in r.success_per_trial], linestyle=line, marker=marker, markersize=7 - i % 3,
-                label=r.run)
+        (drawn,) = ax.plot(xs, [100 * v for v in r.success_per_trial], linestyle=line, marker=marker,
+                           markersize=7 - i % 3, label=r.run)
+        if r.success_ci_per_trial:
+            ax.fill_between(xs, [100 * lo for lo, _ in r.success_ci_per_trial],
+                            [100 * hi for _, hi in r.success_ci_per_trial], color=drawn.get_color(), alpha=0.12,
+                            linewidth=0)
     ax.set_xlabel("trial")
     ax.set_ylabel("success rate (%)")
     ax.set_title(f"{reports[0].env or ''} success per trial".strip())
@@ -109,24 +210,51 @@ def plot(reports: Sequence[RunReport], path: Path) -> Path:
     ax.set_xticks(range(1, max(len(r.success_per_trial) for r in reports) + 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    ax.text(0.99, 0.01, "bands: 95% Wilson intervals", transform=ax.transAxes, ha="right", va="bottom",
+            fontsize=7, alpha=0.7)
     fig.tight_layout()
+    return fig
+
+
+def plot(reports: Sequence[RunReport], path: Path) -> Path:
+    """The success-per-trial figure as a PNG, written atomically."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(reports)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix or '.png'}")
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
     return path
 
 
-def run(workspace: Workspace, runs: Sequence[str], *, plot_path: Path | None = None) -> dict[str, Any]:
-    """Report on existing runs; writes ``reports/<name>.json`` and a PNG plot."""
+def report_name(runs: Sequence[str]) -> str:
+    name = "-vs-".join(runs) if len(runs) <= 3 else f"{runs[0]}-and-{len(runs) - 1}-more"
+    return name[:150]
+
+
+def run(workspace: Workspace, runs: Sequence[str], *, plot_path: Path | None = None,
+        pairs: Sequence[tuple[str, str]] = (), prices: Prices | None = None) -> dict[str, Any]:
+    """Report on existing runs; writes ``reports/<name>.json`` and a PNG plot.
+
+    ``pairs`` are compared task by task; with exactly two runs that share task ids they are compared anyway.
+    """
     from retroformer_cli.store import write_json_atomic
 
-    reports = [report_run(workspace, r) for r in runs]
-    name = "-vs-".join(runs) if len(runs) <= 3 else f"{runs[0]}-and-{len(runs) - 1}-more"
-    name = name[:150]
+    runs = list(dict.fromkeys([*runs, *(r for pair in pairs for r in pair)]))
+    reports = [report_run(workspace, r, prices=prices) for r in runs]
+    pairs = list(pairs)
+    if not pairs and len(runs) == 2:
+        (ma, _), (mb, _) = outcomes(workspace, runs[0]), outcomes(workspace, runs[1])
+        if set(ma.get("task_ids") or []) & set(mb.get("task_ids") or []):
+            pairs = [(runs[0], runs[1])]
+    comparisons = [compare(workspace, a, b) for a, b in pairs]
+    name = report_name(runs)
     plot_path = plot_path or workspace.reports_dir / f"{name}.png"
     plot(reports, plot_path)
-    data = {"runs": [r.to_json() for r in reports], "plot": str(plot_path)}
+    data = {"runs": [r.to_json() for r in reports], "comparisons": comparisons,
+            "warnings": [w for c in comparisons for w in c["warnings"]], "plot": str(plot_path),
+            "intervals": "95% Wilson score intervals over tasks; paired: Bonett-Price interval, exact McNemar p"}
     write_json_atomic(workspace.reports_dir / f"{name}.json", data)
     return data
