@@ -9,11 +9,20 @@ in process on a fresh temporary workspace, actor and reflector both pointing at 
     speedup              = t(concurrency 1) / t(concurrency 32)                  target >= 25x
     overhead_ms_per_call = (t(concurrency 1) - calls * delay) / calls            target <= 5 ms
 
+The end-to-end leg times what a user waits for: the whole CLI process (``python -m retroformer_cli collect``,
+start-up included) for ``--e2e-tasks`` tasks x 2 trials at ``--concurrency`` 1 and 32, and the time from the
+process start to the first request the server receives (its ``/stats`` route).
+
+    e2e_speedup          = CLI wall time at concurrency 1 / at 32                   target >= 12x
+    first_request_s      = first request arrival - process start                    target <= 1 s
+
 A human summary goes to stderr; the last stdout line is JSON:
 
-    {"calls": N, "t_concurrency_1_s": ..., "t_concurrency_32_s": ..., "speedup": ..., "overhead_ms_per_call": ...}
+    {"calls": N, "t_concurrency_1_s": ..., "t_concurrency_32_s": ..., "speedup": ..., "overhead_ms_per_call": ...,
+     "e2e_...": ...}
 
 Usage: python benchmarks/collect_scaling.py [--tasks 64] [--max-steps 2] [--delay 0.2] [--concurrency 32] [--repeats 3]
+                                            [--e2e-tasks 40] [--e2e-max-steps 2] [--no-e2e]
 """
 
 from __future__ import annotations
@@ -100,6 +109,28 @@ def one_leg(data: Path, url: str, concurrency: int, tasks: int, max_steps: int, 
     return {"seconds": elapsed, "calls": calls, "trials": len(trials)}
 
 
+def e2e_leg(data: Path, url: str, concurrency: int, tasks: int, max_steps: int) -> dict:
+    """The whole CLI process for tasks x 2 trials; wall time and time from process start to first request."""
+    import urllib.request
+
+    with tempfile.TemporaryDirectory(prefix="retroformer-e2e-ws-") as tmp:
+        cmd = [sys.executable, "-m", "retroformer_cli", "-w", str(Path(tmp) / "ws"), "collect", "--env", "hotpotqa",
+               "--data", str(data), "--split", "all", "--tasks", str(tasks), "--trials", "2", "--max-steps",
+               str(max_steps), "--concurrency", str(concurrency), "--run", f"e2e-c{concurrency}",
+               "--actor", "openai:fake", "--actor-base-url", url, "--reflector", "openai:fake",
+               "--reflector-base-url", url, "--actor-max-tokens", "64", "--reflector-max-tokens", "64"]
+        started = time.time()
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"collect (concurrency {concurrency}) failed:\n{proc.stderr[-2000:]}")
+    base = url.removesuffix("/v1")
+    with urllib.request.urlopen(f"{base}/stats?since={started}") as resp:
+        stats = json.loads(resp.read())
+    return {"seconds": wall, "requests": stats["requests"], "first_request_s": stats["first_at"] - started}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=64, help="made-up questions (one episode each)")
@@ -107,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--delay", type=float, default=0.2, help="server delay per request (s)")
     ap.add_argument("--concurrency", type=int, default=32, help="the concurrent leg's --concurrency")
     ap.add_argument("--repeats", type=int, default=3, help="runs of the (short) concurrent leg; the median counts")
+    ap.add_argument("--e2e-tasks", type=int, default=40, help="tasks of the end-to-end CLI leg (2 trials each)")
+    ap.add_argument("--e2e-max-steps", type=int, default=2, help="steps per episode in the end-to-end leg")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end CLI leg")
     args = ap.parse_args(argv)
     client_concurrency = max(64, args.concurrency)
 
@@ -126,6 +160,25 @@ def main(argv: list[str] | None = None) -> None:
                 f"(median of {len(legs)}: {each})")
             slow = one_leg(data, url, 1, args.tasks, args.max_steps, client_concurrency)
             log(f"concurrency  1: {slow['seconds']:.2f} s for {slow['calls']} calls")
+            e2e: dict = {}
+            if not args.no_e2e:
+                write_questions(data, max(args.tasks, args.e2e_tasks))
+                e2e_fast = e2e_leg(data, url, args.concurrency, args.e2e_tasks, args.e2e_max_steps)
+                e2e_slow = e2e_leg(data, url, 1, args.e2e_tasks, args.e2e_max_steps)
+                if e2e_fast["requests"] != e2e_slow["requests"]:
+                    raise SystemExit("the end-to-end legs made different numbers of requests")
+                log(f"end to end (whole CLI, {args.e2e_tasks} tasks x 2 trials): concurrency {args.concurrency} "
+                    f"{e2e_fast['seconds']:.2f} s, concurrency 1 {e2e_slow['seconds']:.2f} s "
+                    f"({e2e_slow['seconds'] / e2e_fast['seconds']:.1f}x, target >= 12x); first request "
+                    f"{e2e_fast['first_request_s']:.2f} / {e2e_slow['first_request_s']:.2f} s after the process "
+                    "started (target <= 1 s)")
+                e2e = {"e2e_tasks": args.e2e_tasks, "e2e_requests": e2e_fast["requests"],
+                       f"e2e_t_concurrency_{args.concurrency}_s": round(e2e_fast["seconds"], 3),
+                       "e2e_t_concurrency_1_s": round(e2e_slow["seconds"], 3),
+                       "e2e_speedup": round(e2e_slow["seconds"] / e2e_fast["seconds"], 2),
+                       "e2e_first_request_s": round(min(e2e_fast["first_request_s"], e2e_slow["first_request_s"]), 3),
+                       "e2e_first_request_s_each": [round(e2e_fast["first_request_s"], 3),
+                                                    round(e2e_slow["first_request_s"], 3)]}
     finally:
         server.terminate()
         try:
@@ -151,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         "overhead_ms_per_call": round(overhead_ms, 3),
         "ideal_speedup": round(ideal, 2),
         "delay_s": args.delay,
+        **e2e,
     }), flush=True)
 
 

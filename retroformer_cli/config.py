@@ -29,7 +29,7 @@ class ModelConfig:
     max_tokens: int = 96
     temperature: float = 0.0
     top_p: float = 1.0
-    concurrency: int = 16
+    concurrency: int | None = field(default=None, metadata={"help": "requests in flight to an endpoint [default: collect's --concurrency]"})
     timeout_s: float = 60.0
     max_retries: int = 6
     threads: int | None = field(default=None, metadata={"help": "torch threads for a local model (default: 1 on up to 2 cores, else cores - 1, at most 8)"})
@@ -56,6 +56,8 @@ class CollectConfig:
     memory_size: int = field(default=3, metadata={"help": "how many of the latest reflections go into the prompt"})
     concurrency: int = 8
     workers: int | None = field(default=None, metadata={"help": "environment instances / worker processes (default: concurrency)"})
+    env_step_timeout_s: float = field(default=120.0, metadata={"help": "an env reset or step that takes longer is a hung env: its worker is replaced"})
+    env_retries: int = field(default=2, metadata={"help": "an episode whose env fails (crash, hang, exception) is replayed from reset this many times, then recorded as an env error"})
     run: str | None = None
     seed: int = 0
     actor: ModelConfig = field(default_factory=ModelConfig)

@@ -64,6 +64,8 @@ class Trial:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # of prompt_tokens, how many the backend reused from its prefix cache
+    env_error: str | None = None  # the env failed (crashed, hung, raised) on every attempt: not the agent's failure
+    env_attempts: int = 1  # episodes played for this trial (more than 1 when the env failed and it was replayed)
     started_at: str = ""
     finished_at: str = ""
     duration_s: float = 0.0

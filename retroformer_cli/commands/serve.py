@@ -73,6 +73,10 @@ def serve(
     max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before new ones get HTTP 429."),
     max_tokens_limit: int = typer.Option(1024, "--max-tokens-limit", help="Largest max_tokens a request may ask for."),
     max_request_bytes: int = typer.Option(1 << 20, "--max-request-bytes", help="Largest request body (HTTP 413 above)."),
+    body_timeout_s: float = typer.Option(10.0, "--body-timeout-s", help="A request body must arrive within this many seconds (HTTP 408 after)."),
+    idle_timeout_s: float = typer.Option(10.0, "--idle-timeout-s", help="A connection must send its first request within this many seconds (closed after)."),
+    max_connections: int = typer.Option(512, "--max-connections", help="Open connections before new ones get HTTP 503."),
+    shutdown_grace_s: float = typer.Option(30.0, "--shutdown-grace-s", help="On Ctrl-C or SIGTERM, in-flight requests get this long to finish; then they are cancelled."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads [default: 1 on up to 2 cores, else cores - 1 (at most 8)]."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (transformers engine)."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="GPUs per model (vllm engine)."),
@@ -85,9 +89,13 @@ def serve(
         raise UsageError(f"--engine must be transformers or vllm, got '{engine}'.")
     for name, value in (("--max-batch-size", max_batch_size), ("--max-queue", max_queue),
                         ("--max-tokens-limit", max_tokens_limit), ("--max-request-bytes", max_request_bytes),
-                        ("--tensor-parallel-size", tensor_parallel_size)):
+                        ("--tensor-parallel-size", tensor_parallel_size), ("--max-connections", max_connections)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1, got {value}.")
+    for name, seconds in (("--body-timeout-s", body_timeout_s), ("--idle-timeout-s", idle_timeout_s),
+                          ("--shutdown-grace-s", shutdown_grace_s)):
+        if seconds <= 0:
+            raise UsageError(f"{name} must be positive, got {seconds}.")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}.")
     if not 0 <= port <= 65535:
@@ -124,17 +132,19 @@ def serve(
                                  "at the next step (continuous batching).")
         eng = TransformersEngine(target, threads=threads, device=device, dtype=dtype, prefix_reuse=prefix_reuse,
                                  prefix_cache_mb=prefix_cache_mb, max_step_tokens=max_step_tokens, **common)
-    app_ = create_app(eng, api_key=api_key, max_request_bytes=max_request_bytes, allow_runtime_adapters=runtime_adapters)
+    app_ = create_app(eng, api_key=api_key, max_request_bytes=max_request_bytes, allow_runtime_adapters=runtime_adapters,
+                      body_timeout_s=body_timeout_s)
     console.stderr.print(f"[bold]serve[/] loading {name} ({engine} engine"
                          + (f", adapters: {', '.join(adapters)}" if adapters else "") + ") ...")
 
     def ready(url: str) -> None:
         models = ", ".join(eng.model_names())
         console.stderr.print(f"[green]ready[/]: {url}  models: {models}  auth: {'api key' if api_key else 'none'}  "
-                             f"(Ctrl-C finishes in-flight requests and stops)")
+                             f"(Ctrl-C: in-flight requests get {shutdown_grace_s:g} s to finish, then the server stops)")
 
     try:
-        serve_foreground(app_, host, port, ready)
+        serve_foreground(app_, host, port, ready, shutdown_grace_s=shutdown_grace_s, idle_timeout_s=idle_timeout_s,
+                         max_connections=max_connections)
     except OSError as exc:
         failed = getattr(app_.state, "startup_error", None)
         if isinstance(failed, RetroformerError):

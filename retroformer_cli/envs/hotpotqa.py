@@ -323,7 +323,7 @@ class HotPotQAEnv:
 
     def spawn(self) -> "HotPotQAEnv":
         """A fresh env over the same questions and docstore (one per concurrent episode, built in O(1))."""
-        twin = object.__new__(HotPotQAEnv)
+        twin = object.__new__(type(self))  # subclasses spawn their own kind
         episode_state = ("_steps", "_page", "_lookup_key", "_lookup_hits", "_lookup_idx")
         twin.__dict__.update({k: v for k, v in self.__dict__.items() if k not in episode_state})
         twin._q, twin._done = None, True

@@ -68,7 +68,7 @@ def make_client(cfg: "ModelConfig", workspace: "Workspace", option: str) -> LLMC
 
         return OpenAICompatClient(
             model=target, base_url=cfg.base_url, api_key=cfg.api_key, api=cfg.api,
-            max_concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+            max_concurrency=cfg.concurrency or 16, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
             option_name=option,
         )
     from retroformer_cli.llm.hf_local import HFLocalClient

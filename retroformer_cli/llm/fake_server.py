@@ -92,6 +92,10 @@ class _Handler(BaseHTTPRequestHandler):
     # -- endpoints ------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         owner = self.server.owner
+        if self.path.startswith("/stats"):  # for benchmarks: /stats?since=UNIX_TIME
+            since = float(self.path.partition("since=")[2] or 0)
+            self._send_json(200, owner.stats(since))
+            return
         if self.path.rstrip("/") == "/v1/models":
             created = int(time.time())
             data = [{"id": owner.model, "object": "model", "created": created, "owned_by": "fake"}]
@@ -196,6 +200,7 @@ class FakeOpenAIServer:
         self._faults: collections.deque[str] = collections.deque(faults or [])
         self._lock = threading.Lock()
         self._bodies: list[dict] = []
+        self._arrivals: list[float] = []  # wall-clock arrival of every POST (benchmarks: time to first request)
         self._requests = 0
         self._served_count = 0
         self._in_flight = 0
@@ -232,6 +237,7 @@ class FakeOpenAIServer:
 
     def _begin(self, body: dict) -> str | None:
         with self._lock:
+            self._arrivals.append(time.time())
             self._requests += 1
             self._bodies.append(body)
             self._in_flight += 1
@@ -273,6 +279,13 @@ class FakeOpenAIServer:
         """Most POST requests being handled at the same moment."""
         with self._lock:
             return self._max_in_flight
+
+    def stats(self, since: float = 0.0) -> dict[str, Any]:
+        """Requests that arrived at or after ``since`` (a ``time.time()`` value): count, first and last arrival."""
+        with self._lock:
+            times = [t for t in self._arrivals if t >= since]
+            return {"requests": len(times), "first_at": times[0] if times else None,
+                    "last_at": times[-1] if times else None, "max_in_flight": self._max_in_flight}
 
     @property
     def bodies(self) -> list[dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from typing import Any, AsyncIterator, Literal, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retroformer_cli.serve.engine import Sampling, ServeError
@@ -34,8 +35,24 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list", "
 
 
 # ------------------------------------------------------------------------------------------------ schemas
+# OpenAI parameters this server accepts and ignores (clients send them routinely); any other unknown field is
+# refused with 400, as OpenAI's API does ("Unrecognized request argument supplied").
+IGNORED_FIELDS = frozenset({
+    "user", "metadata", "store", "service_tier", "presence_penalty", "frequency_penalty", "logit_bias",
+    "top_logprobs", "response_format", "parallel_tool_calls", "prediction", "modalities", "audio",
+    "reasoning_effort", "best_of", "top_k", "min_p", "repetition_penalty", "ignore_eos",
+})
+
+
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, metadata, ...)
+    model_config = ConfigDict(extra="allow")  # extras are checked in _refuse_unknown
+
+    @model_validator(mode="after")
+    def _refuse_unknown(self) -> "_Params":
+        unknown = sorted(set(self.model_extra or {}) - IGNORED_FIELDS)
+        if unknown:
+            raise ValueError(f"Unrecognized request argument supplied: {', '.join(unknown)}")
+        return self
 
     model: Optional[StrictStr] = None
     max_tokens: Optional[StrictInt] = Field(None, ge=1)
@@ -134,6 +151,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "The request is invalid.", None
     first = errors[0]
+    unknown = re.search(r"Unrecognized request argument supplied: ([\w, ]+)", str(first.get("msg", "")))
+    if unknown:
+        return f"Unrecognized request argument supplied: {unknown.group(1)}.", unknown.group(1).split(",")[0].strip()
     if first.get("type") == "json_invalid":
         return f"The request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}).", None
     loc: list[str] = []
@@ -150,17 +170,29 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 # ------------------------------------------------------------------------------------------------ middleware
-class GuardMiddleware:
-    """API key (401) and request size (413) checks before any body is parsed."""
+JSON_TYPES = ("application/json",)
 
-    def __init__(self, app: Any, api_key: str | None, max_request_bytes: int):
-        self.app, self.api_key, self.max_bytes = app, api_key, max_request_bytes
+
+class GuardMiddleware:
+    """Checks before any handler runs: API key (401), body size (413), body arrival time (408), content type
+    (415) and UTF-8 (400). The body is read here, with its deadline, and replayed to the app, so a client that
+    trickles its body holds no more than a socket for ``body_timeout_s``."""
+
+    def __init__(self, app: Any, api_key: str | None, max_request_bytes: int, body_timeout_s: float = 10.0):
+        self.app, self.api_key, self.max_bytes, self.body_timeout_s = app, api_key, max_request_bytes, body_timeout_s
+
+    @staticmethod
+    async def _reply(scope: dict, receive: Any, send: Any, status: int, message: str, code: str | None = None,
+                     close: bool = False) -> None:
+        headers = {"Connection": "close"} if close else None
+        resp = JSONResponse(error_body(message, "invalid_request_error", None, code), status_code=status, headers=headers)
+        await resp(scope, receive, send)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
         if self.api_key and scope.get("path") not in OPEN_PATHS and scope.get("method") != "OPTIONS":
-            headers = dict(scope.get("headers") or [])
             auth = headers.get(b"authorization", b"").decode("latin-1")
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get(b"x-api-key", b"").decode("latin-1")
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
@@ -168,44 +200,58 @@ class GuardMiddleware:
                 resp = JSONResponse(error_body(msg, "invalid_request_error", None, "invalid_api_key"), status_code=401,
                                     headers={"WWW-Authenticate": "Bearer"})
                 return await resp(scope, receive, send)
-        too_big = JSONResponse(error_body(f"The request body is larger than {self.max_bytes} bytes.",
-                                          "invalid_request_error", None, "request_too_large"), status_code=413)
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        length = headers.get(b"content-length")
         if length is not None:
             try:
                 if int(length) > self.max_bytes:
-                    return await too_big(scope, receive, send)
+                    return await self._reply(scope, receive, send, 413, f"The request body is larger than "
+                                             f"{self.max_bytes} bytes.", "request_too_large", close=True)
             except ValueError:
-                resp = JSONResponse(error_body("Invalid Content-Length header."), status_code=400)
-                return await resp(scope, receive, send)
-            return await self.app(scope, receive, send)
-        if scope.get("method") in ("POST", "PUT", "PATCH"):  # chunked: read up to the limit, then replay
-            chunks, total, more = [], 0, True
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return
-                chunks.append(message.get("body", b""))
-                total += len(chunks[-1])
-                if total > self.max_bytes:
-                    return await too_big(scope, receive, send)
-                more = message.get("more_body", False)
-            body, sent = b"".join(chunks), False
+                return await self._reply(scope, receive, send, 400, "Invalid Content-Length header.", close=True)
+        ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if ctype not in JSON_TYPES:
+            return await self._reply(scope, receive, send, 415, f"Content-Type must be application/json (got "
+                                     f"'{ctype or 'none'}').", "unsupported_media_type", close=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
+        chunks, total, more = [], 0, True
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.001, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return await self._reply(scope, receive, send, 408, f"The request body did not arrive within "
+                                         f"{self.body_timeout_s:g} s.", "request_timeout", close=True)
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            total += len(chunks[-1])
+            if total > self.max_bytes:
+                return await self._reply(scope, receive, send, 413, f"The request body is larger than "
+                                         f"{self.max_bytes} bytes.", "request_too_large", close=True)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return await self._reply(scope, receive, send, 400, f"The request body is not valid UTF-8 (byte "
+                                     f"{exc.start}).", "invalid_encoding")
+        sent = False
 
-            async def replay() -> dict:
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect as usual
 
-            return await self.app(scope, replay, send)
-        return await self.app(scope, receive, send)
+        return await self.app(scope, replay, send)
 
 
 # ------------------------------------------------------------------------------------------------ app
 def create_app(engine: Any, *, api_key: str | None = None, max_request_bytes: int = 1 << 20,
-               allow_runtime_adapters: bool = True, start_engine: bool = True) -> FastAPI:
+               allow_runtime_adapters: bool = True, start_engine: bool = True, body_timeout_s: float = 10.0) -> FastAPI:
     """The FastAPI app. With ``start_engine`` the app's lifespan loads the model and, on shutdown, lets the
     engine finish every queued and running request before the process exits."""
 
@@ -225,7 +271,8 @@ def create_app(engine: Any, *, api_key: str | None = None, max_request_bytes: in
     app = FastAPI(title="retroformer serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.engine = engine
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_request_bytes=max_request_bytes)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_request_bytes=max_request_bytes,
+                       body_timeout_s=body_timeout_s)
 
     @app.exception_handler(ServeError)
     async def _serve_error(_req: Request, exc: ServeError) -> JSONResponse:

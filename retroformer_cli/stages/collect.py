@@ -148,6 +148,9 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     from retroformer_cli.llm import make_client
 
     prompts = get_prompts(cfg.env)
+    for model in (cfg.actor, cfg.reflector):  # an endpoint takes as many requests as collect runs episodes
+        if model.concurrency is None:
+            model.concurrency = max(1, cfg.concurrency)
     if actor is None:
         actor = make_client(cfg.actor, workspace, "--actor")
         if actor is None:
@@ -164,8 +167,7 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     history: dict[str, list[Trial]] = defaultdict(list)
     trials_path = workspace.trials_path(run_name)
     if resume and trials_path.exists():
-        for rec in read_jsonl(trials_path):
-            t = Trial.from_json(rec)
+        for t in load_trials(workspace, run_name):
             history[t.task_id].append(t)
 
     manifest = workspace.read_manifest(run_name) if resume else {
@@ -276,7 +278,8 @@ async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: An
     async def one(task_id: str) -> None:
         async with gate:
             spec = TaskSpec(run_id=cfg.run or "", env_id=cfg.env, task_id=task_id, trials=cfg.trials,
-                            memory_size=cfg.memory_size, seed=cfg.seed)
+                            memory_size=cfg.memory_size, seed=cfg.seed, env_timeout_s=cfg.env_step_timeout_s or None,
+                            env_retries=max(0, cfg.env_retries))
             new = await run_task(spec, history.get(task_id, []), acquire_env, release_env, actor, reflector, prompts,
                                  _gen(cfg.actor, ACTOR_STOP), _gen(cfg.reflector, REFLECTION_STOP), on_trial, action_names)
             all_trials = history.get(task_id, []) + new
@@ -303,7 +306,12 @@ async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: An
 
 
 def _finished(trials: list[Trial], k: int) -> bool:
-    return bool(trials) and (any(t.success for t in trials) or max(t.trial for t in trials) >= k)
+    if not trials:
+        return False
+    last = max(trials, key=lambda t: t.trial)
+    if last.env_error:  # the env failed: the agent did not finish this task; --resume replays it
+        return False
+    return any(t.success for t in trials) or last.trial >= k
 
 
 def load_trials(workspace: Workspace, run: str) -> list[Trial]:
@@ -311,6 +319,12 @@ def load_trials(workspace: Workspace, run: str) -> list[Trial]:
     path = workspace.trials_path(run)
     if not path.exists():
         return []
-    return [Trial.from_json(r) for r in read_jsonl(path)]
+    # Append-only: a trial replayed after an env error (--resume) appears again; the later line wins.
+    latest: dict[tuple[str, int], Trial] = {}
+    for r in read_jsonl(path):
+        t = Trial.from_json(r)
+        latest.pop(t.key, None)
+        latest[t.key] = t
+    return list(latest.values())
 
 

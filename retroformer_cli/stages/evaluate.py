@@ -42,6 +42,7 @@ class RunReport:
     cost_usd: float | None = None  # with prices per million tokens (flags or the run's model configs)
     cost_per_solved_usd: float | None = None
     imported: dict[str, Any] | None = None  # where an imported run came from
+    env_errors: int = 0  # tasks whose last trial ended in an env error (not the agent's failure)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -149,6 +150,7 @@ def report_run(workspace: Workspace, run: str, trials: Sequence[Trial] | None = 
         tokens_per_solved=(tokens / final_solved) if final_solved and tokens else None,
         cost_usd=cost, cost_per_solved_usd=(cost / final_solved) if cost is not None and final_solved else None,
         imported={k: imported.get(k) for k in ("format", "source", "agent") if k in imported} if imported else None,
+        env_errors=sum(1 for task in task_ids if by_task.get(task) and by_task[task][max(by_task[task])].env_error),
     )
 
 
@@ -250,11 +252,14 @@ def run(workspace: Workspace, runs: Sequence[str], *, plot_path: Path | None = N
         if set(ma.get("task_ids") or []) & set(mb.get("task_ids") or []):
             pairs = [(runs[0], runs[1])]
     comparisons = [compare(workspace, a, b) for a, b in pairs]
+    env_warnings = [f"run {r.run}: {r.env_errors} task(s) ended in an env error (the env failed, not the agent); "
+                    f"they count as unsolved; `retroformer collect --run {r.run} --resume` replays them"
+                    for r in reports if r.env_errors]
     name = report_name(runs)
     plot_path = plot_path or workspace.reports_dir / f"{name}.png"
     plot(reports, plot_path)
     data = {"runs": [r.to_json() for r in reports], "comparisons": comparisons,
-            "warnings": [w for c in comparisons for w in c["warnings"]], "plot": str(plot_path),
+            "warnings": env_warnings + [w for c in comparisons for w in c["warnings"]], "plot": str(plot_path),
             "intervals": "95% Wilson score intervals over tasks; paired: Bonett-Price interval, exact McNemar p"}
     write_json_atomic(workspace.reports_dir / f"{name}.json", data)
     return data

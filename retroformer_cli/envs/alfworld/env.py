@@ -115,7 +115,7 @@ class ALFWorldEnv:
 
     def spawn(self) -> "ALFWorldEnv":
         """A twin over the same games with its own (lazily started) engine worker."""
-        twin = object.__new__(ALFWorldEnv)
+        twin = object.__new__(type(self))  # subclasses spawn their own kind
         keep = ("max_steps", "wording", "process", "cache_games", "root", "games", "_by_id")
         twin.__dict__.update({k: self.__dict__[k] for k in keep})
         twin._conn = twin._proc = twin._engine = None

@@ -155,7 +155,7 @@ class WebShopEnv:
 
     def spawn(self) -> "WebShopEnv":
         """A fresh env over the same catalog, index and goals (one per concurrent episode, O(1))."""
-        twin = object.__new__(WebShopEnv)
+        twin = object.__new__(type(self))  # subclasses spawn their own kind
         twin.max_steps, twin.observation_mode = self.max_steps, self.observation_mode
         twin.search_anywhere, twin._world, twin._task_indices = self.search_anywhere, self._world, self._task_indices
         twin._goal, twin._done = None, True

@@ -294,11 +294,14 @@ class Engine:
         """``submit`` for asyncio callers; cancelling the awaiting task cancels the request."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        abandoned = False
 
         def settle(outcome: Any) -> None:
             if future.done():
                 return
-            if isinstance(outcome, BaseException):
+            if abandoned:  # the caller went away: nobody will read an exception ("never retrieved")
+                future.cancel()
+            elif isinstance(outcome, BaseException):
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
@@ -313,6 +316,7 @@ class Engine:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
+            abandoned = True
             handle.cancel()
             raise
 
