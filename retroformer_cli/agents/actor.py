@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from retroformer_cli.agents.prompts.base import PromptSet
 from retroformer_cli.errors import DataError, RetroformerError, UsageError
-from retroformer_cli.llm.base import GenerationConfig, LLMClient, Message, Usage, apply_stop
+from retroformer_cli.llm.base import GenerationConfig, LLMClient, Usage, apply_stop
 from retroformer_cli.records import Step
 
 _ACTION_LABEL = re.compile(r"^\s*Action\s*\d*\s*:\s*(.*)$", re.IGNORECASE | re.MULTILINE)

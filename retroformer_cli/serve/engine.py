@@ -277,16 +277,15 @@ class TransformersEngine:
             except RuntimeError:  # the loop has stopped
                 pass
 
-        delta = None
-        if on_delta is not None:
-            def delta(index: int, text: str) -> None:
-                try:
-                    loop.call_soon_threadsafe(on_delta, index, text)
-                except RuntimeError:
-                    pass
+        def delta(index: int, text: str) -> None:
+            try:
+                loop.call_soon_threadsafe(on_delta, index, text)
+            except RuntimeError:
+                pass
+
         try:
-            handle.engine_handle = self.engine.submit(prompt_ids, sampling, adapter=adapter, on_delta=delta,
-                                                      on_done=done)
+            handle.engine_handle = self.engine.submit(prompt_ids, sampling, adapter=adapter,
+                                                      on_delta=delta if on_delta is not None else None, on_done=done)
         except RetroformerError as exc:
             raise as_serve_error(exc) from exc
         return handle

@@ -17,7 +17,6 @@ import asyncio
 import hashlib
 import platform
 import signal
-import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor

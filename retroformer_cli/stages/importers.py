@@ -191,18 +191,51 @@ def import_reflexion(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, 
             rows += _hotpotqa_rows(parse_hotpotqa_log(t), f"reflexion-log:{t.name}", "reflexion")
         return rows, {"format": "hotpotqa-text-logs", "files": len(txts)}
     if p.suffix == ".jsonl":
-        recs = []
-        with p.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        recs.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise DataError(f"{p}: line {i} is not valid JSON.") from None
-        if recs and not {"trial", "is_correct", "reflections"} <= set(recs[0]):
-            raise DataError(f"'{p}' is not a Reflexion trials JSONL: lines need trial, is_correct, reflections.")
+        recs = read_trials_jsonl(p, ("trial", "is_correct", "reflections"))
         return _hotpotqa_rows(recs, f"reflexion-log:{p.name}", "reflexion"), {"format": "hotpotqa-trials-jsonl"}
     return _hotpotqa_rows(parse_hotpotqa_log(p), f"reflexion-log:{p.name}", "reflexion"), {"format": "hotpotqa-text-log"}
+
+
+def read_trials_jsonl(path: Path, needs: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The records of Reflexion's HotPotQA ``trials.jsonl`` conversion (each line must have ``needs``)."""
+    recs = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise DataError(f"{path}: line {i} is not valid JSON.") from None
+    if not recs or not set(needs) <= set(recs[0]):
+        raise DataError(f"'{path}' is not Reflexion's trials JSONL (lines need {', '.join(needs)}).")
+    return recs
+
+
+def read_alfworld_results(folder: Path) -> tuple[list[str], dict[str, dict[int, dict[str, Any]]], int]:
+    """Reflexion's ALFWorld ``env_results_trial_N.json`` files: env names in first-seen order, each env's entry
+    (``{"name", "memory", "is_success"}``) by trial index N, and the number of trial files."""
+    files: dict[int, Path] = {}
+    for f in folder.glob("env_results_trial_*.json"):
+        m = re.search(r"env_results_trial_(\d+)\.json$", f.name)
+        if m:
+            files[int(m.group(1))] = f
+    if not files:
+        raise DataError(f"Folder '{folder}' holds no env_results_trial_N.json files.")
+    order: list[str] = []
+    by_env: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for n in sorted(files):
+        try:
+            data = json.loads(files[n].read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            raise DataError(f"'{files[n]}' is not valid JSON.") from None
+        if not isinstance(data, list) or any(not isinstance(e, dict) or "name" not in e for e in data):
+            raise DataError(f"'{files[n]}' must hold a list of {{name, memory, is_success}} entries.")
+        for e in data:
+            env = str(e["name"])
+            if env not in by_env:
+                order.append(env)
+            by_env[env][n] = e
+    return order, by_env, max(files) + 1
 
 
 # --- Reflexion ALFWorld ----------------------------------------------------------------------------------------
@@ -212,21 +245,7 @@ ALFWORLD_REFLECT = ("You are an agent that improves by reflecting on its own mis
 
 
 def import_alfworld_results(folder: Path) -> list[dict[str, Any]]:
-    files = {}
-    for f in folder.glob("env_results_trial_*.json"):
-        m = re.search(r"env_results_trial_(\d+)\.json$", f.name)
-        if m:
-            files[int(m.group(1))] = f
-    by_env: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
-    for n in sorted(files):
-        try:
-            data = json.loads(files[n].read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise DataError(f"'{files[n]}' is not valid JSON.") from None
-        if not isinstance(data, list):
-            raise DataError(f"'{files[n]}' must hold a list of {{name, memory, is_success}} entries.")
-        for e in data:
-            by_env[str(e["name"])][n] = e
+    _, by_env, _ = read_alfworld_results(folder)
     seqs: dict[str, list[dict[str, Any]]] = {}
     for name, trials in by_env.items():
         items, prev_mem = [], []

@@ -180,17 +180,9 @@ def _hotpotqa_records(path: Path) -> tuple[list[dict[str, Any]], str]:
             raise DataError(f"Folder '{path}' holds no Reflexion .txt logs or env_results_trial_N.json files.")
         return [r for t in txts for r in parse_text_log(t)], "reflexion-hotpotqa-text-logs"
     if path.suffix == ".jsonl":
-        recs = []
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        recs.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise DataError(f"{path}: line {i} is not valid JSON.") from None
-        if not recs or not {"run", "trial", "is_correct"} <= set(recs[0]):
-            raise DataError(f"'{path}' is not Reflexion's trials JSONL (lines need run, trial, is_correct).")
-        return recs, "reflexion-hotpotqa-trials-jsonl"
+        from retroformer_cli.stages.importers import read_trials_jsonl
+
+        return read_trials_jsonl(path, ("run", "trial", "is_correct")), "reflexion-hotpotqa-trials-jsonl"
     return parse_text_log(path), "reflexion-hotpotqa-text-log"
 
 
@@ -252,28 +244,10 @@ def reflexion_hotpotqa(path: Path, prefix: str, data: Path | None = None) -> lis
 
 # ------------------------------------------------------------------------------------------------ ALFWorld
 def reflexion_alfworld(folder: Path, prefix: str) -> ImportedRun:
-    files: dict[int, Path] = {}
-    for f in folder.glob("env_results_trial_*.json"):
-        m = re.search(r"env_results_trial_(\d+)\.json$", f.name)
-        if m:
-            files[int(m.group(1))] = f
-    if not files:
-        raise DataError(f"Folder '{folder}' holds no env_results_trial_N.json files.")
+    from retroformer_cli.stages.importers import read_alfworld_results
+
+    order, by_env, n_files = read_alfworld_results(folder)
     name = f"{prefix}-alfworld-{_NAME_OK.sub('-', folder.name)}"
-    order: list[str] = []
-    by_env: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
-    for n in sorted(files):
-        try:
-            data = json.loads(files[n].read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise DataError(f"'{files[n]}' is not valid JSON.") from None
-        if not isinstance(data, list) or any(not isinstance(e, dict) or "name" not in e for e in data):
-            raise DataError(f"'{files[n]}' must hold a list of {{name, memory, is_success}} entries.")
-        for e in data:
-            env = str(e["name"])
-            if env not in by_env:
-                order.append(env)
-            by_env[env][n] = e
     # Reflexion's ALFWorld script writes reflections into `memory` in base runs too, but a base agent never sees
     # them; the folder name is the only mark (Reflexion names them base_run_logs / reflexion_run_logs).
     base = "base" in folder.name.lower()
@@ -298,7 +272,7 @@ def reflexion_alfworld(folder: Path, prefix: str) -> ImportedRun:
     if uses_reflections:
         for t in trials_out:
             t.reflector_model_id = "unknown"
-    manifest = _manifest(name, "alfworld", order, max(files) + 1, str(folder), "reflexion-alfworld-env-results",
+    manifest = _manifest(name, "alfworld", order, n_files, str(folder), "reflexion-alfworld-env-results",
                          reflector="unknown" if uses_reflections else None,
                          extra={"note": "outcomes and reflections only: the logs keep no trajectories"
                                 + ("; a base run: the reflections its log holds were not shown to the agent" if base else "")})

@@ -73,7 +73,6 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
                      dropout: float = 0.0, sliding_window: int | None = None, **kwargs: Any) -> tuple[Any, None]:
     """transformers attention function: ``query`` ``[T, heads, 1, d]``, ``key``/``value`` ``[T, kv_heads, 1, d]``
     (RoPE already applied); returns ``[T, 1, heads, d]``."""
-    import torch
     import torch.nn.functional as F
 
     ctx = current()
