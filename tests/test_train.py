@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers", reason="training needs transf
 pytest.importorskip("trl", reason="training needs the train extra (trl)")
 
 from retroformer_cli.stages import datasets as D  # noqa: E402
+from retroformer_cli.stages import rating_rules as R  # noqa: E402
 from retroformer_cli.stages import reward, sft  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures"
@@ -123,7 +124,7 @@ def test_reward_trains_reports_and_scores(ws, tiny_dir):
     rows = D.read_split(ws, "ratings", "ratings")[:3]
     a = score([r["prompt"] for r in rows], [r["reflection"] for r in rows])
     # the prefill rule is applied inside: raw prompts with prefill and "Reflection:" texts give the same scores
-    b = score([D.strip_prefill(r["prompt"]) for r in rows], ["Reflection: " + r["reflection"] for r in rows])
+    b = score([R.strip_prefill(r["prompt"]) for r in rows], ["Reflection: " + r["reflection"] for r in rows])
     assert len(a) == 3 and all(isinstance(x, float) for x in a) and a == pytest.approx(b, abs=1e-5)
 
 

@@ -21,8 +21,8 @@ Files under ``<workspace>/datasets/<name>/`` (JSONL, ``datasets.load_dataset("js
 **The prefill rule** (one rule, applied here so every consumer sees the same thing): our reflector prompts end
 with an assistant prefill ``{"role": "assistant", "content": "Reflection:"}``. ``ratings.jsonl`` keeps the
 prompt exactly as seen. In every training set (sft, pairs, prompts) the trailing assistant message is removed
-from ``prompt`` (:func:`strip_prefill`) and the completion is the bare reflection text, without a leading
-``Reflection:`` (:func:`clean_reflection`). Scorers and trainers apply the same two functions to their inputs.
+from ``prompt`` (``rating_rules.strip_prefill``) and the completion is the bare reflection text, without a leading
+``Reflection:`` (``rating_rules.clean_reflection``). Scorers and trainers apply the same two functions to their inputs.
 
 **The split** is by task, never by row: a task is in validation when
 ``int(sha256("retroformer-split:" + task_id)[:8], 16) / 2**32 < val_fraction`` (default 0.15), so every
@@ -38,17 +38,17 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 from retroformer_cli import __version__
 from retroformer_cli.errors import DataError, UsageError
 from retroformer_cli.store import write_dir_atomic
 from retroformer_cli.workspace import Workspace, now_iso
+from retroformer_cli.stages.rating_rules import clean_reflection, completion, strip_prefill  # (importers use them too)
 
 SPLIT_SALT = "retroformer-split:"
 KINDS = ("ratings", "sft", "pairs", "prompts")
 SPLITS = ("train", "validation")
-PREFILL = "Reflection:"
 
 
 @dataclass
@@ -68,27 +68,6 @@ class DatasetConfig:
     pair_on: str = field(default="rating", metadata={
         "help": "rating | rating_f1: the value that orders a pair (rating_f1 falls back to rating where it is null)"})
     seed: int = 0
-
-
-# --- shared formatting rules -------------------------------------------------------------------------------
-def strip_prefill(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """The prompt without a trailing assistant prefill (e.g. ``Reflection:``); other messages unchanged."""
-    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-    if msgs and msgs[-1]["role"] == "assistant":
-        msgs = msgs[:-1]
-    return msgs
-
-
-def clean_reflection(text: str) -> str:
-    """The bare reflection: surrounding space and a leading ``Reflection:`` removed."""
-    text = (text or "").strip()
-    if text.lower().startswith(PREFILL.lower()):
-        text = text[len(PREFILL):].strip()
-    return text
-
-
-def completion(text: str) -> list[dict[str, str]]:
-    return [{"role": "assistant", "content": clean_reflection(text)}]
 
 
 def check_name(name: str, option: str = "--name") -> str:
@@ -136,29 +115,6 @@ def rate_trials(trials: Iterable[Any], source: str) -> tuple[list[dict[str, Any]
                 "source": source,
             })
     return rows, skipped
-
-
-def rows_from_sequences(seqs: dict[str, list[dict[str, Any]]], *, run: str, env: str, source: str,
-                        prompt_fn) -> list[dict[str, Any]]:
-    """Rating rows from per-task trial sequences of imported logs.
-
-    Each sequence item: ``trial``, ``score``, optional ``f1``, ``reflection_after`` (text or None) and whatever
-    ``prompt_fn(task_id, item)`` needs to build the reflector prompt.
-    """
-    rows = []
-    for task_id, items in seqs.items():
-        items = sorted(items, key=lambda x: x["trial"])
-        for cur, nxt in zip(items, items[1:]):
-            text = clean_reflection(cur.get("reflection_after") or "")
-            if not text or nxt["trial"] != cur["trial"] + 1:
-                continue
-            f1a, f1b = cur.get("f1"), nxt.get("f1")
-            rows.append({
-                "task_id": task_id, "run": run, "env": env, "trial": cur["trial"], "prompt": prompt_fn(task_id, cur),
-                "reflection": text, "rating": float(nxt["score"]) - float(cur["score"]),
-                "rating_f1": (f1b - f1a) if f1a is not None and f1b is not None else None, "source": source,
-            })
-    return rows
 
 
 # --- derived sets --------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Importers for rating data users already have. Each returns rating rows in the ``ratings.jsonl`` shape
-(without ``split``; :func:`retroformer_cli.stages.datasets.build` assigns it).
+(without ``split``; ``retroformer_cli.stages.datasets.build`` assigns it).
 
 - **Retroformer rating TSV** (the file the original Retroformer scripts read): tab-separated with a header,
   columns ``query``, ``response`` and the rating as ``rating`` (the data) or ``labels`` (its reward script).
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from retroformer_cli.errors import DataError
-from retroformer_cli.stages.datasets import rows_from_sequences
+from retroformer_cli.stages.rating_rules import rows_from_sequences
 
 
 def _sha(text: str, n: int = 12) -> str:

@@ -55,7 +55,7 @@ class RewardStageConfig:
 
 def encode(tok: Any, prompt: Sequence[dict], reflection: str, max_length: int | None) -> list[int]:
     """Token ids of prompt + reflection, formatted by the chat template, start cut to ``max_length``."""
-    from retroformer_cli.stages.datasets import completion, strip_prefill
+    from retroformer_cli.stages.rating_rules import completion, strip_prefill
 
     msgs = strip_prefill(prompt) + completion(reflection)
     text = tok.apply_chat_template(msgs, tokenize=False)
@@ -138,7 +138,7 @@ def evaluate(model: Any, tok: Any, pairs: list[dict[str, Any]], ratings: list[di
     (prompt, reflection) is scored once: pairs reuse the same reflections many times."""
     import json
 
-    from retroformer_cli.stages.datasets import clean_reflection, strip_prefill
+    from retroformer_cli.stages.rating_rules import clean_reflection, strip_prefill
 
     keys: dict[str, int] = {}
     items: list[tuple[list, str]] = []
