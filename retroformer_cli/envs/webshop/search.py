@@ -3,15 +3,7 @@
 WebShop ranks products with pyserini's ``LuceneSearcher`` (Lucene 9 BM25, k1 = 0.9, b = 0.4) over the
 ``contents`` field, analysed by ``DefaultEnglishAnalyzer``. This module reproduces that ranking:
 
-* **Analyzer** (Lucene's ``StandardTokenizer`` -> ``EnglishPossessiveFilter`` -> ``LowerCaseFilter`` ->
-  ``StopFilter`` (Lucene's 33 English stop words) -> ``PorterStemFilter``). The tokenizer follows the
-  Unicode UAX#29 word rules the way Lucene's JFlex grammar applies them (letters, digits and ``_`` join;
-  ``. ' ’ :`` inside letters and ``. , ;`` inside digits do not split; each Extended_Pictographic
-  symbol is a token; ideographs and hiragana one per token); Unicode word-break classes come from the
-  ``regex`` package, Extended_Pictographic from the table below (``regex``'s own is incomplete).
-  Stemming is NLTK's ``PorterStemmer(mode=MARTIN_EXTENSIONS)``, which equals Lucene's
-  ``PorterStemmer`` (Martin Porter's C version: words of <= 2 letters kept, ``logi``/``bli``
-  departures); Snowball's "porter" does not.
+* **Analyzer**: Lucene's English chain (``analyzer.py``).
 * **Scoring** in float32 as Lucene computes it: document length through the one-byte norm
   (``SmallFloat.intToByte4``/``byte4ToInt``), ``idf = ln(1 + (N - df + 0.5) / (df + 0.5))``,
   per-term ``w - w / (1 + f * cache[norm])`` with ``w = count_in_query * idf`` (pyserini's
@@ -19,274 +11,222 @@ WebShop ranks products with pyserini's ``LuceneSearcher`` (Lucene 9 BM25, k1 = 0
 * **Ties** broken like Anserini's searcher: by the document id string, ascending.
 
 On ``lucene_bm25_reference_top50.jsonl`` this gives the reference's top-50 ASINs in order for every query.
+
+**Scale** (a million products): postings are CSR arrays (term -> a slice of doc numbers and of
+``f * cache[norm]``, precomputed in float32 at build), built from compact per-document term counts with one stable
+sort; a query concatenates its terms' slices and sums them with one ``np.bincount`` (in term order, as the
+per-term loop did), then keeps the top k by ``np.partition``. The index is saved as a folder of ``.npy`` arrays plus
+a JSON header and term list, and loaded memory-mapped, so a second start reads only what a search touches.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
+import json
 import math
 import os
-import pickle
+import shutil
 import tempfile
+from array import array
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable
 
 import numpy as np
-import regex
+
+from retroformer_cli.envs.webshop.analyzer import (LENGTH_TABLE, STOP_WORDS, LuceneEnglishAnalyzer, byte4_to_int,
+                                                    int_to_byte4)
 
 ANALYZER_VERSION = "lucene-english-1"
+INDEX_FORMAT = 2  # the on-disk layout below
 K1 = 0.9
 B = 0.4
 SEARCH_RETURN_N = 50  # WebShop's engine.SEARCH_RETURN_N
 PRODUCT_WINDOW = 10  # results per page
-MAX_TOKEN_LENGTH = 255  # StandardTokenizer's default; longer tokens are split
 
-# Lucene's EnglishAnalyzer.ENGLISH_STOP_WORDS_SET
-STOP_WORDS = frozenset(
-    "a an and are as at be but by for if in into is it no not of on or such that the their then there these "
-    "they this to was will with".split()
-)
+class _ChunkIds(dict):
+    """White-space chunk -> the term numbers of its terms (numbers given in first-seen order)."""
 
-# Unicode Extended_Pictographic (emoji-data.txt), as code point ranges.
-EXTENDED_PICTOGRAPHIC = (
-    (0xA9, 0xA9), (0xAE, 0xAE), (0x203C, 0x203C), (0x2049, 0x2049), (0x2122, 0x2122), (0x2139, 0x2139),
-    (0x2194, 0x2199), (0x21A9, 0x21AA), (0x231A, 0x231B), (0x2328, 0x2328), (0x2388, 0x2388),
-    (0x23CF, 0x23CF), (0x23E9, 0x23F3), (0x23F8, 0x23FA), (0x24C2, 0x24C2), (0x25AA, 0x25AB),
-    (0x25B6, 0x25B6), (0x25C0, 0x25C0), (0x25FB, 0x25FE), (0x2600, 0x2605), (0x2607, 0x2612),
-    (0x2614, 0x2685), (0x2690, 0x2705), (0x2708, 0x2712), (0x2714, 0x2714), (0x2716, 0x2716),
-    (0x271D, 0x271D), (0x2721, 0x2721), (0x2728, 0x2728), (0x2733, 0x2734), (0x2744, 0x2744),
-    (0x2747, 0x2747), (0x274C, 0x274C), (0x274E, 0x274E), (0x2753, 0x2755), (0x2757, 0x2757),
-    (0x2763, 0x2767), (0x2795, 0x2797), (0x27A1, 0x27A1), (0x27B0, 0x27B0), (0x27BF, 0x27BF),
-    (0x2934, 0x2935), (0x2B05, 0x2B07), (0x2B1B, 0x2B1C), (0x2B50, 0x2B50), (0x2B55, 0x2B55),
-    (0x3030, 0x3030), (0x303D, 0x303D), (0x3297, 0x3297), (0x3299, 0x3299), (0x1F000, 0x1F0FF),
-    (0x1F10D, 0x1F10F), (0x1F12F, 0x1F12F), (0x1F16C, 0x1F171), (0x1F17E, 0x1F17F), (0x1F18E, 0x1F18E),
-    (0x1F191, 0x1F19A), (0x1F1AD, 0x1F1E5), (0x1F201, 0x1F20F), (0x1F21A, 0x1F21A), (0x1F22F, 0x1F22F),
-    (0x1F232, 0x1F23A), (0x1F23C, 0x1F23F), (0x1F249, 0x1F3FA), (0x1F400, 0x1F53D), (0x1F546, 0x1F64F),
-    (0x1F680, 0x1F6FF), (0x1F774, 0x1F77F), (0x1F7D5, 0x1F7FF), (0x1F80C, 0x1F80F), (0x1F848, 0x1F84F),
-    (0x1F85A, 0x1F85F), (0x1F888, 0x1F88F), (0x1F8AE, 0x1F8FF), (0x1F90C, 0x1F93A), (0x1F93C, 0x1F945),
-    (0x1F947, 0x1FAFF), (0x1FC00, 0x1FFFD),
-)
+    def __init__(self, analyzer: LuceneEnglishAnalyzer, term_of: dict[str, int]):
+        super().__init__()
+        self.analyzer, self.term_of = analyzer, term_of
+
+    def __missing__(self, chunk: str) -> tuple[int, ...]:
+        term_of = self.term_of
+        ids = tuple(term_of.setdefault(t, len(term_of)) for t in self.analyzer.analyze_uncached(chunk))
+        if len(self) >= 1 << 21:  # bounded like the analyzer's own cache
+            self.clear()
+        self[chunk] = ids
+        return ids
 
 
-def _build_token_pattern() -> "regex.Pattern[str]":
-    ep = "".join(f"\\U{a:08X}" if a == b else f"\\U{a:08X}-\\U{b:08X}" for a, b in EXTENDED_PICTOGRAPHIC)
-    letter = r"\p{WB=ALetter}\p{WB=Hebrew_Letter}"
-    numeric = r"\p{WB=Numeric}"
-    joiners = rf"{letter}{numeric}\p{{WB=Katakana}}\p{{WB=ExtendNumLet}}"
-    ext = r"[\p{WB=Extend}\p{WB=Format}\p{WB=ZWJ}]*"  # WB4: attached to the previous character
-    ext_no_zwj = r"[\p{WB=Extend}\p{WB=Format}]*"
-    mid_letter = r"[\p{WB=MidLetter}\p{WB=MidNumLet}\p{WB=Single_Quote}]"  # WB6/7
-    mid_num = r"[\p{WB=MidNum}\p{WB=MidNumLet}\p{WB=Single_Quote}]"  # WB11/12
-    word = (
-        rf"[{joiners}]{ext}"
-        rf"(?:[{joiners}]{ext}|(?<=[{letter}]{ext}){mid_letter}(?=[{letter}])|(?<=[{numeric}]{ext}){mid_num}(?=[{numeric}]))*"
-    )
-    emoji = rf"[{ep}]{ext_no_zwj}(?:\u200d[{ep}]{ext_no_zwj})*\u200d?|[\U0001F1E6-\U0001F1FF]{{1,2}}"
-    ideographic = rf"[\p{{Ideographic}}\p{{Script=Hiragana}}]{ext}"
-    return regex.compile(rf"{emoji}|{ideographic}|{word}", regex.V1)
-
-
-class LuceneEnglishAnalyzer:
-    """Lucene's EnglishAnalyzer chain (pyserini's DefaultEnglishAnalyzer with Porter stemming)."""
-
-    def __init__(self, stems: dict[str, str] | None = None):
-        self._token = _build_token_pattern()
-        self._only_connector = regex.compile(
-            r"^[\p{WB=ExtendNumLet}\p{WB=Extend}\p{WB=Format}\p{WB=ZWJ}]+$", regex.V1)
-        self._stems: dict[str, str] = dict(stems or {})
-        self._stemmer = None
-
-    def tokenize(self, text: str) -> list[str]:
-        """StandardTokenizer: the raw tokens, case kept."""
-        out = []
-        for tok in self._token.findall(text):
-            if self._only_connector.match(tok):  # '___' alone is no token
-                continue
-            if len(tok) > MAX_TOKEN_LENGTH:
-                out.extend(tok[i:i + MAX_TOKEN_LENGTH] for i in range(0, len(tok), MAX_TOKEN_LENGTH))
-            else:
-                out.append(tok)
-        return out
-
-    def stem(self, word: str) -> str:
-        s = self._stems.get(word)
-        if s is None:
-            if self._stemmer is None:  # nltk imports slowly: only when a word is not cached yet
-                from nltk.stem.porter import PorterStemmer
-
-                self._stemmer = PorterStemmer(mode=PorterStemmer.MARTIN_EXTENSIONS)
-            s = self._stems[word] = self._stemmer.stem(word)
-        return s
-
-    def analyze(self, text: str) -> list[str]:
-        terms = []
-        for tok in self.tokenize(text):
-            if len(tok) >= 2 and tok[-2] in "'\u2019\uff07" and tok[-1] in "sS":  # EnglishPossessiveFilter
-                tok = tok[:-2]
-            tok = tok.lower()
-            if not tok or tok in STOP_WORDS:
-                continue
-            terms.append(self.stem(tok))
-        return terms
-
-    @property
-    def stem_cache(self) -> dict[str, str]:
-        return self._stems
-
-
-# --- Lucene's SmallFloat one-byte length norm ------------------------------------------------------
-_NUM_FREE_VALUES = 24  # 255 - longToInt4(Integer.MAX_VALUE)
-
-
-def _long_to_int4(i: int) -> int:
-    num_bits = i.bit_length()
-    if num_bits < 4:
-        return i
-    shift = num_bits - 4
-    return ((i >> shift) & 0x07) | ((shift + 1) << 3)
-
-
-def _int4_to_long(i: int) -> int:
-    bits, shift = i & 0x07, (i >> 3) - 1
-    return bits if shift == -1 else (bits | 0x08) << shift
-
-
-def int_to_byte4(i: int) -> int:
-    """SmallFloat.intToByte4: exact below 24, then 4 significant bits."""
-    if i < 0:
-        raise ValueError("length must be >= 0")
-    return i if i < _NUM_FREE_VALUES else _NUM_FREE_VALUES + _long_to_int4(i - _NUM_FREE_VALUES)
-
-
-def byte4_to_int(b: int) -> int:
-    return b if b < _NUM_FREE_VALUES else _NUM_FREE_VALUES + _int4_to_long(b - _NUM_FREE_VALUES)
-
-
-LENGTH_TABLE = np.array([byte4_to_int(i) for i in range(256)], dtype=np.float32)
+def _norm_inverse(norms: np.ndarray, sum_total_term_freq: int, k1: float, b: float) -> np.ndarray:
+    """BM25Similarity.scorer's cache, per document: 1 / (k1 * (1 - b + b * dl / avgdl)) in float32."""
+    f32 = np.float32
+    n = len(norms)
+    avgdl = f32(sum_total_term_freq / n) if n else f32(1)
+    if avgdl == 0:
+        avgdl = f32(1)
+    one = f32(1)
+    cache = one / (f32(k1) * ((one - f32(b)) + f32(b) * LENGTH_TABLE / avgdl))
+    return cache[norms]
 
 
 class BM25Index:
-    """An inverted index over (doc id, text) pairs that scores like Lucene's BM25Similarity."""
+    """An inverted index over (doc id, text) pairs that scores like Lucene's BM25Similarity.
 
-    def __init__(self, doc_ids: Sequence[str], vocab: dict[str, tuple[int, int]], post_docs: np.ndarray,
-                 post_tfs: np.ndarray, norms: np.ndarray, analyzer: LuceneEnglishAnalyzer,
-                 k1: float = K1, b: float = B):
-        self.doc_ids = list(doc_ids)
-        self.vocab = vocab
-        self.post_docs = post_docs
-        self.post_tfs = post_tfs
-        self.norms = norms  # uint8 per doc
-        self.analyzer = analyzer
+    ``doc_ids``: a numpy bytes array (utf-8 ids); ``terms`` sorted, term ``t`` owning postings
+    ``offsets[t]:offsets[t + 1]`` of ``post_docs`` (int32 doc numbers, ascending) and ``post_tfn`` (float32
+    ``f * cache[norm]``); ``id_rank``: each doc's place in id order (Anserini's tie break).
+    """
+
+    def __init__(self, doc_ids: np.ndarray, terms: list[str], offsets: np.ndarray, post_docs: np.ndarray,
+                 post_tfn: np.ndarray, norms: np.ndarray, id_rank: np.ndarray, sum_total_term_freq: int,
+                 analyzer: LuceneEnglishAnalyzer | None = None, k1: float = K1, b: float = B):
+        self.doc_ids, self.terms, self.offsets = doc_ids, terms, offsets
+        self.post_docs, self.post_tfn, self.norms, self.id_rank = post_docs, post_tfn, norms, id_rank
+        self.term_index = {t: i for i, t in enumerate(terms)}
+        self.analyzer = analyzer or LuceneEnglishAnalyzer()
         self.k1, self.b = k1, b
-        self.n_docs = len(self.doc_ids)
-        self.sum_total_term_freq = int(post_tfs.sum(dtype=np.int64)) if len(post_tfs) else 0
-        # Anserini breaks score ties by the id string: the rank of each doc in id order
-        order = sorted(range(self.n_docs), key=lambda i: self.doc_ids[i].encode("utf-8"))
-        self._id_rank = np.empty(self.n_docs, dtype=np.int64)
-        self._id_rank[order] = np.arange(self.n_docs)
-        self._prepare()
-
-    def _prepare(self) -> None:
-        f32 = np.float32
-        avgdl = f32(self.sum_total_term_freq / self.n_docs) if self.n_docs else f32(1)
-        if avgdl == 0:
-            avgdl = f32(1)
-        k1, b, one = f32(self.k1), f32(self.b), f32(1)
-        cache = one / (k1 * ((one - b) + b * LENGTH_TABLE / avgdl))  # BM25Similarity.scorer's cache
-        self._norm_inverse = cache[self.norms]
-        self.avgdl = float(avgdl)
+        self.n_docs = len(doc_ids)
+        self.sum_total_term_freq = int(sum_total_term_freq)
+        self.avgdl = self.sum_total_term_freq / self.n_docs if self.n_docs else 1.0
 
     # --- building ------------------------------------------------------------------------------
     @classmethod
     def build(cls, docs: Iterable[tuple[str, str]], analyzer: LuceneEnglishAnalyzer | None = None,
               k1: float = K1, b: float = B) -> "BM25Index":
+        """Index (doc id, text) pairs, streamed: per document only its term counts are kept (int32 arrays)."""
         analyzer = analyzer or LuceneEnglishAnalyzer()
-        doc_ids: list[str] = []
-        postings: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
-        norms: list[int] = []
-        for j, (doc_id, text) in enumerate(docs):
-            doc_ids.append(doc_id)
-            counts = collections.Counter(analyzer.analyze(text))
-            norms.append(int_to_byte4(sum(counts.values())))  # BM25Similarity.computeNorm: the token count
-            for term, tf in counts.items():
-                postings[term].append((j, tf))
-        vocab: dict[str, tuple[int, int]] = {}
-        total = sum(len(v) for v in postings.values())
-        post_docs = np.empty(total, dtype=np.int32)
-        post_tfs = np.empty(total, dtype=np.float32)
-        pos = 0
-        for term in sorted(postings):
-            plist = postings[term]
-            n = len(plist)
-            post_docs[pos:pos + n] = [d for d, _ in plist]
-            post_tfs[pos:pos + n] = [f for _, f in plist]
-            vocab[term] = (pos, pos + n)
-            pos += n
-        return cls(doc_ids, vocab, post_docs, post_tfs, np.array(norms, dtype=np.uint8), analyzer, k1, b)
+        term_of: dict[str, int] = {}
+        chunk_ids = _ChunkIds(analyzer, term_of).__getitem__
+        doc_ids: list[bytes] = []
+        tids, tfs, uniq, lengths = array("i"), array("i"), array("i"), array("q")
+        chain = itertools.chain.from_iterable
+        for doc_id, text in docs:
+            doc_ids.append(doc_id.encode("utf-8"))
+            counts = collections.Counter(chain(map(chunk_ids, text.split())))
+            tids.extend(counts.keys())
+            tfs.extend(counts.values())
+            uniq.append(len(counts))
+            lengths.append(sum(counts.values()))  # BM25Similarity.computeNorm: the token count
+        return cls._from_counts(doc_ids, term_of, tids, tfs, uniq, lengths, analyzer, k1, b)
+
+    @classmethod
+    def _from_counts(cls, doc_ids: list[bytes], term_of: dict[str, int], tids: array, tfs: array, uniq: array,
+                     lengths: array, analyzer: LuceneEnglishAnalyzer, k1: float, b: float) -> "BM25Index":
+        n = len(doc_ids)
+        terms = sorted(term_of)
+        new_id = np.empty(len(terms), dtype=np.int32)
+        new_id[np.fromiter((term_of[t] for t in terms), dtype=np.int64, count=len(terms))] = np.arange(len(terms))
+        tid = new_id[np.frombuffer(tids, dtype=np.int32)] if len(tids) else np.empty(0, np.int32)
+        del tids
+        order = np.argsort(tid, kind="stable")  # postings of a term stay in doc order
+        offsets = np.zeros(len(terms) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(tid, minlength=len(terms)), out=offsets[1:])
+        del tid
+        post_docs = np.repeat(np.arange(n, dtype=np.int32), np.frombuffer(uniq, dtype=np.int32))[order]
+        lens = np.frombuffer(lengths, dtype=np.int64)
+        norms = np.fromiter((int_to_byte4(int(x)) for x in lens), dtype=np.uint8, count=n)
+        total = int(lens.sum())
+        tf = np.frombuffer(tfs, dtype=np.int32)[order].astype(np.float32)
+        del order
+        post_tfn = tf * _norm_inverse(norms, total, k1, b)[post_docs]
+        ids = np.array(doc_ids, dtype=bytes) if doc_ids else np.empty(0, dtype="S1")
+        id_rank = np.empty(n, dtype=np.int32)
+        id_rank[np.argsort(ids, kind="stable")] = np.arange(n, dtype=np.int32)
+        return cls(ids, terms, offsets, post_docs, post_tfn, norms, id_rank, total, analyzer, k1, b)
 
     # --- persistence ---------------------------------------------------------------------------
+    _ARRAYS = ("doc_ids", "offsets", "post_docs", "post_tfn", "norms", "id_rank")
+
     def save(self, path: Path) -> None:
+        """Write the index as a folder (header.json, terms.json, one .npy per array), atomically replaced."""
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            "analyzer_version": ANALYZER_VERSION, "k1": self.k1, "b": self.b, "doc_ids": self.doc_ids,
-            "vocab": self.vocab, "post_docs": self.post_docs, "post_tfs": self.post_tfs, "norms": self.norms,
-            "stems": self.analyzer.stem_cache,
-        }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp"))
         try:
-            with os.fdopen(fd, "wb") as fh:
-                pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            for name in self._ARRAYS:
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
+            (tmp / "terms.json").write_text(json.dumps(self.terms, ensure_ascii=False), encoding="utf-8")
+            header = {"format": INDEX_FORMAT, "analyzer_version": ANALYZER_VERSION, "k1": self.k1, "b": self.b,
+                      "n_docs": self.n_docs, "n_terms": len(self.terms), "n_postings": int(len(self.post_docs)),
+                      "sum_total_term_freq": self.sum_total_term_freq}
+            (tmp / "header.json").write_text(json.dumps(header), encoding="utf-8")  # written last: marks it whole
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
 
     @classmethod
     def load(cls, path: Path) -> "BM25Index | None":
-        """The cached index, or None when it is missing, unreadable or from another analyzer version."""
+        """The saved index, memory-mapped; None when missing, unreadable, partial or of another version."""
+        path = Path(path)
         try:
-            with path.open("rb") as fh:
-                state = pickle.load(fh)
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError):
+            header = json.loads((path / "header.json").read_text(encoding="utf-8"))
+            if header.get("format") != INDEX_FORMAT or header.get("analyzer_version") != ANALYZER_VERSION:
+                return None
+            terms = json.loads((path / "terms.json").read_text(encoding="utf-8"))
+            arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in cls._ARRAYS}
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
-        if not isinstance(state, dict) or state.get("analyzer_version") != ANALYZER_VERSION:
+        if (len(terms) != header["n_terms"] or len(arrays["doc_ids"]) != header["n_docs"]
+                or len(arrays["post_docs"]) != header["n_postings"]):
             return None
-        analyzer = LuceneEnglishAnalyzer(stems=state["stems"])
-        return cls(state["doc_ids"], state["vocab"], state["post_docs"], state["post_tfs"], state["norms"],
-                   analyzer, state["k1"], state["b"])
+        return cls(terms=terms, sum_total_term_freq=header["sum_total_term_freq"], k1=header["k1"], b=header["b"],
+                   **arrays)
 
     # --- querying ------------------------------------------------------------------------------
+    def doc_id(self, j: int) -> str:
+        return bytes(self.doc_ids[j]).decode("utf-8")
+
+    def _accumulate(self, query: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per query term, its postings and their float32 scores, concatenated in query-term order."""
+        counts = collections.Counter(self.analyzer.analyze(query))
+        f32, one, n = np.float32, np.float32(1), self.n_docs
+        docs, vals = [], []
+        for term, boost in counts.items():
+            t = self.term_index.get(term)
+            if t is None:
+                continue
+            s, e = int(self.offsets[t]), int(self.offsets[t + 1])
+            df = e - s
+            weight = f32(boost) * f32(math.log(1 + (n - df + 0.5) / (df + 0.5)))
+            docs.append(self.post_docs[s:e])
+            vals.append(weight - weight / (one + self.post_tfn[s:e]))
+        if not docs:
+            return None
+        return (docs[0], vals[0]) if len(docs) == 1 else (np.concatenate(docs), np.concatenate(vals))
+
     def search(self, query: str, k: int = SEARCH_RETURN_N) -> list[tuple[str, float]]:
         """Top-k (doc id, score), best first, as pyserini's LuceneSearcher.search(query, k)."""
-        counts = collections.Counter(self.analyzer.analyze(query))
-        if not counts or self.n_docs == 0 or k <= 0:
+        if self.n_docs == 0 or k <= 0:
             return []
-        f32, one = np.float32, np.float32(1)
-        acc = np.zeros(self.n_docs, dtype=np.float64)
-        hit = np.zeros(self.n_docs, dtype=bool)
-        n = self.n_docs
-        for term, boost in counts.items():
-            span = self.vocab.get(term)
-            if span is None:
-                continue
-            docs = self.post_docs[span[0]:span[1]]
-            tfs = self.post_tfs[span[0]:span[1]]
-            df = len(docs)
-            idf = f32(math.log(1 + (n - df + 0.5) / (df + 0.5)))
-            weight = f32(boost) * idf
-            acc[docs] += weight - weight / (one + tfs * self._norm_inverse[docs])
-            hit[docs] = True
-        cand = np.flatnonzero(hit)
-        if len(cand) == 0:
+        got = self._accumulate(query)
+        if got is None:
             return []
-        scores = acc[cand].astype(np.float32)
+        docs, vals = got
+        if len(docs) * 8 < self.n_docs:  # few postings: sum per distinct doc without a corpus-sized array
+            cand, inverse = np.unique(docs, return_inverse=True)
+            acc = np.bincount(inverse, weights=vals, minlength=len(cand))  # float64, each doc's terms in order
+        else:
+            acc = np.bincount(docs, weights=vals, minlength=self.n_docs)
+            cand = np.flatnonzero(acc)
+            if len(cand) < k and len(cand) < len(docs):  # a hit can score 0.0 in float32: keep it
+                hit = np.zeros(self.n_docs, dtype=bool)
+                hit[docs] = True
+                cand = np.flatnonzero(hit)
+            acc = acc[cand]
+        scores = acc.astype(np.float32)
         if len(cand) > k:  # keep everything tied with the k-th score, then order exactly
             kth = np.partition(scores, len(cand) - k)[len(cand) - k]
             keep = scores >= kth
             cand, scores = cand[keep], scores[keep]
-        order = np.lexsort((self._id_rank[cand], -scores))[:k]
-        return [(self.doc_ids[cand[i]], float(scores[i])) for i in order]
+        order = np.lexsort((self.id_rank[cand], -scores))[:k]
+        return [(self.doc_id(cand[i]), float(scores[i])) for i in order]
 
 
 def fingerprint(*parts: object) -> str:
@@ -297,19 +237,22 @@ def fingerprint(*parts: object) -> str:
     return h.hexdigest()[:16]
 
 
+def index_path(cache_dir: str | Path, docs_key: str) -> Path:
+    return Path(cache_dir) / "indexes" / f"webshop-bm25-{fingerprint(docs_key, ANALYZER_VERSION, INDEX_FORMAT, K1, B)}"
+
+
 def load_or_build(docs_key: str, docs: "Iterable[tuple[str, str]] | None" = None, cache_dir: str | Path | None = None,
-                  docs_factory=None) -> tuple[BM25Index, str]:
+                  docs_factory: "Callable[[], Iterable[tuple[str, str]]] | None" = None) -> tuple[BM25Index, str]:
     """The index for a catalog: read from <cache_dir>/indexes/ when cached, else built (and cached).
 
     Returns (index, how) where how is "cache", "built" or "built+cached".
     """
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / "indexes" / f"webshop-bm25-{fingerprint(docs_key, ANALYZER_VERSION, K1, B)}.pkl"
-        if path.is_file():
-            idx = BM25Index.load(path)
-            if idx is not None:
-                return idx, "cache"
+        path = index_path(cache_dir, docs_key)
+        idx = BM25Index.load(path) if path.is_dir() else None
+        if idx is not None:
+            return idx, "cache"
     if docs is None:
         docs = docs_factory()
     idx = BM25Index.build(docs)
