@@ -188,7 +188,7 @@ class HFLocalClient:
             if self._adapter is not None:
                 desc.update(adapter=self._adapter, base=cfg.model, base_path=info.get("path"))
         else:
-            from retroformer_cli.llm.engine.scheduler import resolve_device_dtype
+            from retroformer_cli.llm.engine.model import resolve_device_dtype
 
             device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
             path = str(embedded_cache_path(self.cache_dir)) if self.model_spec == EMBEDDED else self.model_spec

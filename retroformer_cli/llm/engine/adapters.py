@@ -1,0 +1,107 @@
+"""LoRA adapters over the engine's base model: loading and unloading with PEFT, each adapter's prefix-cache
+namespace, and which model object runs a step's rows (base only, one adapter, or a mixed-adapter batch).
+
+Everything here runs on the engine's model thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from retroformer_cli.errors import BackendError
+from retroformer_cli.llm.engine.requests import next_id
+from retroformer_cli.llm.engine.types import AdapterNotLoaded
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class Adapters:
+    def __init__(self) -> None:
+        self.paths: dict[str, str] = {}  # name -> folder, as loaded
+        self.namespaces: dict[str | None, bytes] = {}  # prefix-cache namespace per adapter (None: the base)
+        self.base: Any = None
+        self.peft: Any = None
+        self.mixed = True  # mixed-adapter batches (off once peft refuses one)
+        self._active: str | None = None
+        self._rr = 0
+
+    def attach(self, base_model: Any, namespace: bytes) -> None:
+        self.base = base_model
+        self.namespaces[None] = namespace
+
+    def load(self, name: str, path: str, model_name: str) -> None:
+        if name in self.paths or name == BASE_ADAPTER:
+            raise BackendError(f"The LoRA adapter '{name}' is already loaded.")
+        import warnings
+
+        try:
+            with warnings.catch_warnings():  # peft's own deprecation notices are not the user's business
+                warnings.simplefilter("ignore", FutureWarning)
+                if self.peft is None:
+                    from peft import PeftModel
+
+                    self.peft = PeftModel.from_pretrained(self.base, path, adapter_name=name)
+                else:
+                    self.peft.load_adapter(path, adapter_name=name)
+            self.peft.eval()
+        except Exception as exc:  # peft raises many kinds (shape mismatch, bad config, ...)
+            raise BackendError(f"Cannot load the LoRA adapter '{name}' from {path} on {model_name}: {exc}") from exc
+        self._active = None
+        self.paths[name] = path
+        self.namespaces[name] = f"{self.namespaces[None].decode()}|lora:{name}:{next_id()}".encode()
+
+    def forget(self, name: str) -> None:
+        """First half of an unload: no new request may use ``name`` (raises if it is not loaded)."""
+        if name not in self.paths:
+            raise AdapterNotLoaded(f"The LoRA adapter '{name}' is not loaded.")
+        del self.paths[name]
+
+    def remove(self, name: str) -> bytes:
+        """Second half of an unload (after its requests failed): remove the LoRA layers; returns the adapter's
+        prefix-cache namespace for the caller to drop."""
+        namespace = self.namespaces.pop(name)
+        if len(self.peft.peft_config) <= 1:
+            self.base = self.peft.unload()  # removes the LoRA layers, returns the untouched base model
+            self.peft = None
+        else:
+            self.peft.delete_adapter(name)
+        self._active = None
+        return namespace
+
+    def group(self, running_adapters: Iterable[str | None]) -> tuple[str | None] | None:
+        """With mixed-adapter batches off, the one adapter whose sequences run this step (round robin)."""
+        if self.mixed or self.peft is None:
+            return None
+        present = list(dict.fromkeys(running_adapters))
+        if not present:
+            return None
+        self._rr += 1
+        return (present[self._rr % len(present)],)
+
+    def select(self, names: list[str | None], kwargs: dict[str, Any]) -> Any:
+        """The model to call for rows of adapters ``names`` (adds peft's ``adapter_names`` to ``kwargs`` for a
+        mixed batch)."""
+        if self.peft is None:
+            return self.base
+        distinct = set(names)
+        if distinct == {None}:
+            return _BaseOnly(self.peft)
+        if len(distinct) == 1:
+            name = names[0]
+            if self._active != name:
+                self.peft.set_adapter(name)
+                self._active = name
+            return self.peft
+        kwargs["adapter_names"] = [BASE_ADAPTER if n is None else n for n in names]
+        return self.peft
+
+
+class _BaseOnly:
+    """Call a peft model with its adapters disabled (a batch of base-model rows only)."""
+
+    def __init__(self, peft_model: Any):
+        self.peft = peft_model
+
+    def __call__(self, **kwargs: Any) -> Any:
+        with self.peft.disable_adapter():
+            return self.peft(**kwargs)
