@@ -26,12 +26,12 @@ class ModelConfig:
     base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (env OPENAI_BASE_URL)"})
     api_key: str | None = field(default=None, metadata={"help": "API key (env OPENAI_API_KEY); never written to disk"})
     api: str = field(default="chat", metadata={"help": "chat | completions"})
-    max_tokens: int = 96
-    temperature: float = 0.0
-    top_p: float = 1.0
+    max_tokens: int = field(default=96, metadata={"help": "max new tokens per call (an actor step, a reflection)"})
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0: greedy)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: keep the most likely tokens up to this mass"})
     concurrency: int | None = field(default=None, metadata={"help": "requests in flight to an endpoint [default: collect's --concurrency]"})
-    timeout_s: float = 60.0
-    max_retries: int = 6
+    timeout_s: float = field(default=60.0, metadata={"help": "seconds before a request to an endpoint times out"})
+    max_retries: int = field(default=6, metadata={"help": "retries of a failed request (backing off) before giving up"})
     threads: int | None = field(default=None, metadata={"help": "torch threads for a local model (default: 1 on up to 2 cores, else cores - 1, at most 8)"})
     max_batch_size: int = field(default=8, metadata={"help": "local models: sequences decoding together"})
     dtype: str = field(default="auto", metadata={"help": "local models: auto (float32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16"})
@@ -45,23 +45,26 @@ class ModelConfig:
 class CollectConfig:
     """`retroformer collect`: run the actor (and reflector) over tasks for several trials."""
 
-    env: str = "hotpotqa"
+    env: str = field(default="hotpotqa", metadata={"help": "environment: hotpotqa | webshop | alfworld"})
     data: str | None = field(default=None, metadata={"help": "data file or folder in the env's real format (env DATA_DIR); default: sample data"})
     split: str = field(default="all", metadata={"help": "all | train | eval (deterministic by task id)"})
     tasks: int | None = field(default=None, metadata={"help": "first N tasks of the split"})
-    task_ids: list[str] | None = None
-    trials: int = 3
+    task_ids: list[str] | None = field(default=None, metadata={"help": "task ids to run: comma-separated, or @FILE with one id per line"})
+    trials: int = field(default=3, metadata={"help": "trials per task"})
     max_steps: int | None = field(default=None, metadata={"help": "per-episode step limit (env default when unset)"})
-    env_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra env constructor arguments, e.g. wording: react (ALFWorld)"})
+    env_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra env argument KEY=VALUE, repeatable (YAML: a mapping), e.g. wording=react for ALFWorld"})
     memory_size: int = field(default=3, metadata={"help": "how many of the latest reflections go into the prompt"})
-    concurrency: int = 8
+    concurrency: int = field(default=8, metadata={"help": "tasks run at once"})
     workers: int | None = field(default=None, metadata={"help": "environment instances / worker processes (default: concurrency)"})
     env_step_timeout_s: float = field(default=120.0, metadata={"help": "an env reset or step that takes longer is a hung env: its worker is replaced"})
     env_retries: int = field(default=2, metadata={"help": "an episode whose env fails (crash, hang, exception) is replayed from reset this many times, then recorded as an env error"})
-    run: str | None = None
-    seed: int = 0
-    actor: ModelConfig = field(default_factory=ModelConfig)
-    reflector: ModelConfig = field(default_factory=lambda: ModelConfig(max_tokens=128))
+    run: str | None = field(default=None, metadata={"help": "run name (default: ENV-TIMESTAMP)"})
+    seed: int = field(default=0, metadata={"help": "seed recorded in the manifest and passed to env.reset"})
+    actor: ModelConfig = field(default_factory=ModelConfig, metadata={
+        "help": "actor model: embedded | openai:NAME | hf:PATH | PATH | workspace:STAGE/NAME"})
+    reflector: ModelConfig = field(default_factory=lambda: ModelConfig(max_tokens=128), metadata={
+        "help": "reflector model (writes a reflection after a failed trial): none (ReAct) | embedded | openai:NAME | "
+                "hf:PATH | PATH | workspace:STAGE/NAME"})
 
 
 def to_dict(cfg: Any, *, redact: bool = True) -> dict[str, Any]:

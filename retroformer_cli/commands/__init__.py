@@ -1,4 +1,4 @@
-"""Subcommands that live outside cli.py (one module per concern). Each module registers its Typer
-commands on ``retroformer_cli.cli.app`` at import time and must import nothing heavy at top level."""
-
-COMMAND_MODULES: tuple[str, ...] = ("runs", "serve", "train")
+"""The commands, one module per concern. Each module owns a Typer app (``app``; ``train`` has ``sft_app`` and
+``reward_app``) that the root in ``cli.py`` adds under a name, importing the module only when that command is used.
+Modules import ``commands/_common.py`` for the shared state and error handler, never ``cli``, and nothing heavy at
+top level."""

@@ -1,22 +1,21 @@
-"""`retroformer runs` (list the workspace's runs), `runs import` (published logs or exported runs into runs),
-`retroformer show RUN [TASK]` (one task's trials in the terminal) and `retroformer report RUN...` (an HTML
-report). Results go to stdout, logs to stderr."""
+"""`retroformer runs` (list the workspace's runs) and `runs import` (published logs or exported runs into runs).
+Results go to stdout, logs to stderr."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import typer
 
-from retroformer_cli.cli import _workspace, app, handle_errors, state
+from retroformer_cli.commands._common import command_app, handle_errors, state
+from retroformer_cli.commands._common import workspace as _workspace
 
-runs_app = typer.Typer(help="List the runs in the workspace (and their status), or import runs.",
-                       invoke_without_command=True, no_args_is_help=False)
-app.add_typer(runs_app, name="runs")
+app = command_app(help="List the runs in the workspace (and their status), or import runs.",
+                  invoke_without_command=True, no_args_is_help=False)
 
 
-@runs_app.callback()
+@app.callback()
 @handle_errors
 def runs_(ctx: typer.Context) -> None:
     """List the runs in the workspace and their status (`runs import` adds runs from logs)."""
@@ -42,7 +41,7 @@ def runs_(ctx: typer.Context) -> None:
     console.stdout.print(table)
 
 
-@runs_app.command("import", epilog="Examples:\n\n"
+@app.command("import", epilog="Examples:\n\n"
                   "  retroformer runs import ../shared/data/hotpotqa/reflexion_logs/trials.jsonl\n\n"
                   "  retroformer runs import ../shared/data/alfworld/reflexion_logs/reflexion_run_logs\n\n"
                   "  retroformer runs import ../other-workspace/runs/my-run --name my-run-from-laptop")
@@ -72,57 +71,3 @@ def runs_import(
         table.add_row(r["run"], str(r["env"]), str(r["tasks"]), str(r["trials"]), r["format"])
     console.stdout.print(table)
     console.stderr.print(f"[dim]next: retroformer eval --run {made[0]['run']}[/]")
-
-
-@app.command("show", epilog="Examples:\n\n  retroformer show reflexion-hotpotqa-react_reflexion\n\n"
-                            "  retroformer show reflexion-hotpotqa-react_reflexion 5a8b57f25542995d1e6f1371")
-@handle_errors
-def show(
-    run: str = typer.Argument(..., help="Run name (see `retroformer runs`)."),
-    task: Optional[str] = typer.Argument(None, help="Task id, or a part of it that matches one task; omit to list tasks."),
-) -> None:
-    """Show one task's trials: steps, the reflections in the prompt and the reflection written after each trial."""
-    from retroformer_cli import console
-    from retroformer_cli.stages import show as show_stage
-
-    ws = _workspace()
-    if task is None:
-        rows = show_stage.task_rows(ws, run)
-        if state.json:
-            console.print_json(rows)
-        else:
-            console.stdout.print(console.task_list_table(run, rows))
-        return
-    task_id, trials = show_stage.task_trials(ws, run, task)
-    if state.json:
-        console.print_json({"run": run, "task": task_id, "trials": [t.to_json() for t in trials]})
-        return
-    console.stdout.print(console.task_view(run, task_id, trials))
-
-
-PriceInOpt = typer.Option(None, "--price-in", help="USD per million prompt tokens, for a cost estimate [default: the runs' model configs].")
-PriceOutOpt = typer.Option(None, "--price-out", help="USD per million completion tokens, for a cost estimate.")
-CompareOpt = typer.Option(None, "--compare", help="Compare two runs task by task: --compare A B.")
-
-
-@app.command("report", epilog="Examples:\n\n  retroformer report my-run\n\n"
-                              "  retroformer report reflexion-hotpotqa-react_reflexion reflexion-hotpotqa-react_base -o report.html")
-@handle_errors
-def report(
-    runs: List[str] = typer.Argument(..., help="Run(s) to put in the report."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file [default: reports/<runs>.html]."),
-    compare: Optional[Tuple[str, str]] = CompareOpt,
-    price_in: Optional[float] = PriceInOpt,
-    price_out: Optional[float] = PriceOutOpt,
-) -> None:
-    """Write one self-contained HTML report: success plot with intervals, sortable task table, trials side by side."""
-    from retroformer_cli import console
-    from retroformer_cli.stages import report as report_stage
-    from retroformer_cli.stages.evaluate import Prices
-
-    pairs = [tuple(compare)] if compare else []
-    path = report_stage.write(_workspace(), runs, output, pairs=pairs, prices=Prices(price_in, price_out))
-    if state.json:
-        console.print_json({"report": str(path)})
-    else:
-        console.stdout.print(str(path))

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
-from retroformer_cli.cli import _workspace, app, handle_errors
+from retroformer_cli.commands._common import command_app, handle_errors
+from retroformer_cli.commands._common import workspace as _workspace
 from retroformer_cli.errors import BackendError, RetroformerError, UsageError
 
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
@@ -52,7 +53,37 @@ def _parse_adapters(values: list[str], ws) -> dict[str, str]:
     return adapters
 
 
-@app.command(epilog="Examples:\n\n  retroformer serve                                  (the embedded model on http://127.0.0.1:8000/v1)\n\n"
+def _check_values(engine: str, port: int, threads: Optional[int], counts: dict[str, int],
+                  seconds: dict[str, float]) -> None:
+    if engine not in ("transformers", "vllm"):
+        raise UsageError(f"--engine must be transformers or vllm, got '{engine}'.")
+    for name, value in counts.items():
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1, got {value}.")
+    for name, value in seconds.items():
+        if value <= 0:
+            raise UsageError(f"{name} must be positive, got {value}.")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}.")
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {port}.")
+
+
+def _make_engine(engine: str, target: str, common: dict, *, tensor_parallel_size: int, **local: object):
+    """The vllm engine (GPU) or the in-process transformers engine; ``local`` only concerns the latter."""
+    if engine == "vllm":
+        from retroformer_cli.serve.vllm_engine import VLLMEngine
+
+        return VLLMEngine(target, tensor_parallel_size=tensor_parallel_size, **common)
+    from retroformer_cli.serve.engine import TransformersEngine
+
+    return TransformersEngine(target, **local, **common)
+
+
+app = command_app()
+
+
+@app.command("serve", epilog="Examples:\n\n  retroformer serve                                  (the embedded model on http://127.0.0.1:8000/v1)\n\n"
                     "  retroformer serve --model workspace:sft/base --adapter reflector=workspace:ppo/r1 --api-key secret\n\n"
                     "  retroformer collect --actor openai:embedded --actor-base-url http://127.0.0.1:8000/v1")
 @handle_errors
@@ -85,21 +116,12 @@ def serve(
     """Serve a local model and its LoRA adapters behind the OpenAI API (chat, completions, streaming)."""
     from retroformer_cli import console
 
-    if engine not in ("transformers", "vllm"):
-        raise UsageError(f"--engine must be transformers or vllm, got '{engine}'.")
-    for name, value in (("--max-batch-size", max_batch_size), ("--max-queue", max_queue),
-                        ("--max-tokens-limit", max_tokens_limit), ("--max-request-bytes", max_request_bytes),
-                        ("--tensor-parallel-size", tensor_parallel_size), ("--max-connections", max_connections)):
-        if value < 1:
-            raise UsageError(f"{name} must be at least 1, got {value}.")
-    for name, seconds in (("--body-timeout-s", body_timeout_s), ("--idle-timeout-s", idle_timeout_s),
-                          ("--shutdown-grace-s", shutdown_grace_s)):
-        if seconds <= 0:
-            raise UsageError(f"{name} must be positive, got {seconds}.")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}.")
-    if not 0 <= port <= 65535:
-        raise UsageError(f"--port must be between 0 and 65535, got {port}.")
+    _check_values(engine, port, threads, counts={
+        "--max-batch-size": max_batch_size, "--max-queue": max_queue, "--max-tokens-limit": max_tokens_limit,
+        "--max-request-bytes": max_request_bytes, "--tensor-parallel-size": tensor_parallel_size,
+        "--max-connections": max_connections,
+    }, seconds={"--body-timeout-s": body_timeout_s, "--idle-timeout-s": idle_timeout_s,
+                "--shutdown-grace-s": shutdown_grace_s})
     ws = _workspace()
     target = _resolve_model(model, ws, "--model")
     adapters = _parse_adapters(list(adapter or []), ws)
@@ -116,40 +138,40 @@ def serve(
         raise UsageError("retroformer serve needs FastAPI and uvicorn: pip install 'retroformer-cli[serve]'.") from None
 
     from retroformer_cli.serve.app import create_app
-    from retroformer_cli.serve.runner import serve_foreground
 
+    if batch_wait_ms is not None and engine == "transformers":
+        console.stderr.print("[yellow]warning[/]: --batch-wait-ms is ignored: requests join the running batch "
+                             "at the next step (continuous batching).")
     common = dict(served_name=name, adapters=adapters, cache_dir=ws.cache_dir, max_batch_size=max_batch_size,
-                  max_queue=max_queue, max_tokens_limit=max_tokens_limit)
-    if engine == "vllm":
-        from retroformer_cli.serve.vllm_engine import VLLMEngine
-
-        eng = VLLMEngine(target, tensor_parallel_size=tensor_parallel_size, prefix_reuse=prefix_reuse, **common)
-    else:
-        from retroformer_cli.serve.engine import TransformersEngine
-
-        if batch_wait_ms is not None:
-            console.stderr.print("[yellow]warning[/]: --batch-wait-ms is ignored: requests join the running batch "
-                                 "at the next step (continuous batching).")
-        eng = TransformersEngine(target, threads=threads, device=device, dtype=dtype, prefix_reuse=prefix_reuse,
-                                 prefix_cache_mb=prefix_cache_mb, max_step_tokens=max_step_tokens, **common)
+                  max_queue=max_queue, max_tokens_limit=max_tokens_limit, prefix_reuse=prefix_reuse)
+    eng = _make_engine(engine, target, common, tensor_parallel_size=tensor_parallel_size, threads=threads,
+                       device=device, dtype=dtype, prefix_cache_mb=prefix_cache_mb, max_step_tokens=max_step_tokens)
     app_ = create_app(eng, api_key=api_key, max_request_bytes=max_request_bytes, allow_runtime_adapters=runtime_adapters,
                       body_timeout_s=body_timeout_s)
     console.stderr.print(f"[bold]serve[/] loading {name} ({engine} engine"
                          + (f", adapters: {', '.join(adapters)}" if adapters else "") + ") ...")
+    _run_server(app_, eng, f"{engine} engine for {name}", host, port, auth=bool(api_key),
+                shutdown_grace_s=shutdown_grace_s, idle_timeout_s=idle_timeout_s, max_connections=max_connections)
+
+
+def _run_server(app_: Any, eng: Any, what: str, host: str, port: int, *, auth: bool, shutdown_grace_s: float,
+                **limits: Any) -> None:
+    """Serve in the foreground until Ctrl-C/SIGTERM; start-up failures become one error line."""
+    from retroformer_cli import console
+    from retroformer_cli.serve.runner import serve_foreground
 
     def ready(url: str) -> None:
         models = ", ".join(eng.model_names())
-        console.stderr.print(f"[green]ready[/]: {url}  models: {models}  auth: {'api key' if api_key else 'none'}  "
+        console.stderr.print(f"[green]ready[/]: {url}  models: {models}  auth: {'api key' if auth else 'none'}  "
                              f"(Ctrl-C: in-flight requests get {shutdown_grace_s:g} s to finish, then the server stops)")
 
     try:
-        serve_foreground(app_, host, port, ready, shutdown_grace_s=shutdown_grace_s, idle_timeout_s=idle_timeout_s,
-                         max_connections=max_connections)
+        serve_foreground(app_, host, port, ready, shutdown_grace_s=shutdown_grace_s, **limits)
     except OSError as exc:
         failed = getattr(app_.state, "startup_error", None)
         if isinstance(failed, RetroformerError):
             raise failed from None
         if failed is not None:
-            raise BackendError(f"Cannot start the {engine} engine for {name}: {failed}") from None
+            raise BackendError(f"Cannot start the {what}: {failed}") from None
         raise UsageError(f"Cannot serve on {host}:{port}: {exc}.") from None
     console.stderr.print("[dim]serve: stopped[/]")

@@ -54,24 +54,24 @@ class PPOStageConfig:
     mode: str = field(default="offline", metadata={"help": "offline (reward model score) | online (replayed G(k+1) - G(k))"})
     actor: str | None = field(default=None, metadata={"help": "online mode: actor model spec; default: each run's actor"})
     name: str = field(default="default", metadata={"help": "checkpoint name under checkpoints/ppo/"})
-    max_steps: int = 20
+    max_steps: int = field(default=20, metadata={"help": "optimizer steps"})
     num_generations: int = field(default=4, metadata={"help": "reflections sampled per prompt (the GRPO group)"})
     prompts_per_step: int = field(default=2, metadata={"help": "prompts per device per optimizer step"})
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-5
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    learning_rate: float = field(default=1e-5, metadata={"help": "learning rate"})
     beta: float = field(default=0.04, metadata={"help": "KL penalty to the reference (SFT policy or base)"})
     epsilon: float = field(default=0.2, metadata={"help": "PPO clip range"})
     loss_type: str = field(default="dapo", metadata={"help": "GRPO loss aggregation: dapo | grpo | dr_grpo | bnpo ..."})
     scale_rewards: str = field(default="group", metadata={"help": "group | batch | none"})
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the reflections"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the reflections"})
     max_completion_length: int = field(default=64, metadata={"help": "max tokens of a sampled reflection"})
     max_prompt_tokens: int = field(default=2048, metadata={"help": "prompts longer than this are skipped (TRL no longer truncates)"})
-    save_steps: int = 10
-    save_total_limit: int = 2
-    logging_steps: int = 1
-    seed: int = 0
-    threads: int | None = field(default=None, metadata={"help": "torch threads on CPU [default: min(2, cores)]"})
+    save_steps: int = field(default=10, metadata={"help": "trainer checkpoint every N steps (for --resume)"})
+    save_total_limit: int = field(default=2, metadata={"help": "trainer checkpoints kept"})
+    logging_steps: int = field(default=1, metadata={"help": "log metrics every N steps"})
+    seed: int = field(default=0, metadata={"help": "training seed"})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default min(2, cores)); use 1 on a shared machine"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (large models)"})
     online_concurrency: int = field(default=8, metadata={"help": "online mode: episodes replayed at once"})
     online_memory_size: int | None = field(default=None, metadata={"help": "online mode: reflections in memory [default: the run's]"})

@@ -27,13 +27,13 @@ class SFTStageConfig:
     """`retroformer sft`: LoRA SFT of the reflector on improving reflections (completion-only loss)."""
 
     dataset: str = field(default="ratings", metadata={"help": "dataset under <workspace>/datasets/"})
-    base: str = field(default="embedded", metadata={"help": "embedded | a local transformers model folder"})
+    base: str = field(default="embedded", metadata={"help": "base model: embedded | a local transformers model folder"})
     name: str = field(default="default", metadata={"help": "checkpoint name under <checkpoints>/sft/"})
     max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps (-1: use epochs)"})
-    epochs: float = 1.0
-    learning_rate: float = 2e-4
-    batch_size: int = 4
-    grad_accum: int = 1
+    epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps is -1"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "learning rate"})
+    batch_size: int = field(default=4, metadata={"help": "per-device batch size"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
     max_length: int = field(default=1024, metadata={"help": "tokens per example; longer prompts lose their start"})
     warmup_steps: int = 0
     save_steps: int = field(default=50, metadata={"help": "trainer checkpoint every N steps (for --resume)"})
@@ -41,8 +41,8 @@ class SFTStageConfig:
     eval: bool = field(default=True, metadata={"help": "evaluate on the validation split at the end"})
     gradient_checkpointing: bool = False
     merge: bool = field(default=False, metadata={"help": "also write merged/ (base + adapter as one model)"})
-    threads: int | None = field(default=None, metadata={"help": "torch threads (default min(2, cores))"})
-    seed: int = 0
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default min(2, cores)); use 1 on a shared machine"})
+    seed: int = field(default=0, metadata={"help": "training seed"})
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 

@@ -21,8 +21,9 @@ CHECKPOINT_MANIFEST = "retroformer_checkpoint.json"
 class LoraSettings:
     r: int = field(default=2, metadata={"help": "LoRA rank"})
     alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
+        "help": "module names that get an adapter, comma-separated"})
 
 
 def set_threads(threads: int | None) -> int:

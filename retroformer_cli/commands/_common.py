@@ -1,0 +1,88 @@
+"""What every command module shares: the global options' state (set by the root callback in ``cli.py``), the
+error handler, the workspace, and the Typer app factory. Commands import this, never ``cli``."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, Tuple
+
+import typer
+
+from retroformer_cli.errors import RetroformerError
+from retroformer_cli.options import Flag
+
+# Fields every trainer config (sft, reward, ppo) has; help texts come from each config's metadata.
+TRAIN_FLAGS = (
+    Flag("dataset", ("-d",)), Flag("base"), Flag("name"), Flag("max_steps"), Flag("learning_rate", ("--lr",)),
+    Flag("save_steps"), Flag("threads"), Flag("seed"),
+)
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest trainer checkpoint of --name.")]
+
+
+# Options of eval and report (not config fields).
+CompareOpt = Annotated[Optional[Tuple[str, str]], typer.Option(
+    "--compare", help="Compare two runs task by task (paired): --compare A B. Two runs given with --run that share "
+                      "tasks are compared anyway.")]
+PriceInOpt = Annotated[Optional[float], typer.Option(
+    "--price-in", help="USD per million prompt tokens, for a cost estimate [default: the runs' price_in_per_m settings].")]
+PriceOutOpt = Annotated[Optional[float], typer.Option(
+    "--price-out", help="USD per million completion tokens, for a cost estimate [default: the runs' price_out_per_m settings].")]
+
+
+class State:
+    """Global options: ``--workspace``, ``--config``, ``--json`` (filled before any command runs)."""
+
+    workspace: Optional[Path] = None
+    config: Optional[Path] = None
+    json: bool = False
+
+
+state = State()
+
+
+def command_app(**kwargs: Any) -> typer.Typer:
+    """A command module's Typer app, rendered like the root (plain help text: literal [brackets] stay)."""
+    return typer.Typer(rich_markup_mode=None, add_completion=False, pretty_exceptions_enable=False, **kwargs)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map our errors (and Ctrl-C) to one red line + exit code; tracebacks only with RETROFORMER_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from retroformer_cli import console
+
+        try:
+            return fn(*args, **kwargs)
+        except RetroformerError as e:
+            console.error(str(e), e.hint)
+            if os.environ.get("RETROFORMER_DEBUG"):
+                raise
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            console.error("Interrupted.")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as e:  # an unexpected failure still gets one line; the traceback is opt-in
+            if os.environ.get("RETROFORMER_DEBUG"):
+                raise
+            console.error(f"unexpected {type(e).__name__}: {e}", "set RETROFORMER_DEBUG=1 to see the traceback")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def workspace():
+    from retroformer_cli.workspace import Workspace
+
+    return Workspace.open(state.workspace)
+
+
+def build(cls: type, overrides: dict[str, Any], base: Optional[dict[str, Any]] = None) -> Any:
+    """The stage config: defaults < ``base`` < the global ``--config`` YAML < the flags given."""
+    from retroformer_cli.config import build_config
+
+    return build_config(cls, state.config, overrides, base=base)
