@@ -26,7 +26,8 @@ from retroformer_cli.llm.engine.types import (
     Sampling,
 )
 
-__all__ = ["Choice", "DeltaFn", "Result", "Sampling", "ServeError", "TransformersEngine", "model_not_found"]
+__all__ = ["Choice", "DeltaFn", "LengthLimits", "Result", "Sampling", "ServeError", "TransformersEngine",
+           "model_not_found"]
 
 BASE = "__base__"  # reserved: peft's name for "no adapter"
 
@@ -86,7 +87,28 @@ class _Handle:
             self.engine_handle.cancel()
 
 
-class TransformersEngine:
+class LengthLimits:
+    """``max_tokens`` defaults and checks shared by the serving engines (they set ``context_length`` and
+    ``max_tokens_limit``)."""
+
+    context_length: int | None
+    max_tokens_limit: int
+
+    def default_max_tokens(self, prompt_len: int) -> int:
+        room = (self.context_length - prompt_len) if self.context_length else self.max_tokens_limit
+        return max(1, min(self.max_tokens_limit, room))
+
+    def check(self, prompt_ids: Sequence[int], sampling: Sampling) -> None:
+        if sampling.max_tokens > self.max_tokens_limit:
+            raise ServeError(f"max_tokens is {sampling.max_tokens}; this server allows at most "
+                             f"{self.max_tokens_limit} (--max-tokens-limit).", param="max_tokens")
+        if self.context_length and len(prompt_ids) + sampling.max_tokens > self.context_length:
+            raise ServeError(f"This model's maximum context length is {self.context_length} tokens; the prompt has "
+                             f"{len(prompt_ids)} and max_tokens is {sampling.max_tokens}.", param="messages",
+                             code="context_length_exceeded")
+
+
+class TransformersEngine(LengthLimits):
     """In-process engine for ``serve``. ``await start()`` loads the model; ``await shutdown()`` drains."""
 
     kind = "transformers"
@@ -217,19 +239,6 @@ class TransformersEngine:
 
     def encode_prompt(self, text: str) -> list[int]:
         return self.engine.encode_text(text)
-
-    def default_max_tokens(self, prompt_len: int) -> int:
-        room = (self.context_length - prompt_len) if self.context_length else self.max_tokens_limit
-        return max(1, min(self.max_tokens_limit, room))
-
-    def check(self, prompt_ids: Sequence[int], sampling: Sampling) -> None:
-        if sampling.max_tokens > self.max_tokens_limit:
-            raise ServeError(f"max_tokens is {sampling.max_tokens}; this server allows at most "
-                             f"{self.max_tokens_limit} (--max-tokens-limit).", param="max_tokens")
-        if self.context_length and len(prompt_ids) + sampling.max_tokens > self.context_length:
-            raise ServeError(f"This model's maximum context length is {self.context_length} tokens; the prompt has "
-                             f"{len(prompt_ids)} and max_tokens is {sampling.max_tokens}.", param="messages",
-                             code="context_length_exceeded")
 
     # -------------------------------------------------------------------------------- requests
     def queue_depth(self) -> int:

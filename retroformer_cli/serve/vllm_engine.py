@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from retroformer_cli.errors import BackendError
 from retroformer_cli.llm.base import apply_stop
-from retroformer_cli.serve.engine import Choice, DeltaFn, Result, Sampling, ServeError, model_not_found
+from retroformer_cli.serve.engine import Choice, DeltaFn, LengthLimits, Result, Sampling, ServeError, model_not_found
 
 INSTALL_HINT = "pip install vllm"
 
@@ -40,7 +40,7 @@ class _Handle:
         return await self.task
 
 
-class VLLMEngine:
+class VLLMEngine(LengthLimits):
     kind = "vllm"
 
     def __init__(self, model: str = "embedded", *, served_name: str | None = None, adapters: dict[str, str] | None = None,
@@ -150,19 +150,6 @@ class VLLMEngine:
 
     def encode_prompt(self, text: str) -> list[int]:
         return self._tok(text)["input_ids"]
-
-    def default_max_tokens(self, prompt_len: int) -> int:
-        room = (self.context_length - prompt_len) if self.context_length else self.max_tokens_limit
-        return max(1, min(self.max_tokens_limit, room))
-
-    def check(self, prompt_ids: Sequence[int], sampling: Sampling) -> None:
-        if sampling.max_tokens > self.max_tokens_limit:
-            raise ServeError(f"max_tokens is {sampling.max_tokens}; this server allows at most {self.max_tokens_limit} "
-                             "(--max-tokens-limit).", param="max_tokens")
-        if self.context_length and len(prompt_ids) + sampling.max_tokens > self.context_length:
-            raise ServeError(f"This model's maximum context length is {self.context_length} tokens; the prompt has "
-                             f"{len(prompt_ids)} and max_tokens is {sampling.max_tokens}.", param="messages",
-                             code="context_length_exceeded")
 
     # ------------------------------------------------------------------ generation
     def submit(self, model: str | None, prompt_ids: list[int], sampling: Sampling,
