@@ -22,10 +22,10 @@ MODULE_MARK_LINES = 10  # a module's `# size:` reason must sit in its first line
 SIZE_MARK = "# size:"
 
 
-def _modules() -> dict[str, Path]:
+def _modules(root: Path = ROOT) -> dict[str, Path]:
     mods = {}
-    for path in sorted(ROOT.rglob("*.py")):
-        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()
         mods[".".join(parts)] = path
@@ -81,8 +81,8 @@ def _targets(module: str, path: Path, node: ast.AST, known: set[str]) -> set[str
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
-    mods = _modules()
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    mods = _modules(root)
     known = set(mods)
     graph: dict[str, set[str]] = {}
     for module, path in mods.items():
@@ -161,12 +161,12 @@ def _has_mark(lines: list[str], lineno: int) -> bool:
     return comment_above or SIZE_MARK in lines[lineno - 1]
 
 
-def size_offenders() -> list[str]:
+def size_offenders(root: Path = ROOT) -> list[str]:
     out = []
-    for module, path in _modules().items():
+    for module, path in _modules(root).items():
         text = path.read_text(encoding="utf-8")
         lines = text.splitlines()
-        rel = path.relative_to(ROOT.parent).as_posix()
+        rel = path.relative_to(root.parent).as_posix()
         head = lines[:MODULE_MARK_LINES]
         if len(lines) > MAX_MODULE_LINES and not any(SIZE_MARK in line for line in head):
             out.append(f"{rel}: module has {len(lines)} lines (limit {MAX_MODULE_LINES})")
@@ -225,3 +225,24 @@ def test_size_mark_is_found_on_def_or_above_decorators():
     assert _has_mark(lines, 5)
     assert not _has_mark(lines, 6)
     assert not _has_mark(lines, 8)
+
+
+def test_checks_on_a_package_on_disk(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from pkg.sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from .sub.b import g\n")  # deferred import still counts
+    (pkg / "sub" / "b.py").write_text("from ..c import h\n")
+    (pkg / "c.py").write_text("from . import a\n")
+    long_body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    (pkg / "d.py").write_text(f"def long():\n{long_body}\n# size: a table\ndef kept():\n{long_body}")
+    (pkg / "e.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    (pkg / "f.py").write_text("# size: generated table\n" + "x = 1\n" * (MAX_MODULE_LINES + 1))
+    graph = import_graph(pkg)
+    assert graph["pkg"] == {"pkg.sub.b"}
+    assert find_cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]]
+    assert size_offenders(pkg) == [
+        f"pkg/d.py:1: long() has {MAX_FUNCTION_LINES + 1} lines (limit {MAX_FUNCTION_LINES})",
+        f"pkg/e.py: module has {MAX_MODULE_LINES + 1} lines (limit {MAX_MODULE_LINES})",
+    ]
