@@ -1,11 +1,14 @@
 """How long `retroformer --help` takes, next to a minimal two-command Typer app, in one run.
 
-Each command runs in a fresh subprocess (one warm-up, then the median of N timed runs), so imports
-are paid every time, exactly as a user typing the command pays them. The last stdout line is JSON:
+Each command runs in a fresh subprocess, so imports are paid every time, exactly as a user typing the command
+pays them. After one untimed warm-up of each, the commands take turns (round robin, so a busy moment of the
+machine hits all of them alike) and the median of N runs is reported. `retroformer collect --help` (which loads
+one command module and its config dataclass) is measured too. The last stdout line is JSON:
 
-    {"retroformer_help_s": ..., "typer_minimal_help_s": ..., "ratio": ...}
+    {"retroformer_help_s": ..., "typer_minimal_help_s": ..., "ratio": ..., "collect_help_s": ...,
+     "collect_ratio": ..., "budget_ratio": 1.5, "within_budget": true}
 
-Usage: python benchmarks/cli_startup.py [--runs 7] [--cmd "python -m retroformer_cli --help"]
+Usage: python benchmarks/cli_startup.py [--runs 9] [--cmd "python -m retroformer_cli --help"]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+BUDGET = 1.5  # `retroformer --help` may take at most this many times the minimal Typer app's --help
 
 MINIMAL_APP = '''
 import typer
@@ -46,24 +50,30 @@ if __name__ == "__main__":
 '''
 
 
-def time_command(cmd: list[str], runs: int, env: dict[str, str]) -> float:
-    """Median wall time of ``cmd`` in seconds after one untimed warm-up (fills the OS file cache)."""
+def _once(cmd: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{shlex.join(cmd)} exited with {proc.returncode}:\n{proc.stderr.strip()}")
+    return elapsed
 
-    def once() -> float:
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        elapsed = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(f"{shlex.join(cmd)} exited with {proc.returncode}:\n{proc.stderr.strip()}")
-        return elapsed
 
-    once()
-    return statistics.median(once() for _ in range(runs))
+def time_commands(cmds: dict[str, list[str]], runs: int, env: dict[str, str]) -> dict[str, float]:
+    """Median wall time of each command in seconds: one untimed warm-up each (fills the OS file cache), then
+    ``runs`` rounds in which every command runs once."""
+    for cmd in cmds.values():
+        _once(cmd, env)
+    times: dict[str, list[float]] = {name: [] for name in cmds}
+    for _ in range(runs):
+        for name, cmd in cmds.items():
+            times[name].append(_once(cmd, env))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=7, help="timed runs per command (default 7)")
+    ap.add_argument("--runs", type=int, default=9, help="timed runs per command (default 9)")
     ap.add_argument("--cmd", default=f"{shlex.quote(sys.executable)} -m retroformer_cli --help",
                     help="command to measure instead of the retroformer CLI (for trying the script)")
     args = ap.parse_args(argv)
@@ -77,15 +87,21 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         app = Path(tmp) / "minimal_typer_app.py"
         app.write_text(MINIMAL_APP)
-        typer_s = time_command([sys.executable, str(app), "--help"], args.runs, env)
-        ours_s = time_command(shlex.split(args.cmd), args.runs, env)
+        t = time_commands({"typer": [sys.executable, str(app), "--help"], "ours": shlex.split(args.cmd),
+                           "collect": [sys.executable, "-m", "retroformer_cli", "collect", "--help"]}, args.runs, env)
 
-    print(f"retroformer --help: {ours_s * 1000:.0f} ms (median of {args.runs})", file=sys.stderr)
-    print(f"minimal Typer app --help: {typer_s * 1000:.0f} ms", file=sys.stderr)
+    ratio = t["ours"] / t["typer"]
+    print(f"retroformer --help: {t['ours'] * 1000:.0f} ms (median of {args.runs})", file=sys.stderr)
+    print(f"minimal Typer app --help: {t['typer'] * 1000:.0f} ms", file=sys.stderr)
+    print(f"retroformer collect --help: {t['collect'] * 1000:.0f} ms", file=sys.stderr)
     print(json.dumps({
-        "retroformer_help_s": round(ours_s, 4),
-        "typer_minimal_help_s": round(typer_s, 4),
-        "ratio": round(ours_s / typer_s, 3),
+        "retroformer_help_s": round(t["ours"], 4),
+        "typer_minimal_help_s": round(t["typer"], 4),
+        "ratio": round(ratio, 3),
+        "collect_help_s": round(t["collect"], 4),
+        "collect_ratio": round(t["collect"] / t["typer"], 3),
+        "budget_ratio": BUDGET,
+        "within_budget": ratio <= BUDGET,
     }))
 
 

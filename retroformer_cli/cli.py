@@ -32,8 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "reward": ("train", "reward_app", "Train a reward model for reflections, or score one."),
     "ppo": ("ppo", "app", "Fine-tune the reflector with GRPO against a reward."),
     "serve": ("serve", "app", "Serve local models and LoRA adapters behind the OpenAI API."),
-    # ENV GROUP: `retroformer env serve ...` lives in commands/env.py (`app`); registered here once that file exists:
-    # "env": ("env", "app", "Serve the environments over HTTP for other trainers."),
+    "env": ("env", "app", "Serve the environments over HTTP (`retroformer env serve`)."),
 }
 
 # Global options that users also type after the subcommand; they are moved in front before parsing.
@@ -48,7 +47,7 @@ def _hoist_globals(args: list[str]) -> list[str]:
     i = 0
     while i < end:
         a = args[i]
-        if a in _GLOBAL_FLAGS or a.split("=", 1)[0] in ("--config", "--workspace"):
+        if a in _GLOBAL_FLAGS or a.startswith(("--config=", "--workspace=")):
             front.append(a)
         elif a in _GLOBAL_VALUED and i + 1 < end:
             front += [a, args[i + 1]]

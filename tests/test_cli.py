@@ -93,24 +93,31 @@ def test_help_runs_and_imports_nothing_heavy(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "collect" in proc.stdout and "eval" in proc.stdout and "Traceback" not in proc.stderr
 
+    # root --help first (it must load no command module), then every command's --help in the same process
     probe = (
         "import json, sys\n"
         "from retroformer_cli import cli\n"
-        "codes = []\n"
-        "for args in (['--help'], ['collect', '--help'], ['eval', '--help'], ['runs', '--help']):\n"
+        "codes, after_root = [], None\n"
+        "for args in [['--help']] + [[*name.split(), '--help'] for name in (*cli.COMMANDS, 'runs import', "
+        "'datasets build', 'reward score', 'env serve')]:\n"
         "    sys.argv = ['retroformer', *args]\n"
         "    try:\n"
         "        cli.main()\n"
         "    except SystemExit as e:\n"
         "        codes.append(e.code)\n"
+        "    if after_root is None:\n"
+        "        after_root = sorted(m for m in sys.modules if m.startswith('retroformer_cli.commands.') "
+        "and m != 'retroformer_cli.commands._common')\n"
         f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
-        "sys.stderr.write(json.dumps({'codes': codes, 'heavy': heavy}) + '\\n')\n"
+        "sys.stderr.write(json.dumps({'codes': codes, 'heavy': heavy, 'after_root': after_root}) + '\\n')\n"
     )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stderr.strip().splitlines()[-1])
-    assert report["codes"] == [0, 0, 0, 0]
+    assert report["codes"] and set(report["codes"]) == {0}, report["codes"]
+    assert len(report["codes"]) >= 16
+    assert report["after_root"] == [], f"root --help loaded command modules {report['after_root']}"
     assert report["heavy"] == [], f"--help imported {report['heavy']}"
 
 
