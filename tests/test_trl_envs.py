@@ -257,3 +257,37 @@ def test_one_grpo_step_calls_the_tools(workspace):
     assert (result.path / "adapter_config.json").is_file()
     manifest = json.loads((result.path / "retroformer_checkpoint.json").read_text(encoding="utf-8"))
     assert manifest["stage"] == "actor-grpo" and manifest["chat_template"] == "tools"
+
+
+# --- the recipe script -----------------------------------------------------------------------------
+def _recipe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grpo_actor_recipe", ROOT / "recipes" / "grpo_actor.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_flags_become_the_config():
+    recipe = _recipe()
+    args = recipe.parser().parse_args(
+        ["--env", "alfworld", "--max-steps", "3", "--learning-rate", "2e-5", "--gradient-checkpointing",
+         "--task-ids", "a, b", "--env-option", "wording=react", "--env-option", "cache_games=2", "--lora-r", "4",
+         "--max-tool-calls", "7"])
+    cfg = recipe.config_from(args)
+    assert (cfg.env, cfg.max_steps, cfg.learning_rate, cfg.gradient_checkpointing) == ("alfworld", 3, 2e-5, True)
+    assert cfg.task_ids == ["a", "b"] and cfg.env_options == {"wording": "react", "cache_games": 2}
+    assert cfg.lora.r == 4 and cfg.max_tool_calls == 7 and cfg.tasks is None
+    with pytest.raises(UsageError, match="not KEY=VALUE"):
+        recipe.config_from(recipe.parser().parse_args(["--env-option", "wording"]))
+
+
+def test_recipe_reports_user_errors_in_one_line(tmp_path, capsys):
+    recipe = _recipe()
+    assert recipe.main(["--workspace", str(tmp_path / "ws"), "--num-generations", "1"]) == 2
+    assert recipe.main(["--workspace", str(tmp_path / "ws"), "--env", "webshop", "--reward", "f1"]) == 2
+    assert recipe.main(["--workspace", str(tmp_path / "ws"), "--env", "chess"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in err] == ["Error"] * 3 and "Traceback" not in "".join(err)
+    assert "at least 2" in err[0] and "HotPotQA only" in err[1] and "Unknown environment 'chess'" in err[2]
