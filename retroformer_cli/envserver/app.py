@@ -114,10 +114,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _json(error_body(message, param=param, code=code), 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(req: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {404: f"There is no {req.url.path} here (see the protocol: GET /schema, POST /sessions).",
+                   405: f"{req.method} is not allowed on {req.url.path}."}.get(exc.status_code, f"{exc.detail}.")
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return _json(error_body(str(exc.detail), kind, None, code), exc.status_code, getattr(exc, "headers", None))
+        return _json(error_body(message, kind, None, code), exc.status_code, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _crash(_req: Request, exc: Exception) -> JSONResponse:
@@ -165,7 +167,7 @@ def _add_routes(app: FastAPI, manager: SessionManager) -> None:
 
     @app.get("/sessions/{sid}/state")
     async def state(sid: str) -> JSONResponse:
-        return _json(manager.get(sid).state())
+        return _json(manager.get(sid, touch=True).state())
 
     @app.delete("/sessions/{sid}")
     @app.post("/sessions/{sid}/close")

@@ -120,15 +120,19 @@ class SessionManager:
         self.counters["created"] += 1
         return session
 
-    def get(self, sid: str) -> Session:
+    def get(self, sid: str, touch: bool = False) -> Session:
+        """The open session ``sid`` (404 when closed, expired or unknown); ``touch``: count it as activity."""
         session = self._sessions.get(sid)
-        if session is None:
-            why = self._expired.get(sid)
+        stale = session is not None and time.monotonic() - session.last_used > self.ttl_s and not session.lock.locked()
+        if session is None or stale:  # a stale one is closed by the next sweep
+            why = "expired" if stale else self._expired.get(sid)
             if why == "expired":
                 raise EnvServerError(404, f"Session '{sid}' expired after {self.ttl_s:g} s idle; create a new one.",
                                      "session_expired")
             raise EnvServerError(404, f"Session '{sid}' does not exist (closed or never created).",
                                  "session_not_found")
+        if touch:
+            session.last_used = time.monotonic()
         return session
 
     async def close(self, sid: str) -> None:
