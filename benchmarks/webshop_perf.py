@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(REPO))
     from retroformer_cli.envs.webshop.env import WebShopEnv
 from retroformer_cli.envs.webshop.search import BM25Index
+from webshop_scale import search_latency  # noqa: E402  (benchmarks/ is the script's folder)
 
 SHARED = REPO.parent / "shared" / "data" / "webshop"
 
@@ -57,17 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         queries = [json.loads(line)["query"] for line in qfile.open(encoding="utf-8") if line.strip()]
     else:
         queries = [g["instruction_text"].lower() for g in env.goals[:500]]
-    for q in queries[:20]:  # warm the stem cache as a running env would be
-        env.index.search(q)
-    lat = []
-    for q in queries:
-        t0 = time.perf_counter()
-        env.index.search(q)
-        lat.append((time.perf_counter() - t0) * 1000)
-    lat.sort()
-    p50 = statistics.median(lat)
-    p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))]
-    print(f"search: {len(lat)} queries, p50 {p50:.3f} ms, p95 {p95:.3f} ms", file=sys.stderr)
+    p50, p95, n_queries = search_latency(env.index, queries)  # the first 20 untimed: they warm the caches
+    print(f"search: {n_queries} queries, p50 {p50:.3f} ms, p95 {p95:.3f} ms", file=sys.stderr)
 
     ids = env.task_ids()
     # episode 0 is not timed: it loads spaCy (seconds, once per process, at the first purchase)
@@ -96,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"episodes: {args.episodes} in {elapsed:.2f}s ({eps:.1f}/s, {steps / elapsed:.0f} steps/s)", file=sys.stderr)
     print(json.dumps({
-        "catalog": len(env.catalog), "goals": len(env.goals), "queries": len(lat),
+        "catalog": len(env.catalog), "goals": len(env.goals), "queries": n_queries,
         "search_p50_ms": round(p50, 3), "search_p95_ms": round(p95, 3), "index_build_s": round(build_s, 3),
         "env_first_start_s": round(first_start, 3), "env_start_cached_s": round(cached_start, 3),
         "episodes_per_s": round(eps, 1), "steps_per_s": round(steps / elapsed, 1), "peak_rss_mb": round(peak, 1),

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from retroformer_cli.errors import DataError
 
@@ -69,6 +69,10 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self.products)
+
+    def goal_candidates(self, instructions: Any = None, kind: str = "synthetic") -> Iterable[dict[str, Any]]:
+        """The products goals are built from, in catalog order (all of them here; a lazy catalog narrows it)."""
+        return self.products
 
     def documents(self) -> Iterator[tuple[str, str]]:
         """(asin, contents) pairs for the search index."""

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from retroformer_cli.envs.webshop import pages
-from retroformer_cli.envs.webshop.catalog import Catalog, find_raw_files, load_documents, load_json, load_raw
+from retroformer_cli.envs.webshop.catalog import Catalog, find_raw_files, load_json, load_raw
 from retroformer_cli.envs.webshop.goals import (GOAL_KINDS, build_goals, parse_task_id, split_indices, task_id)
 from retroformer_cli.envs.webshop.reward import get_reward
 from retroformer_cli.envs.webshop.search import SEARCH_RETURN_N, load_or_build
+from retroformer_cli.envs.webshop.store import load_catalog
 from retroformer_cli.errors import DataError, UsageError
 
 SAMPLE_DATA = Path(__file__).resolve().parents[3] / "sample_data" / "webshop"
@@ -87,7 +88,7 @@ def _load_world(data: str | Path | None, goals: str, goal_file: str | Path | Non
     human_ins = None
     if path.is_file() or _single("documents*.jsonl", path, "documents") is not None:
         doc_file = path if path.is_file() else _single("documents*.jsonl", path, "documents")
-        catalog = load_documents(doc_file, num_products)
+        catalog = load_catalog(doc_file, num_products, cache_dir)  # big files: products read on demand
         folder = doc_file.parent
         gfile = Path(goal_file) if goal_file else _single("items_ins_v2*.json", folder, "goal (items_ins_v2)")
         if gfile is not None:
@@ -104,7 +105,8 @@ def _load_world(data: str | Path | None, goals: str, goal_file: str | Path | Non
     if goals == "synthetic" and instructions is None:
         raise DataError(f"No WebShop goal file (items_ins_v2*.json) next to {path}; pass goal_file=... "
                         "or goals='human'.")
-    goal_list = build_goals(catalog.products, catalog.prices, goals, instructions, human_ins, seed)
+    goal_list = build_goals(list(catalog.goal_candidates(instructions, goals)), catalog.prices, goals, instructions,
+                            human_ins, seed)
     if not goal_list:
         raise DataError(f"WebShop data {path} yields no {goals} goals.")
     index, how = load_or_build(catalog.key, cache_dir=cache_dir, docs_factory=catalog.documents)

@@ -81,6 +81,8 @@ class BM25Index:
     ``f * cache[norm]``); ``id_rank``: each doc's place in id order (Anserini's tie break).
     """
 
+    DENSE_RATIO = 8  # a query whose postings number over n_docs / DENSE_RATIO sums into a corpus-sized array
+
     def __init__(self, doc_ids: np.ndarray, terms: list[str], offsets: np.ndarray, post_docs: np.ndarray,
                  post_tfn: np.ndarray, norms: np.ndarray, id_rank: np.ndarray, sum_total_term_freq: int,
                  analyzer: LuceneEnglishAnalyzer | None = None, k1: float = K1, b: float = B):
@@ -128,7 +130,8 @@ class BM25Index:
         del tid
         post_docs = np.repeat(np.arange(n, dtype=np.int32), np.frombuffer(uniq, dtype=np.int32))[order]
         lens = np.frombuffer(lengths, dtype=np.int64)
-        norms = np.fromiter((int_to_byte4(int(x)) for x in lens), dtype=np.uint8, count=n)
+        distinct, inverse = np.unique(lens, return_inverse=True)
+        norms = np.array([int_to_byte4(int(x)) for x in distinct], dtype=np.uint8)[inverse].reshape(n)
         total = int(lens.sum())
         tf = np.frombuffer(tfs, dtype=np.int32)[order].astype(np.float32)
         del order
@@ -143,23 +146,11 @@ class BM25Index:
 
     def save(self, path: Path) -> None:
         """Write the index as a folder (header.json, terms.json, one .npy per array), atomically replaced."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp"))
-        try:
-            for name in self._ARRAYS:
-                np.save(tmp / f"{name}.npy", np.ascontiguousarray(getattr(self, name)))
-            (tmp / "terms.json").write_text(json.dumps(self.terms, ensure_ascii=False), encoding="utf-8")
-            header = {"format": INDEX_FORMAT, "analyzer_version": ANALYZER_VERSION, "k1": self.k1, "b": self.b,
-                      "n_docs": self.n_docs, "n_terms": len(self.terms), "n_postings": int(len(self.post_docs)),
-                      "sum_total_term_freq": self.sum_total_term_freq}
-            (tmp / "header.json").write_text(json.dumps(header), encoding="utf-8")  # written last: marks it whole
-            if path.exists():
-                shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        header = {"format": INDEX_FORMAT, "analyzer_version": ANALYZER_VERSION, "k1": self.k1, "b": self.b,
+                  "n_docs": self.n_docs, "n_terms": len(self.terms), "n_postings": int(len(self.post_docs)),
+                  "sum_total_term_freq": self.sum_total_term_freq}
+        arrays = {name: np.ascontiguousarray(getattr(self, name)) for name in self._ARRAYS}
+        save_arrays(Path(path), arrays, header, {"terms.json": json.dumps(self.terms, ensure_ascii=False)})
 
     @classmethod
     def load(cls, path: Path) -> "BM25Index | None":
@@ -209,7 +200,7 @@ class BM25Index:
         if got is None:
             return []
         docs, vals = got
-        if len(docs) * 8 < self.n_docs:  # few postings: sum per distinct doc without a corpus-sized array
+        if len(docs) * self.DENSE_RATIO < self.n_docs:  # few postings: sum per distinct doc without a corpus-sized array
             cand, inverse = np.unique(docs, return_inverse=True)
             acc = np.bincount(inverse, weights=vals, minlength=len(cand))  # float64, each doc's terms in order
         else:
@@ -227,6 +218,25 @@ class BM25Index:
             cand, scores = cand[keep], scores[keep]
         order = np.lexsort((self.id_rank[cand], -scores))[:k]
         return [(self.doc_id(cand[i]), float(scores[i])) for i in order]
+
+
+def save_arrays(folder: Path, arrays: dict[str, np.ndarray], header: dict, texts: dict[str, str] | None = None) -> None:
+    """Write ``<name>.npy`` per array, the text files and ``header.json`` (last) into a temporary folder, then
+    move it to ``folder`` (replacing an older one): a reader sees a whole folder or none."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".", suffix=".tmp"))
+    try:
+        for name, arr in arrays.items():
+            np.save(tmp / f"{name}.npy", arr)
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        (tmp / "header.json").write_text(json.dumps(header), encoding="utf-8")
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def fingerprint(*parts: object) -> str:
