@@ -291,3 +291,23 @@ def test_recipe_reports_user_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert [line.split(":")[0] for line in err] == ["Error"] * 3 and "Traceback" not in "".join(err)
     assert "at least 2" in err[0] and "HotPotQA only" in err[1] and "Unknown environment 'chess'" in err[2]
+
+
+@pytest.mark.slow
+def test_embedded_model_trains_through_our_tool_template(workspace, embedded_cache, monkeypatch):
+    """The embedded SmolLM2's own template drops tool calls, so ``auto`` installs ours; one real step."""
+    from retroformer_cli.stages.actor_grpo import ActorGRPOConfig, run
+
+    monkeypatch.setattr(type(workspace), "cache_dir", property(lambda self: embedded_cache))
+    q, _, _ = _answerable()[0]
+    cfg = ActorGRPOConfig(env="hotpotqa", split="all", task_ids=[q.id], max_steps=1, num_generations=2,
+                          max_completion_length=48, threads=1, name="embedded")
+    result = run(cfg, workspace, progress=False)
+    assert result.steps == 1 and result.chat_template == "tools"
+    assert math.isfinite(result.metrics["train_loss"])
+    from transformers import AutoTokenizer
+
+    from retroformer_cli.stages.tool_chat import TOOL_CHAT_TEMPLATE
+
+    assert AutoTokenizer.from_pretrained(str(result.path)).chat_template == TOOL_CHAT_TEMPLATE
+    assert json.loads((result.path / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded"

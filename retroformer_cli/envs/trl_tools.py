@@ -106,7 +106,6 @@ class EnvTools:
         def make_one() -> "EnvTools":
             return cls(base().spawn(), next_task, **options)
 
-        make_one.env_tools_class = cls  # type: ignore[attr-defined]
         return make_one
 
     @classmethod
