@@ -138,6 +138,8 @@ def config_options(cls: type, *groups: Sequence[Flag]) -> Callable[[Callable[...
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn, eval_str=True)
+        if "overrides" not in sig.parameters:
+            raise TypeError(f"{fn.__name__} needs an 'overrides' parameter to receive its config flags")
         derived = [_parameter(cls, flag) for flag in flags]
         params: list[inspect.Parameter] = []
         for p in sig.parameters.values():  # Typer passes every parameter by keyword
