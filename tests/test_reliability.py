@@ -4,6 +4,7 @@ while the run goes on; SIGTERM stops a collect on the embedded model promptly an
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import json
 import multiprocessing
@@ -49,7 +50,8 @@ class FlakyHotPotQA(HotPotQAEnv):
 
 @pytest.fixture
 def flaky_env(monkeypatch):
-    monkeypatch.setitem(envs._REGISTRY, "hotpotqa", "test_reliability:FlakyHotPotQA")
+    spec = dataclasses.replace(envs.get_spec("hotpotqa"), entry_point="test_reliability:FlakyHotPotQA", asynchronous=True)
+    monkeypatch.setitem(envs._REGISTRY.specs(), "hotpotqa", spec)  # the actor calls areset/astep as the spec says
     FlakyHotPotQA.hang_once, FlakyHotPotQA.broken, FlakyHotPotQA.hung = set(), set(), []
     return FlakyHotPotQA
 

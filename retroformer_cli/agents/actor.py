@@ -80,17 +80,26 @@ async def _env_call(what: str, call: Any, timeout_s: float | None) -> Any:
 
 
 async def env_reset(env: Any, timeout_s: float | None = None, **kwargs: Any) -> tuple[str, dict[str, Any]]:
-    """Envs whose engine is slow (ALFWorld runs in worker processes) offer ``areset``/``astep`` so the
-    event loop, and the LLM calls of other episodes, never wait on them. Failures become :class:`EnvFailure`."""
-    if hasattr(env, "areset"):
+    """Envs whose engine is slow (ALFWorld runs in worker processes) declare ``asynchronous`` in their spec and
+    offer ``areset``/``astep``, so the event loop, and the LLM calls of other episodes, never wait on them.
+    Failures become :class:`EnvFailure`."""
+    if _asynchronous(env):
         return await _env_call("reset", env.areset(**kwargs), timeout_s)
     return await _env_call("reset", _sync(env.reset, **kwargs), None)
 
 
 async def env_step(env: Any, action: str, timeout_s: float | None = None) -> tuple[str, float, bool, bool, dict[str, Any]]:
-    if hasattr(env, "astep"):
+    if _asynchronous(env):
         return await _env_call("step", env.astep(action), timeout_s)
     return await _env_call("step", _sync(env.step, action), None)
+
+
+def _asynchronous(env: Any) -> bool:
+    """Whether the env's spec (``EnvSpec.asynchronous``) promises ``areset``/``astep``."""
+    from retroformer_cli.envs import spec_of
+
+    spec = spec_of(env)
+    return spec is not None and spec.asynchronous
 
 
 async def _sync(fn: Any, *args: Any, **kwargs: Any) -> Any:

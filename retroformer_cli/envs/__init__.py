@@ -1,61 +1,100 @@
-"""Environment registry: ``make("hotpotqa", data=..., max_steps=...)``.
+"""Environment registry: ``make("hotpotqa", data=..., max_steps=...)`` and each env's :class:`EnvSpec`.
 
-Names are short (``hotpotqa``) with versioned aliases (``HotPotQA-v0``). Entry points are
-``"module:factory"`` strings so that registering an env imports nothing.
+Every env declares one ``EnvSpec`` (name, versioned id, ``"module:factory"`` entry point, prompt set, default step
+limit, protocol split, capabilities). Built-in envs declare it as a module-level ``SPEC = EnvSpec(...)`` in their
+module (``envs/<name>.py``) or package ``__init__`` (``envs/<name>/__init__.py``); third-party packages through
+the ``retroformer.envs`` entry point group (:mod:`retroformer_cli.plugins`). ``collect``, the actor and ``eval``
+read the spec instead of probing env objects; registering imports no env class.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
+from pathlib import Path
 from typing import Any
 
+from retroformer_cli.envs.spec import EnvSpec
 from retroformer_cli.errors import UsageError, did_you_mean
+from retroformer_cli.plugins import ENV_GROUP, Registry, load_ref
 
-_REGISTRY: dict[str, str] = {}
-_ALIASES: dict[str, str] = {}
+__all__ = ["EnvSpec", "canonical_name", "get_spec", "list_envs", "make", "prompts_for", "protocol_split",
+           "register", "spec_of", "specs"]
 
-
-def register(name: str, entry_point: str, aliases: tuple[str, ...] = ()) -> None:
-    _REGISTRY[name] = entry_point
-    for a in aliases:
-        _ALIASES[a.lower()] = name
+_DECLARES_SPEC = re.compile(r"^SPEC\s*(?::\s*EnvSpec\s*)?=\s*EnvSpec\(", re.MULTILINE)
 
 
-def canonical_name(name: str) -> str:
-    key = name.lower()
-    if key in _REGISTRY:
-        return key
-    if key in _ALIASES:
-        return _ALIASES[key]
-    raise UsageError(f"Unknown environment '{name}' (--env): {did_you_mean(name, list(_REGISTRY))}.")
+def _builtin_specs() -> list[EnvSpec]:
+    """Modules and packages of this folder that declare ``SPEC = EnvSpec(...)``; only those are imported."""
+    import pkgutil
+
+    here = Path(__file__).resolve().parent
+    found = []
+    for info in sorted(pkgutil.iter_modules([str(here)]), key=lambda i: i.name):
+        source = here / info.name / "__init__.py" if info.ispkg else here / f"{info.name}.py"
+        try:
+            text = source.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        if _DECLARES_SPEC.search(text):
+            found.append(importlib.import_module(f"{__name__}.{info.name}").SPEC)
+    return found
+
+
+_REGISTRY = Registry(ENV_GROUP, EnvSpec, _builtin_specs, lambda spec: spec.names())
+
+
+def register(spec: EnvSpec, replace: bool = False) -> None:
+    """Add an env at run time (plugins use the ``retroformer.envs`` entry point group instead)."""
+    _REGISTRY.register(spec, replace=replace)
+
+
+def specs() -> list[EnvSpec]:
+    return sorted(_REGISTRY.specs().values(), key=lambda s: s.name)
 
 
 def list_envs() -> list[str]:
-    return sorted(_REGISTRY)
+    return [s.name for s in specs()]
 
 
-def _factory(name: str) -> Any:
-    module_name, factory = _REGISTRY[canonical_name(name)].split(":")
-    return getattr(importlib.import_module(module_name), factory)
+def get_spec(name: str) -> EnvSpec:
+    spec = _REGISTRY.lookup(str(name).lower())
+    if spec is None:
+        note = ""
+        if _REGISTRY.broken:
+            note = " (plugins that failed to load: " + ", ".join(
+                f"{k}: {v}" for k, v in sorted(_REGISTRY.broken.items())) + ")"
+        raise UsageError(f"Unknown environment '{name}' (--env): {did_you_mean(name, list_envs())}{note}.")
+    return spec
 
 
-def accepts(name: str, keyword: str) -> bool:
-    """Whether the env's constructor takes ``keyword`` (e.g. ``cache_dir`` for envs with indexes)."""
-    import inspect
+def canonical_name(name: str) -> str:
+    return get_spec(name).name
 
-    return keyword in inspect.signature(_factory(name)).parameters
+
+def spec_of(env: Any) -> EnvSpec | None:
+    """The spec of a built env (by its ``env_id``); None for an object no spec describes (test doubles)."""
+    env_id = getattr(env, "env_id", None)
+    return _REGISTRY.lookup(env_id.lower()) if isinstance(env_id, str) else None
 
 
 def protocol_split(name: str) -> str:
-    """The split `retroformer eval --env` collects on: the env's ``protocol_split`` (ALFWorld's data folder is
-    already the evaluation games: ``all``), else our deterministic ``eval`` split."""
-    return getattr(_factory(name), "protocol_split", "eval")
+    """The split `retroformer eval --env` collects on: ``all`` where the data folder already is the papers'
+    evaluation games (ALFWorld's valid_unseen), else our deterministic ``eval`` split."""
+    return get_spec(name).protocol_split
 
 
-def make(name: str, **kwargs: Any):
-    return _factory(name)(**kwargs)
+def prompts_for(name: str) -> Any:
+    """The env's PromptSet, named by its spec (``EnvSpec.prompts``)."""
+    spec = get_spec(name)
+    return load_ref(spec.prompts, f"prompt set of the {spec.name} environment")
 
 
-register("hotpotqa", "retroformer_cli.envs.hotpotqa:HotPotQAEnv", aliases=("HotPotQA-v0",))
-register("alfworld", "retroformer_cli.envs.alfworld:ALFWorldEnv", aliases=("ALFWorld-v0",))
-register("webshop", "retroformer_cli.envs.webshop.env:WebShopEnv", aliases=("WebShop-v0",))
+def make(name: str, **kwargs: Any) -> Any:
+    """Build the env (``data=``, ``max_steps=`` and its ``options``) and check it keeps its spec's contract."""
+    from retroformer_cli.envs.base import check_contract
+
+    spec = get_spec(name)
+    env = load_ref(spec.entry_point, f"entry point of the {spec.name} environment")(**kwargs)
+    check_contract(env, spec)
+    return env

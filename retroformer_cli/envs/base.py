@@ -5,16 +5,30 @@
 
 ``info`` always holds ``task_id`` and ``instruction``; at the end of an episode also ``success``
 (bool) and ``score`` (float, the episode return used as G_k).
+
+:func:`check_contract` holds an env to this protocol and to what its :class:`EnvSpec` promises; the registry
+runs it on every env it makes (``envs.make``), so a plugin env that breaks it fails at once with one sentence.
+:func:`check_factory` checks the spec against the factory's signature (tests run it over every registered env).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+import inspect
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
+
+from retroformer_cli.errors import RetroformerError
+
+if TYPE_CHECKING:
+    from retroformer_cli.envs.spec import EnvSpec
+
+
+class EnvContractError(RetroformerError):
+    """An environment does not keep the TextEnv contract or its EnvSpec (a bug in that env, not the user's)."""
 
 
 @runtime_checkable
 class TextEnv(Protocol):
-    env_id: str
+    env_id: str  # the EnvSpec name
     max_steps: int
 
     def task_ids(self) -> Sequence[str]: ...
@@ -24,3 +38,57 @@ class TextEnv(Protocol):
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SpawningTextEnv(TextEnv, Protocol):
+    """``EnvSpec.spawn``: a twin over the same loaded data (one per concurrent episode)."""
+
+    def spawn(self) -> "TextEnv": ...
+
+
+@runtime_checkable
+class AsyncTextEnv(TextEnv, Protocol):
+    """``EnvSpec.asynchronous``: coroutine versions of reset and step for engines that must not block the loop."""
+
+    async def areset(self, *, seed: int | None = None,
+                     options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]: ...
+
+    async def astep(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]: ...
+
+
+def _missing(env: Any, protocol: type) -> list[str]:
+    members = [m for m in protocol.__dict__.get("__annotations__", {})] + \
+              [m for m, v in protocol.__dict__.items() if callable(v) and not m.startswith("_")]
+    return [m for m in members if not hasattr(env, m)]
+
+
+def check_contract(env: Any, spec: "EnvSpec") -> None:
+    """Raise :class:`EnvContractError` naming every way ``env`` breaks the protocol or its spec."""
+    problems = [f"has no '{m}'" for m in _missing(env, TextEnv)]
+    if not problems and env.env_id != spec.name:
+        problems.append(f"says env_id={env.env_id!r}, not its spec name {spec.name!r}")
+    if spec.spawn and not isinstance(env, SpawningTextEnv):
+        problems.append("declares spawn=True but has no spawn()")
+    if spec.asynchronous:
+        for name in ("areset", "astep"):
+            if not inspect.iscoroutinefunction(getattr(env, name, None)):
+                problems.append(f"declares asynchronous=True but {name}() is not a coroutine function")
+    if problems:
+        raise EnvContractError(f"The {spec.name} environment ({type(env).__name__}) breaks its contract: "
+                               + "; ".join(problems) + ".")
+
+
+def check_factory(spec: "EnvSpec") -> None:
+    """The spec's factory takes ``data``, ``max_steps``, every declared option and ``cache_dir`` when declared."""
+    from retroformer_cli.plugins import load_ref
+
+    factory = load_ref(spec.entry_point, f"entry point of the {spec.name} environment")
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    wanted = ("data", "max_steps", *spec.options, *(("cache_dir",) if spec.cache_dir else ()))
+    missing = [k for k in wanted if k not in params]
+    if missing:
+        raise EnvContractError(f"The {spec.name} environment's factory {spec.entry_point} takes no "
+                               + ", ".join(repr(k) for k in missing) + " (declared by its EnvSpec).")

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from retroformer_cli.envs.hotpotqa_metrics import exact_match, f1_score
+from retroformer_cli.envs.spec import EnvSpec
 from retroformer_cli.errors import DataError, UsageError
+
+SPEC = EnvSpec(
+    name="hotpotqa", id="HotPotQA-v0", entry_point="retroformer_cli.envs.hotpotqa:HotPotQAEnv",
+    prompts="retroformer_cli.agents.prompts.hotpotqa:PROMPTS", max_steps=6, action_names=("search", "lookup", "finish"),
+    options=("split",), spawn=True, description="HotPotQA distractor questions, Wikipedia-style search (ReAct protocol)",
+)
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "sample_data" / "hotpotqa"
 VALID_ACTIONS = "Valid actions are Search[entity], Lookup[keyword], Finish[answer]."
@@ -285,8 +292,8 @@ def parse_action(text: str) -> tuple[str, str] | None:
 class HotPotQAEnv:
     """HotPotQA distractor questions; reward = EM at ``Finish``, 0 otherwise."""
 
-    env_id = "hotpotqa"
-    action_names = ("search", "lookup", "finish")
+    env_id = SPEC.name
+    action_names = SPEC.action_names
 
     def __init__(self, data: str | Path | None = None, max_steps: int = 6, split: str | None = None):
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:

@@ -65,15 +65,16 @@ def select_tasks(all_ids: list[str], cfg: CollectConfig) -> list[str]:
 
 
 def make_env(cfg: CollectConfig, workspace: Workspace | None = None) -> Any:
-    from retroformer_cli.envs import accepts, make
+    from retroformer_cli.envs import get_spec, make
 
+    spec = get_spec(cfg.env)  # what the env declares: options, capabilities (no probing of env objects)
     kwargs: dict[str, Any] = {**cfg.env_options, "data": cfg.data}
     if cfg.max_steps is not None:
         kwargs["max_steps"] = cfg.max_steps
-    if workspace is not None and accepts(cfg.env, "cache_dir"):  # envs with indexes cache them in the workspace
+    if workspace is not None and spec.cache_dir:  # envs with indexes cache them in the workspace
         kwargs["cache_dir"] = workspace.cache_dir
     for key in cfg.env_options:
-        if not accepts(cfg.env, key):
+        if key not in spec.options:
             raise UsageError(f"The {cfg.env} environment has no option '{key}' (--env-option / env_options).")
     return make(cfg.env, **kwargs)
 
@@ -252,6 +253,9 @@ async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: An
     except (NotImplementedError, RuntimeError):
         pass
 
+    from retroformer_cli.envs import get_spec
+
+    env_spec = get_spec(cfg.env)
     # A pool of environment instances, one per concurrent episode (capped by --workers); built lazily.
     concurrency = max(1, cfg.concurrency)
     n_envs = max(1, min(concurrency, cfg.workers or concurrency))
@@ -261,7 +265,7 @@ async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: An
 
     async def acquire_env() -> Any:
         if pool.empty() and len(created) < n_envs:
-            env = first_env.spawn() if hasattr(first_env, "spawn") else make_env(cfg, workspace)
+            env = first_env.spawn() if env_spec.spawn else make_env(cfg, workspace)
             created.append(env)
             return env
         return await pool.get()
@@ -272,7 +276,7 @@ async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: An
     remaining = [t for t in task_ids if not _finished(history.get(t, []), cfg.trials)]
     progress.start(len(task_ids), len(task_ids) - len(remaining))
     gate = asyncio.Semaphore(concurrency)
-    action_names = getattr(first_env, "action_names", ())
+    action_names = env_spec.action_names
 
     async def one(task_id: str) -> None:
         async with gate:

@@ -49,9 +49,7 @@ class PromptSet:
 
 
 def get_prompts(env_id: str) -> PromptSet:
-    from retroformer_cli.envs import canonical_name
+    """The env's prompt set, as its EnvSpec names it (``EnvSpec.prompts``, a ``"module:attribute"`` string)."""
+    from retroformer_cli.envs import prompts_for
 
-    import importlib
-
-    # one module per environment: retroformer_cli/agents/prompts/<env>.py defining PROMPTS
-    return importlib.import_module(f"retroformer_cli.agents.prompts.{canonical_name(env_id)}").PROMPTS
+    return prompts_for(env_id)

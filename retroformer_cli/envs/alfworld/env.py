@@ -59,7 +59,6 @@ class ALFWorldEnv:
     """
 
     env_id = "alfworld"
-    protocol_split = "all"  # the data folder (valid_unseen) is already the evaluation games of the papers
     action_names: tuple[str, ...] = ()  # free-text commands, not Name[arg]
 
     def __init__(self, data: str | os.PathLike | None = None, max_steps: int = 50, split: str | None = None,
