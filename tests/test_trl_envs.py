@@ -55,8 +55,10 @@ def test_hotpotqa_scripted_episode_reward_and_bad_calls():
     make = HotPotQATools.factory(data=str(HOTPOT))
     env, other = make(), make()
     assert env._env is not other._env  # one episode state per instance, data shared
-    obs = env.reset(task_id=q.id, prompt=[{"role": "user", "content": ""}])  # TRL passes the row's columns
+    obs = env.reset(task_id=q.id, prompt=[{"role": "user", "content": "Answer it."}])  # TRL passes the row's columns
     assert obs == "Question: " + q.question.strip()
+    placeholder = env.reset(task_id=q.id, prompt=[{"role": "user", "content": ""}])  # TRL without a dataset
+    assert placeholder == f"{HotPotQATools.instructions}\n\n{obs}"
     assert env.search().startswith("Invalid call: missing a required argument: 'entity'")
     assert env.search(entity="x", page=2).startswith("Invalid call: got an unexpected keyword argument 'page'")
     assert env.lookup(keyword="anything").startswith("No page is loaded yet")
@@ -82,14 +84,15 @@ def test_hotpotqa_f1_reward_step_limit_and_task_cycle():
     assert env.search(entity="still nothing").endswith(f"The step limit is reached. {EPISODE_OVER}")
     assert env.get_reward() == 0.0
     ids = [q.id for q in load_questions(HOTPOT)]
-    seen = []
-    for _ in range(len(ids) + 1):  # no task_id (TRL without train_dataset): the tasks in turn
-        make().reset()
-    cycling = make()
-    for _ in range(2):
-        cycling.reset()
-        seen.append(cycling._task)
-    assert seen == [ids[(len(ids) + 1) % len(ids)], ids[(len(ids) + 2) % len(ids)]]
+    grouped = HotPotQATools.factory(data=str(HOTPOT), group_size=2)  # no task_id: tasks in turn, 2 resets each
+    pool = [grouped() for _ in range(5)]
+    for env in pool:
+        env.reset(prompt=[{"role": "user", "content": ""}])
+    assert [env._task for env in pool] == [ids[0], ids[0], ids[1], ids[1], ids[2]]
+    pool[0].reset()
+    assert pool[0]._task == ids[2]
+    with pytest.raises(UsageError, match="group_size must be a positive integer"):
+        HotPotQATools.factory(data=str(HOTPOT), group_size=0)
     with pytest.raises(UsageError, match="reward 'bleu'"):
         HotPotQATools.factory(data=str(HOTPOT), reward="bleu")
 
@@ -212,10 +215,7 @@ def _scripted_llama(tok, script):
     return Scripted(config)
 
 
-def test_one_grpo_step_calls_the_tools(workspace):
-    from retroformer_cli.stages.actor_grpo import ActorGRPOConfig, run
-
-    cases = _answerable()[:2]
+def _hotpotqa_script(cases):
     by_question = {q.question.strip(): (title, answer) for q, title, answer in cases}
 
     def script(conversation: str, row: int) -> str:
@@ -231,6 +231,14 @@ def test_one_grpo_step_calls_the_tools(workspace):
             return f'<tool_call>{{"name": "finish", "arguments": {{"answer": {json.dumps(said)}}}}}</tool_call>'
         return "Done."
 
+    return script
+
+
+def test_one_grpo_step_calls_the_tools(workspace):
+    from retroformer_cli.stages.actor_grpo import ActorGRPOConfig, run
+
+    cases = _answerable()[:2]
+    script = _hotpotqa_script(cases)
     tok = tiny_tokenizer(PLAIN_CHATML)
     model = _scripted_llama(tok, script)
     made = []
@@ -257,6 +265,40 @@ def test_one_grpo_step_calls_the_tools(workspace):
     assert (result.path / "adapter_config.json").is_file()
     manifest = json.loads((result.path / "retroformer_checkpoint.json").read_text(encoding="utf-8"))
     assert manifest["stage"] == "actor-grpo" and manifest["chat_template"] == "tools"
+
+
+def test_grpo_trainer_without_a_dataset_plays_one_task_per_group(tmp_path):
+    """TRL's other mode: no train_dataset, the environment picks the task; both episodes of a group share it."""
+    import os
+
+    from trl import GRPOConfig, GRPOTrainer
+
+    from retroformer_cli.stages.tool_chat import install
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    cases = _answerable()[:2]
+    ids = [q.id for q, _, _ in cases]
+    lines = (HOTPOT / "questions.jsonl").read_text(encoding="utf-8").splitlines()
+    data = tmp_path / "two.jsonl"  # the env's own tasks: two questions one page answers
+    data.write_text("\n".join(line for i in ids for line in lines if f'"{i}"' in line) + "\n", encoding="utf-8")
+    tok = tiny_tokenizer(PLAIN_CHATML)
+    install(tok)
+    made = []
+    inner = HotPotQATools.factory(data=str(data), group_size=2)
+
+    def factory():
+        made.append(inner())
+        return made[-1]
+
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=1024, report_to="none", disable_tqdm=True, save_strategy="no",
+                      use_cpu=True, bf16=False, learning_rate=1e-5, gradient_checkpointing=False)
+    trainer = GRPOTrainer(model=_scripted_llama(tok, _hotpotqa_script(cases)), args=args, processing_class=tok,
+                          environment_factory=factory)
+    trainer.train()
+    played = [(m._task, m.get_reward()) for m in made if m._task is not None]
+    assert played == [(ids[0], 1.0), (ids[0], 0.0), (ids[1], 1.0), (ids[1], 0.0)]
+    assert trainer.state.log_history[0]["tools/call_frequency"] == pytest.approx(2.0)
 
 
 # --- the recipe script -----------------------------------------------------------------------------

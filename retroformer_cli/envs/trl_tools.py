@@ -76,12 +76,16 @@ class EnvTools:
         self._trace: list[tuple[str, str]] = []  # (action, observation) of the current episode
 
     @classmethod
-    def factory(cls, env: Any = None, **kwargs: Any) -> Callable[[], "EnvTools"]:
+    def factory(cls, env: Any = None, *, group_size: int = 1, **kwargs: Any) -> Callable[[], "EnvTools"]:
         """A no-argument callable for ``environment_factory``.
 
         ``env``: a built env to share (each instance runs on ``env.spawn()``); else one is made on the first call
         with ``make(name, **kwargs)``. Keywords named in ``_options`` (HotPotQA's ``reward``) go to the adapter
-        instead. Rows without ``task_id`` (TRL without a ``train_dataset``) take the env's tasks in turn."""
+        instead. Rows without ``task_id`` (TRL without a ``train_dataset``) take the env's tasks in turn, each
+        for ``group_size`` consecutive resets: pass GRPO's ``num_generations`` so that the episodes of one group
+        play the same task (TRL resets a batch in order, a group's rollouts next to each other; one process)."""
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise UsageError(f"group_size must be a positive integer (GRPO's num_generations), got {group_size!r}.")
         options = {k: kwargs.pop(k) for k in cls._options if k in kwargs}
         cls._check_options(**options)
         env_kwargs = {**cls._env_defaults, **kwargs}
@@ -101,7 +105,7 @@ class EnvTools:
             ids = list(base().task_ids())
             if not ids:
                 raise UsageError(f"The {cls.env_name} data holds no tasks to train on.")
-            return str(ids[next(counter) % len(ids)])
+            return str(ids[(next(counter) // group_size) % len(ids)])
 
         def make_one() -> "EnvTools":
             return cls(base().spawn(), next_task, **options)
@@ -114,7 +118,8 @@ class EnvTools:
 
     # --- TRL hooks ------------------------------------------------------------------------------
     def reset(self, task_id: str | None = None, **row: Any) -> str:
-        """Start an episode on the row's ``task_id`` (or the next task) and return its first observation."""
+        """Start an episode on the row's ``task_id`` (or the next task) and return its first observation, after
+        the instructions when the row's prompt has none (TRL's placeholder row without a ``train_dataset``)."""
         self._reset_state()
         if task_id is None:
             if self._next_task is None:
@@ -123,7 +128,9 @@ class EnvTools:
         self._task = str(task_id)
         obs, _ = self._env.reset(options={"task_id": self._task})
         self._done = False
-        return obs
+        prompt = row.get("prompt")
+        said = prompt[-1].get("content") if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) else prompt
+        return obs if said else f"{self.instructions}\n\n{obs}"
 
     def get_reward(self) -> float:
         """The episode return (0.0 when the actor never ended the episode)."""
