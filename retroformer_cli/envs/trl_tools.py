@@ -1,8 +1,12 @@
 """Our text envs as TRL ``GRPOTrainer(environment_factory=...)`` environments: the *actor* learns on them.
 
-    from trl import GRPOTrainer
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
     from retroformer_cli.envs.trl_tools import HotPotQATools
-    trainer = GRPOTrainer(model=..., args=GRPOConfig(...), train_dataset=rows_with_task_id,
+    from retroformer_cli.stages import actor_grpo, tool_chat
+    tool_chat.install(tokenizer)  # the model's own tool template when TRL can use it, else ours (ChatML)
+    trainer = GRPOTrainer(model=model, processing_class=tokenizer, args=GRPOConfig(...),
+                          train_dataset=Dataset.from_list(actor_grpo.rows(HotPotQATools, task_ids)),
                           environment_factory=HotPotQATools.factory(data="sample_data/hotpotqa"))
 
 TRL 1.16's contract (``trl/trainer/grpo_trainer.py``), which these classes follow:

@@ -10,6 +10,10 @@ return (:mod:`retroformer_cli.envs.trl_tools`). Python API::
     result = run(ActorGRPOConfig(env="hotpotqa", max_steps=2), Workspace.open("ws"))
 
 Script: ``python recipes/grpo_actor.py --help``. The LoRA adapter lands in ``checkpoints/actor-grpo/<name>``.
+
+GRPO learns only from differences between the episodes of a group: a model that never emits a tool call (the
+embedded 135M model, zero-shot) scores 0 in every episode, so its advantages and loss are 0. Such a model needs a
+warm start (SFT on successful tool-call episodes) or a larger, tool-tuned model.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 from retroformer_cli.config import CollectConfig, to_dict
 from retroformer_cli.errors import DataError, UsageError
+from retroformer_cli.stages.common.progress import NullProgress, Progress, trainer_callback
 from retroformer_cli.stages.train_common import LoraSettings
 from retroformer_cli.workspace import Workspace, git_revision
 
@@ -80,12 +85,10 @@ class ActorGRPOResult:
 
 
 def _validate(cfg: ActorGRPOConfig) -> None:
-    import re
-
+    from retroformer_cli.stages.common.names import check_name
     from retroformer_cli.stages.tool_chat import CHAT_TEMPLATE_MODES
 
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", cfg.name or ""):
-        raise UsageError(f"Checkpoint name '{cfg.name}' is not allowed (--name): use letters, digits, '.', '_' or '-'.")
+    check_name(cfg.name)
     for key in ("max_steps", "num_generations", "prompts_per_step", "gradient_accumulation_steps",
                 "max_completion_length", "logging_steps"):
         value = getattr(cfg, key)
@@ -179,7 +182,7 @@ class _History:
 
 def run(cfg: ActorGRPOConfig, workspace: Workspace, *, model: Any = None, tokenizer: Any = None,
         environment_factory: Any = None, callbacks: list | None = None,
-        progress: bool = True) -> ActorGRPOResult:
+        progress: Progress | None = None) -> ActorGRPOResult:
     """Train a LoRA adapter on the actor with GRPO over tool-calling episodes; ``model``/``tokenizer`` replace
     loading ``cfg.model`` and ``environment_factory`` the adapter's own factory (tests)."""
     from retroformer_cli.envs.trl_tools import adapter_for
@@ -228,9 +231,8 @@ def _train(cfg: ActorGRPOConfig, workspace: Workspace, model: Any, tokenizer: An
     work = tc.work_dir(workspace, STAGE, cfg.name)
     shutil.rmtree(work, ignore_errors=True)
     history: list[dict[str, Any]] = []
-    cbs = [_History.callback(history), *extra["callbacks"]]
-    if extra["progress"]:
-        cbs.append(tc.progress_callback(f"actor-grpo {cfg.env}"))
+    cbs = [_History.callback(history), *extra["callbacks"],
+           trainer_callback(extra["progress"] or NullProgress(), f"actor-grpo {cfg.env}")]
     trainer = GRPOTrainer(model=model, args=grpo_args(cfg, work, max_tool_calls or 10**6),
                           train_dataset=Dataset.from_list(data), processing_class=tokenizer,
                           peft_config=tc.lora_config(cfg.lora, "CAUSAL_LM"), environment_factory=factory,
