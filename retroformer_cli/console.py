@@ -31,58 +31,52 @@ def error(message: str, hint: str | None = None) -> None:
         stderr.print(f"[dim]Hint: {hint}[/]", soft_wrap=True)
 
 
-class RichCollectProgress:
-    """Rich progress for collect: tasks done, success so far, tokens, ETA. Plain lines when not a TTY."""
+class RichProgress:
+    """The CLI's renderer of a stage's progress (``stages.common.progress.Progress``) on stderr: a rich bar per
+    task (done/total, info text, elapsed, ETA) on a terminal; plain lines, detail lines included, otherwise.
+    ``label`` replaces the stages' task descriptions (e.g. ``eval`` for the collect task of `retroformer eval`)."""
 
-    def __init__(self, console: Console = stderr, label: str = "collect"):
+    def __init__(self, console: Console = stderr, label: str | None = None):
         self.console = console
         self.label = label
-        self.solved = 0
-        self.tasks_done = 0
-        self.tokens = 0
-        self.trials = 0
-        self._progress = None
-        self._task = None
+        self._live = None
+        self._names: dict[Any, str] = {}
 
-    def start(self, total_tasks: int, already_done: int) -> None:
+    def task(self, description: str, total: int | None = None, *, completed: int = 0) -> Any:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.total = total_tasks
-        self.tasks_done = already_done
-        if already_done:
-            self.console.print(f"[dim]resuming: {already_done}/{total_tasks} task(s) already finished[/]")
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("solved {task.fields[solved]}"), TextColumn("trials {task.fields[trials]}"),
-            TextColumn("tokens {task.fields[tokens]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, disable=not self.console.is_terminal, transient=False,
-        )
-        self._task = self._progress.add_task(self.label, total=total_tasks, completed=already_done, solved=0, trials=0,
-                                             tokens=0)
-        self._progress.start()
+        if self._live is None:
+            self._live = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                  TimeRemainingColumn(), console=self.console, disable=not self.console.is_terminal)
+            self._live.start()
+        name = self.label or description
+        handle = self._live.add_task(name, total=total, completed=completed, info="")
+        self._names[handle] = name
+        return handle
 
-    def trial(self, trial: Any) -> None:
-        self.trials += 1
-        self.tokens += trial.prompt_tokens + trial.completion_tokens
-        self._update()
-        if not self.console.is_terminal:
-            mark = "solved" if trial.success else "failed"
-            self.console.print(f"{self.label}: task {trial.task_id} trial {trial.trial}: {mark} "
-                               f"(score {trial.score:.2f}, {len(trial.steps)} steps)")
+    def advance(self, task: Any, steps: int = 1, *, completed: int | None = None, info: str | None = None) -> None:
+        if self._live is None or task not in self._names:
+            return
+        fields: dict[str, Any] = {} if info is None else {"info": info}
+        if completed is not None:
+            self._live.update(task, completed=completed, **fields)
+        else:
+            self._live.update(task, advance=steps, **fields)
 
-    def task_done(self, solved: bool) -> None:
-        self.tasks_done += 1
-        self.solved += int(solved)
-        self._update(advance=1)
+    def log(self, task: Any, message: str, *, detail: bool = False) -> None:
+        if detail and self.console.is_terminal:
+            return
+        name = self._names.get(task)
+        text = f"{name}: {message}" if name else message
+        (self._live.console if self._live is not None else self.console).print(text, markup=False, highlight=False)
 
-    def _update(self, advance: int = 0) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, advance=advance, solved=self.solved, trials=self.trials, tokens=self.tokens)
-
-    def stop(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+    def finish(self, task: Any) -> None:
+        if self._live is None or self._names.pop(task, None) is None:
+            return
+        if not self._names:
+            self._live.stop()
+            self._live = None
 
 
 def pct(x: float) -> str:
@@ -111,7 +105,7 @@ def eval_table(reports: Sequence[Any]) -> Table:
         cells = [pct(v) + (f"\n[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
                  for v, ci in zip(r.success_per_trial, cis)] + [""] * (k - len(r.success_per_trial))
         tps = getattr(r, "tokens_per_solved", None)
-        row = [r.run, _short(r.reflector) or "none (ReAct)", str(r.tasks), *cells, f"{r.score_per_trial[-1]:.3f}",
+        row = [r.run, short_model_id(r.reflector) or "none (ReAct)", str(r.tasks), *cells, f"{r.score_per_trial[-1]:.3f}",
                f"{r.f1_per_trial[-1]:.3f}" if r.f1_per_trial else "-", f"{r.mean_steps:.1f}", f"{r.tokens:,}",
                f"{tps:,.0f}" if tps else "-"]
         if show_cost:
@@ -150,7 +144,7 @@ def group_table(report: Any) -> Table | None:
 _EMBEDDED_ID = re.compile(r"HuggingFaceTB/SmolLM2-135M-Instruct \(GGUF [^)]*\)")
 
 
-def _short(model_id: str | None, width: int = 32) -> str | None:
+def short_model_id(model_id: str | None, width: int = 32) -> str | None:
     """A table-sized model id: the embedded id as 'embedded', adapters as 'base+stage/name'."""
     if not model_id:
         return model_id

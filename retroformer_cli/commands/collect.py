@@ -87,12 +87,12 @@ def build_collect_config(overrides: dict[str, Any], resume: bool):
 
 
 def run_collect(cfg, ws, resume: bool, label: str = "collect"):
-    from retroformer_cli.console import RichCollectProgress, stderr
+    from retroformer_cli.console import RichProgress, stderr
     from retroformer_cli.stages import collect
 
     stderr.print(f"[bold]{label}[/] env={cfg.env} run={cfg.run or '(new)'} trials={cfg.trials} "
                  f"actor={cfg.actor.model} reflector={cfg.reflector.model} workspace={ws.root}")
-    return collect.run(cfg, ws, resume=resume, progress=RichCollectProgress(label=label))
+    return collect.run(cfg, ws, resume=resume, progress=RichProgress(label=label))
 
 
 @app.command("collect", epilog="Examples:\n\n  retroformer collect --env hotpotqa --tasks 2 --trials 2\n\n"

@@ -19,45 +19,6 @@ PPO_FLAGS = (
 app = command_app()
 
 
-class _PPORichProgress:
-    """Rich progress on stderr for ppo: steps, reward, KL, loss; one plain line per log when not a TTY."""
-
-    def __init__(self, label: str):
-        from retroformer_cli.console import stderr
-
-        self.console, self.label, self._progress, self._task = stderr, label, None, None
-
-    def start(self, total_steps: int, done_steps: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        if done_steps:
-            self.console.print(f"[dim]resuming at step {done_steps}/{total_steps}[/]")
-        self._progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                  console=self.console, disable=not self.console.is_terminal)
-        self._task = self._progress.add_task(self.label, total=total_steps, completed=done_steps, info="")
-        self._progress.start()
-
-    def step(self, step: int) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=step)
-
-    def log(self, step: int, metrics: dict) -> None:
-        keys = ("reward", "reward_std", "kl", "loss", "online/episodes")
-        info = " ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float)))
-        if not info:
-            return
-        if self._progress is not None:
-            self._progress.update(self._task, info=info)
-        if not self.console.is_terminal:
-            self.console.print(f"{self.label}: step {step} {info}")
-
-    def stop(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-
 @app.command("ppo", epilog=(
     "Examples:\n\n"
     "  retroformer ppo --reward-model default --max-steps 20   (offline: the reward model's score)\n\n"
@@ -78,7 +39,7 @@ def ppo(overrides: dict, resume: ResumeOpt = False) -> None:
     if main:
         console.stderr.print(f"[bold]ppo[/] mode={cfg.mode} dataset={cfg.dataset} name={cfg.name} steps={cfg.max_steps} "
                              f"G={cfg.num_generations} beta={cfg.beta} workspace={ws.root}")
-    result = run_ppo(cfg, ws, _PPORichProgress(f"ppo {cfg.name}") if main else None, resume=resume)
+    result = run_ppo(cfg, ws, console.RichProgress() if main else None, resume=resume)
     if not main:
         return
     if state.json:

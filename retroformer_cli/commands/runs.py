@@ -36,8 +36,8 @@ def runs_(ctx: typer.Context) -> None:
     for col in ("run", "env", "status", "trials", "actor", "reflector", "started"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["run"], str(r["env"]), str(r["status"]), str(r["trials_written"]), console._short(r["actor"]) or "-",
-                      console._short(r["reflector"]) or "none", str(r["started_at"] or "imported"))
+        table.add_row(r["run"], str(r["env"]), str(r["status"]), str(r["trials_written"]), console.short_model_id(r["actor"]) or "-",
+                      console.short_model_id(r["reflector"]) or "none", str(r["started_at"] or "imported"))
     console.stdout.print(table)
 
 

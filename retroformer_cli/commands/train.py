@@ -33,7 +33,7 @@ def _train(stage: Any, cls: type, overrides: dict, resume: bool, keys: tuple[str
     cfg = build(cls, overrides)
     console.stderr.print(f"[bold]{stage.__name__.rsplit('.', 1)[-1]}[/] dataset={cfg.dataset} base={cfg.base} "
                          f"name={cfg.name} max_steps={cfg.max_steps}")
-    res = stage.run(cfg, workspace(), resume=resume)
+    res = stage.run(cfg, workspace(), resume=resume, progress=console.RichProgress())
     if state.json:
         console.print_json(res.to_json())
     shown = ", ".join(f"{k} {res.metrics[k]:.4g}" if isinstance(res.metrics.get(k), float) else f"{k} {res.metrics.get(k)}"
@@ -101,9 +101,10 @@ def reward_score(
     """Score reflections with a trained reward model (higher = more likely to improve the next trial)."""
     from retroformer_cli import console
     from retroformer_cli.stages import reward
+    from retroformer_cli.stages.common.checkpoints import resolve_checkpoint
 
     ws = workspace()
-    path = reward.resolve_checkpoint(ws, "reward", checkpoint)
+    path = resolve_checkpoint(ws, "reward", checkpoint)
     msgs = _read_prompt(prompt_file, prompt)
     scores = reward.load_scorer(path, ws.cache_dir)([msgs] * len(reflection), list(reflection))
     if state.json:

@@ -224,7 +224,8 @@ def resolve_local_model(spec: str, cache_dir: Path | str) -> Path:
     return path
 
 
-def _resolve_base(adapter_dir: Path, cache_dir: Path | str) -> tuple[str, Path]:
+def resolve_adapter_base(adapter_dir: Path, cache_dir: Path | str) -> tuple[str, Path]:
+    """(base spec as the adapter names it, local folder of that base); a missing or adapter base is an error."""
     base = read_adapter_base(adapter_dir)
     if base != EMBEDDED and not Path(base).expanduser().exists():
         raise BackendError(
@@ -244,7 +245,7 @@ def split_model_spec(spec: str, cache_dir: Path | str) -> tuple[str, str | None]
         return EMBEDDED, None
     path = resolve_local_model(spec, cache_dir)
     if is_adapter_dir(path):
-        base, _ = _resolve_base(path, cache_dir)
+        base, _ = resolve_adapter_base(path, cache_dir)
         return base, str(path)
     return str(path), None
 
@@ -286,7 +287,7 @@ def load_model_and_tokenizer(
     info: dict[str, Any] = {"path": str(path)}
     model_path, tok_path = path, path
     if is_adapter_dir(path):
-        base, model_path = _resolve_base(path, cache_dir)
+        base, model_path = resolve_adapter_base(path, cache_dir)
         info.update(adapter=str(path), base=base, base_path=str(model_path))
         has_tok = (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
         tok_path = path if has_tok else model_path

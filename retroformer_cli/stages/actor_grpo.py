@@ -26,6 +26,7 @@ from typing import Any
 from retroformer_cli.config import CollectConfig, to_dict
 from retroformer_cli.errors import DataError, UsageError
 from retroformer_cli.stages.common.progress import NullProgress, Progress, trainer_callback
+from retroformer_cli.stages.common.results import ActorGRPOResult
 from retroformer_cli.stages.train_common import LoraSettings
 from retroformer_cli.workspace import Workspace, git_revision
 
@@ -64,24 +65,6 @@ class ActorGRPOConfig:
     threads: int | None = field(default=None, metadata={"help": "torch threads on CPU [default: min(2, cores)]"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (large models)"})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "the trained adapter"})
-
-
-@dataclass
-class ActorGRPOResult:
-    name: str
-    path: Path
-    env: str
-    steps: int
-    seconds: float
-    chat_template: str
-    tasks: int
-    metrics: dict[str, Any]
-    log_history: list[dict[str, Any]]
-
-    def to_json(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["path"] = str(self.path)
-        return d
 
 
 def _validate(cfg: ActorGRPOConfig) -> None:

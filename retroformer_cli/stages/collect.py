@@ -14,7 +14,6 @@ interrupted run loses at most the episodes in flight and ``resume=True`` finishe
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import platform
 import signal
 import time
@@ -29,17 +28,12 @@ from retroformer_cli.config import CollectConfig, to_dict
 from retroformer_cli.errors import RetroformerError, UsageError
 from retroformer_cli.llm.base import GenerationConfig, LLMClient
 from retroformer_cli.records import Trial
+from retroformer_cli.stages.common.progress import NullProgress, Progress
+from retroformer_cli.stages.common.splits import split_of  # collect's train/eval split (1 task in 5 is eval)
 from retroformer_cli.store import JsonlWriter, read_jsonl
 from retroformer_cli.workspace import Workspace, git_revision, now_iso
 
 SPLITS = ("all", "train", "eval")
-EVAL_FRACTION_DENOMINATOR = 5  # 1 task in 5 (by id hash) is in the eval split
-
-
-def split_of(task_id: str) -> str:
-    """Deterministic split by task id: stable across machines, runs and data-file order."""
-    h = int(hashlib.sha256(task_id.encode("utf-8")).hexdigest()[:8], 16)
-    return "eval" if h % EVAL_FRACTION_DENOMINATOR == 0 else "train"
 
 
 def select_tasks(all_ids: list[str], cfg: CollectConfig) -> list[str]:
@@ -79,7 +73,8 @@ def make_env(cfg: CollectConfig, workspace: Workspace | None = None) -> Any:
     return make(cfg.env, **kwargs)
 
 
-def _gen(m, stop: tuple[str, ...]) -> GenerationConfig:
+def generation_config(m, stop: tuple[str, ...]) -> GenerationConfig:
+    """A role's sampling settings (``cfg.actor`` / ``cfg.reflector``) as a request's GenerationConfig."""
     # Stop strings go to the backend so local generation ends early; replies are also cut on our side.
     return GenerationConfig(max_tokens=m.max_tokens, temperature=m.temperature, top_p=m.top_p, stop=stop,
                             seed=None)
@@ -114,22 +109,42 @@ class CollectResult:
         return d
 
 
-class ProgressSink:
-    """What collect reports while it runs; the CLI plugs in a rich progress bar."""
+class CollectReport:
+    """Collect's counters (tasks done, solved, trials, tokens) as one task of a :class:`Progress`."""
 
-    def start(self, total_tasks: int, already_done: int) -> None: ...
+    def __init__(self, progress: Progress):
+        self.progress, self.handle, self.started = progress, None, False
+        self.solved = self.trials = self.tokens = 0
 
-    def trial(self, trial: Trial) -> None: ...
+    def info(self) -> str:
+        return f"solved {self.solved} trials {self.trials} tokens {self.tokens}"
 
-    def task_done(self, solved: bool) -> None: ...
+    def start(self, total_tasks: int, already_done: int) -> None:
+        self.handle, self.started = self.progress.task("collect", total_tasks, completed=already_done), True
+        if already_done:
+            self.progress.log(self.handle, f"resuming: {already_done}/{total_tasks} task(s) already finished")
 
-    def stop(self) -> None: ...
+    def trial(self, trial: Trial) -> None:
+        self.trials += 1
+        self.tokens += trial.prompt_tokens + trial.completion_tokens
+        self.progress.advance(self.handle, 0, info=self.info())
+        self.progress.log(self.handle, f"task {trial.task_id} trial {trial.trial}: {'solved' if trial.success else 'failed'} "
+                                       f"(score {trial.score:.2f}, {len(trial.steps)} steps)", detail=True)
+
+    def task_done(self, solved: bool) -> None:
+        self.solved += int(solved)
+        self.progress.advance(self.handle, 1, info=self.info())
+
+    def stop(self) -> None:
+        if self.started:
+            self.progress.finish(self.handle)
+            self.started = False
 
 
-def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progress: ProgressSink | None = None,
+def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progress: Progress | None = None,
         actor: LLMClient | None = None, reflector: LLMClient | None | str = "config") -> CollectResult:
     """Collect trajectories. ``actor``/``reflector`` may be passed in (tests); else built from ``cfg``."""
-    progress = progress or ProgressSink()
+    progress = CollectReport(progress or NullProgress())
     if cfg.trials < 1:
         raise UsageError("--trials must be at least 1.")
     run_name = cfg.run or workspace.new_run_name(cfg.env)
@@ -242,7 +257,7 @@ class CollectInterrupted(RetroformerError):
 
 async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: Any, task_ids: list[str], history: dict[str, list[Trial]],
                          actor: LLMClient, reflector: LLMClient | None, prompts: Any,
-                         on_trial: Callable[[Trial], Awaitable[None]], progress: ProgressSink) -> None:
+                         on_trial: Callable[[Trial], Awaitable[None]], progress: CollectReport) -> None:
     from retroformer_cli.agents.actor import STOP as ACTOR_STOP
     from retroformer_cli.agents.reflexion import REFLECTION_STOP, TaskSpec, run_task
 
@@ -284,7 +299,7 @@ async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: An
                             memory_size=cfg.memory_size, seed=cfg.seed, env_timeout_s=cfg.env_step_timeout_s or None,
                             env_retries=max(0, cfg.env_retries))
             new = await run_task(spec, history.get(task_id, []), acquire_env, release_env, actor, reflector, prompts,
-                                 _gen(cfg.actor, ACTOR_STOP), _gen(cfg.reflector, REFLECTION_STOP), on_trial, action_names)
+                                 generation_config(cfg.actor, ACTOR_STOP), generation_config(cfg.reflector, REFLECTION_STOP), on_trial, action_names)
             all_trials = history.get(task_id, []) + new
             progress.task_done(any(t.success for t in all_trials))
 

@@ -22,16 +22,16 @@ Files under ``<workspace>/datasets/<name>/`` (JSONL, ``datasets.load_dataset("js
 with an assistant prefill ``{"role": "assistant", "content": "Reflection:"}``. ``ratings.jsonl`` keeps the
 prompt exactly as seen. In every training set (sft, pairs, prompts) the trailing assistant message is removed
 from ``prompt`` (``rating_rules.strip_prefill``) and the completion is the bare reflection text, without a leading
-``Reflection:`` (``rating_rules.clean_reflection``). Scorers and trainers apply the same two functions to their inputs.
+``Reflection:`` (``stages.common.reflections.clean_reflection``). Scorers and trainers apply the same two functions to their inputs.
 
-**The split** is by task, never by row: a task is in validation when
-``int(sha256("retroformer-split:" + task_id)[:8], 16) / 2**32 < val_fraction`` (default 0.15), so every
-reflection of one task, from every run and source, lands on the same side.
+**The split** is by task, never by row: a task is in validation when its place under the salt
+``retroformer-split:`` is below ``val_fraction`` (default 0.15; the one rule of ``stages.common.splits``, which
+also makes collect's eval split), so every reflection of one task, from every run and source, lands on the same
+side. The salt keeps validation tasks independent of collect's eval split.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import random
@@ -44,9 +44,14 @@ from retroformer_cli import __version__
 from retroformer_cli.errors import DataError, UsageError
 from retroformer_cli.store import write_dir_atomic
 from retroformer_cli.workspace import Workspace, now_iso
-from retroformer_cli.stages.rating_rules import clean_reflection, completion, strip_prefill  # (importers use them too)
+from retroformer_cli.stages.common.names import check_name
+from retroformer_cli.stages.common.reflections import clean_reflection
+from retroformer_cli.stages.common.splits import describe as describe_split
+from retroformer_cli.stages.common.splits import split_of
+from retroformer_cli.stages.rating_rules import completion, strip_prefill
 
-SPLIT_SALT = "retroformer-split:"
+SPLIT_SALT = "retroformer-split:"  # validation tasks are drawn independently of collect's eval split
+SPLIT_NAMES = ("validation", "train")
 KINDS = ("ratings", "sft", "pairs", "prompts")
 SPLITS = ("train", "validation")
 
@@ -70,20 +75,6 @@ class DatasetConfig:
     seed: int = 0
 
 
-def check_name(name: str, option: str = "--name") -> str:
-    """Dataset and checkpoint names follow the run-name rule: letters, digits, '.', '_' or '-'."""
-    import re
-
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", name or ""):
-        raise UsageError(f"Name '{name}' is not allowed ({option}): use letters, digits, '.', '_' or '-'.")
-    return name
-
-
-def split_of(task_id: str, val_fraction: float = 0.15) -> str:
-    h = int(hashlib.sha256((SPLIT_SALT + str(task_id)).encode("utf-8")).hexdigest()[:8], 16)
-    return "validation" if h / 2**32 < val_fraction else "train"
-
-
 # --- rating rows ---------------------------------------------------------------------------------------------
 def rate_trials(trials: Iterable[Any], source: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Rating rows from :class:`~retroformer_cli.records.Trial` records of one run.
@@ -99,7 +90,7 @@ def rate_trials(trials: Iterable[Any], source: str) -> tuple[list[dict[str, Any]
             t = ks[k]
             if t.reflection is None:
                 continue
-            if not clean_reflection(t.reflection.text):
+            if not clean_reflection(t.reflection.text, stop=()):
                 skipped["empty_reflection"] += 1
                 continue
             nxt = ks.get(k + 1)
@@ -109,7 +100,7 @@ def rate_trials(trials: Iterable[Any], source: str) -> tuple[list[dict[str, Any]
             f1a, f1b = (t.info or {}).get("f1"), (nxt.info or {}).get("f1")
             rows.append({
                 "task_id": task_id, "run": t.run_id, "env": t.env_id, "trial": k,
-                "prompt": t.reflection.prompt, "reflection": clean_reflection(t.reflection.text),
+                "prompt": t.reflection.prompt, "reflection": clean_reflection(t.reflection.text, stop=()),
                 "rating": float(nxt.score) - float(t.score),
                 "rating_f1": (float(f1b) - float(f1a)) if f1a is not None and f1b is not None else None,
                 "source": source,
@@ -224,7 +215,7 @@ def build(cfg: DatasetConfig, workspace: Workspace) -> DatasetResult:
         raise DataError("No rated reflections found in the given sources: a reflection needs a failed trial with a "
                         "successor trial.", hint="collect with --trials 2 or more and a reflector")
     for r in ratings:
-        r["split"] = split_of(r["task_id"], cfg.val_fraction)
+        r["split"] = split_of(r["task_id"], cfg.val_fraction, salt=SPLIT_SALT, names=SPLIT_NAMES)
     sets = {"sft": _sft_rows(ratings), "pairs": _pair_rows(ratings, cfg), "prompts": _prompt_rows(ratings)}
 
     dest = workspace.datasets_dir / cfg.name
@@ -247,7 +238,7 @@ def build(cfg: DatasetConfig, workspace: Workspace) -> DatasetResult:
         manifest.update({
             "name": cfg.name, "kind": "ratings", "created_at": now_iso(), "retroformer_version": __version__,
             "sources": sources, "counts": counts, "config": to_dict(cfg),
-            "split_rule": f"validation iff int(sha256('{SPLIT_SALT}' + task_id)[:8], 16) / 2**32 < {cfg.val_fraction}",
+            "split_rule": describe_split(cfg.val_fraction, SPLIT_SALT, "validation"),
             "prefill_rule": "training sets drop a trailing assistant prefill from prompt; completions are the bare "
                             "reflection without a leading 'Reflection:'",
         })

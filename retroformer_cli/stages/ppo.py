@@ -37,6 +37,10 @@ from typing import Any, Callable
 from retroformer_cli import __version__
 from retroformer_cli.config import to_dict
 from retroformer_cli.errors import DataError, RetroformerError, UsageError
+from retroformer_cli.stages.common.checkpoints import latest_trainer_checkpoint, resolve_checkpoint
+from retroformer_cli.stages.common.names import check_name
+from retroformer_cli.stages.common.progress import NullProgress, Progress, metrics_info, trainer_callback
+from retroformer_cli.stages.common.results import PPOResult
 from retroformer_cli.stages.train_common import CHECKPOINT_MANIFEST as MANIFEST
 from retroformer_cli.stages.train_common import LoraSettings
 from retroformer_cli.workspace import Workspace, git_revision
@@ -78,37 +82,6 @@ class PPOStageConfig:
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "a fresh adapter (no SFT checkpoint)"})
 
 
-@dataclass
-class PPOResult:
-    name: str
-    path: Path
-    mode: str
-    steps: int
-    seconds: float
-    metrics: dict[str, Any]
-    log_history: list[dict[str, Any]]
-    resumed_from: str | None = None
-    rows: int = 0
-    skipped_long_prompts: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["path"] = str(self.path)
-        return d
-
-
-class TrainProgress:
-    """What training reports while it runs; the CLI plugs in a rich progress bar."""
-
-    def start(self, total_steps: int, done_steps: int) -> None: ...
-
-    def log(self, step: int, metrics: dict[str, Any]) -> None: ...
-
-    def step(self, step: int) -> None: ...
-
-    def stop(self) -> None: ...
-
-
 class PPOInterrupted(RetroformerError):
     exit_code = 130
 
@@ -119,20 +92,6 @@ class PPOInterrupted(RetroformerError):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _resolve_checkpoint(workspace: Workspace, stage: str, spec: str, option: str) -> Path:
-    """A checkpoint NAME under ``<checkpoints>/<stage>/`` or a folder."""
-    cand = workspace.checkpoint_dir(stage, spec)
-    if spec and cand.is_dir():
-        return cand
-    p = Path(spec).expanduser()
-    if spec and p.is_dir():
-        return p
-    root = workspace.checkpoints_dir / stage
-    known = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
-    raise UsageError(f"{stage} checkpoint '{spec}' not found in {root} ({option}); known: {', '.join(known) or 'none'}.",
-                     hint=f"train one with `retroformer {stage}`, or pass a checkpoint folder")
-
-
 def resolve_inputs(cfg: PPOStageConfig, workspace: Workspace, need_reward: bool = True) -> tuple[Path | None, Path | None]:
     """(SFT adapter folder or None, reward checkpoint folder or None), applying the defaults: an unset
     ``sft`` uses ``sft/default`` when it exists (else the base + a fresh adapter); an unset ``reward_model``
@@ -142,7 +101,7 @@ def resolve_inputs(cfg: PPOStageConfig, workspace: Workspace, need_reward: bool 
         if (workspace.checkpoint_dir("sft", "default") / "adapter_config.json").is_file():
             sft = workspace.checkpoint_dir("sft", "default")
     elif cfg.sft.lower() != "none":
-        sft = _resolve_checkpoint(workspace, "sft", cfg.sft, "--sft")
+        sft = resolve_checkpoint(workspace, "sft", cfg.sft, "--sft")
     reward = None
     if cfg.mode == "offline" and need_reward:
         if cfg.reward_model is None:
@@ -152,7 +111,7 @@ def resolve_inputs(cfg: PPOStageConfig, workspace: Workspace, need_reward: bool 
                                  hint="train one with `retroformer reward`, or use --mode online")
             reward = workspace.checkpoint_dir("reward", "default")
         else:
-            reward = _resolve_checkpoint(workspace, "reward", cfg.reward_model, "--reward-model")
+            reward = resolve_checkpoint(workspace, "reward", cfg.reward_model, "--reward-model")
     return sft, reward
 
 
@@ -200,17 +159,6 @@ def build_train_dataset(rows: list[dict[str, Any]], tokenizer: Any, max_prompt_t
     return Dataset.from_dict(cols), skipped
 
 
-def last_checkpoint(trainer_dir: Path) -> Path | None:
-    """The newest complete ``checkpoint-N`` (trainer state written, which HF Trainer does last)."""
-    if not trainer_dir.is_dir():
-        return None
-    done = []
-    for d in trainer_dir.iterdir():
-        if d.is_dir() and d.name.startswith("checkpoint-") and d.name[11:].isdigit() and (d / "trainer_state.json").is_file():
-            done.append((int(d.name[11:]), d))
-    return max(done)[1] if done else None
-
-
 def load_policy(cfg: PPOStageConfig, workspace: Workspace, sft: Path | None) -> tuple[Any, Any, Any, str]:
     """(model, tokenizer, peft_config or None, base label). From an SFT adapter: the adapter attached and
     trainable (TRL then keeps a frozen copy as the KL reference); else the base and a fresh LoRA config
@@ -252,10 +200,7 @@ def grpo_args(cfg: PPOStageConfig, output_dir: Path, use_cpu: bool) -> Any:
 def _validate(cfg: PPOStageConfig, workspace: Workspace) -> None:
     if cfg.mode not in MODES:
         raise UsageError(f"Unknown reward mode '{cfg.mode}' (--mode): choose offline or online.")
-    import re
-
-    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", cfg.name or ""):
-        raise UsageError(f"Checkpoint name '{cfg.name}' is not allowed (--name): use letters, digits, '.', '_' or '-'.")
+    check_name(cfg.name)
     for key in ("max_steps", "num_generations", "prompts_per_step", "gradient_accumulation_steps",
                 "max_completion_length", "save_steps", "logging_steps", "online_concurrency"):
         if getattr(cfg, key) < 1:
@@ -266,25 +211,8 @@ def _validate(cfg: PPOStageConfig, workspace: Workspace) -> None:
         raise UsageError(f"--beta must not be negative, got {cfg.beta}.")
 
 
-def _progress_callback(progress: TrainProgress, history: list[dict[str, Any]]) -> Any:
-    from transformers import TrainerCallback
-
-    class _Cb(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
-            if state.is_world_process_zero:
-                progress.start(state.max_steps, state.global_step)
-
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
-            if state.is_world_process_zero:
-                progress.step(state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
-            if state.is_world_process_zero and logs:
-                row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-                history.append(row)
-                progress.log(state.global_step, row)
-
-    return _Cb()
+def _info(logs: dict[str, Any]) -> str:
+    return metrics_info(logs, ("reward", "reward_std", "kl", "loss", "online/episodes"), exact=True)
 
 
 def _versions() -> dict[str, str]:
@@ -300,13 +228,13 @@ def _versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: TrainProgress | None = None, *, resume: bool = False,
+def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None = None, *, resume: bool = False,
             scorer: Callable | None = None, actor_client: Any = None, callbacks: list | None = None) -> PPOResult:
     """Train the reflector with GRPO; ``scorer``/``actor_client`` replace the reward model / actor (tests)."""
     from retroformer_cli.stages import train_common as tc
 
     _validate(cfg, workspace)
-    progress = progress or TrainProgress()
+    progress = progress or NullProgress()
     final = workspace.checkpoint_dir("ppo", cfg.name)
     work = tc.work_dir(workspace, "ppo", cfg.name)  # trainer checkpoints + online replay cache
     rows = _load_rows(workspace, cfg.dataset, "train")
@@ -322,7 +250,7 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: TrainProgress |
     sft_path, reward_path = resolve_inputs(cfg, workspace, need_reward=scorer is None)
     resume_from = None
     if resume:
-        resume_from = last_checkpoint(work)
+        resume_from = latest_trainer_checkpoint(work)
         if resume_from is None:
             raise UsageError(f"Nothing to resume for ppo '{cfg.name}': no trainer checkpoint in {work} (--resume).",
                              hint="lower --save-steps, or start without --resume")
@@ -373,18 +301,19 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: TrainProgress |
     # transformers 5 renames gradient_checkpointing; TRL 1.16 still passes the old name
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     history: list[dict[str, Any]] = []
+    report = trainer_callback(progress, f"ppo {cfg.name}", history=history, info=_info)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward_fn], args=grpo_args(cfg, work, use_cpu),
                           train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
-                          callbacks=[_progress_callback(progress, history), *(callbacks or [])])
+                          callbacks=[report, *(callbacks or [])])
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout, which is for --json data
     t0 = time.perf_counter()
     try:
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except KeyboardInterrupt:
-        lc = last_checkpoint(work)
+        lc = latest_trainer_checkpoint(work)
         raise PPOInterrupted(cfg.name, str(lc) if lc else None) from None
     finally:
-        progress.stop()
+        progress.finish(report.handle)
         if online is not None:
             online.close()
     seconds = round(time.perf_counter() - t0, 2)

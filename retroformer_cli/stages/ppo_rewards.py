@@ -24,21 +24,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from retroformer_cli.errors import DataError, UsageError
-from retroformer_cli.llm.base import GenerationConfig, LLMClient, apply_stop
+from retroformer_cli.llm.base import GenerationConfig, LLMClient
+from retroformer_cli.stages.common.reflections import clean_reflection
 
 Scorer = Callable[[list[list[dict]], list[str]], list[float]]
-
-
-def clean_reflection(text: str) -> str:
-    """The reflection as the collect loop would store it: cut at the reflector's stop strings, without a
-    leading ``Reflection:`` label (see :func:`retroformer_cli.agents.reflexion.reflect`)."""
-    from retroformer_cli.agents.reflexion import REFLECTION_STOP
-
-    text, _ = apply_stop(text, REFLECTION_STOP)
-    text = text.strip()
-    if text.lower().startswith("reflection:"):
-        text = text[len("reflection:"):].strip()
-    return text
 
 
 class OfflineReward:
@@ -143,7 +132,7 @@ class OnlineReward:
         from retroformer_cli.agents.actor import STOP as ACTOR_STOP
         from retroformer_cli.agents.prompts.base import get_prompts
         from retroformer_cli.config import CollectConfig, build_config, fill_from_env
-        from retroformer_cli.stages.collect import _gen, load_trials, make_env
+        from retroformer_cli.stages.collect import generation_config, load_trials, make_env
 
         stored = dict(self.workspace.read_manifest(run).get("config") or {})
         for m in ("actor", "reflector"):  # secrets are never stored; they come back from the environment
@@ -161,7 +150,7 @@ class OnlineReward:
         trials = {(t.task_id, t.trial): t for t in load_trials(self.workspace, run)}
         first = make_env(cfg, self.workspace)
         ctx = _RunContext(run=run, env_id=cfg.env, make_env=lambda: make_env(cfg, self.workspace), actor=actor,
-                          gen=_gen(cfg.actor, ACTOR_STOP), prompts=get_prompts(cfg.env),
+                          gen=generation_config(cfg.actor, ACTOR_STOP), prompts=get_prompts(cfg.env),
                           action_names=tuple(getattr(first, "action_names", ())),
                           memory_size=self.memory_size if self.memory_size is not None else cfg.memory_size,
                           seed=cfg.seed, trials=trials, envs=[first], created=[first])

@@ -1,18 +1,19 @@
 """How reflections and rating rows are written, shared by `datasets build`, the log importers and the trainers.
 
 - The reflector's prompt ends in an assistant prefill ``Reflection:``; training sets drop it from the prompt
-  (:func:`strip_prefill`) and the completion is the bare reflection (:func:`clean_reflection`, :func:`completion`).
+  (:func:`strip_prefill`) and the completion is the bare reflection (:func:`completion`: the one
+  ``clean_reflection`` of ``stages.common.reflections``, with no stop strings, so the text stays whole).
 - :func:`rows_from_sequences` turns imported per-task trial sequences into rating rows: the reflection written
   after trial k is rated G(k+1) - G(k).
 
-A leaf module: it imports nothing from the other stages.
+A leaf module: it imports nothing from the other stages but ``stages.common``.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-PREFILL = "Reflection:"
+from retroformer_cli.stages.common.reflections import clean_reflection
 
 
 def strip_prefill(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
@@ -23,16 +24,8 @@ def strip_prefill(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     return msgs
 
 
-def clean_reflection(text: str) -> str:
-    """The bare reflection: surrounding space and a leading ``Reflection:`` removed."""
-    text = (text or "").strip()
-    if text.lower().startswith(PREFILL.lower()):
-        text = text[len(PREFILL):].strip()
-    return text
-
-
 def completion(text: str) -> list[dict[str, str]]:
-    return [{"role": "assistant", "content": clean_reflection(text)}]
+    return [{"role": "assistant", "content": clean_reflection(text, stop=())}]
 
 
 def rows_from_sequences(seqs: dict[str, list[dict[str, Any]]], *, run: str, env: str, source: str,
@@ -46,7 +39,7 @@ def rows_from_sequences(seqs: dict[str, list[dict[str, Any]]], *, run: str, env:
     for task_id, items in seqs.items():
         items = sorted(items, key=lambda x: x["trial"])
         for cur, nxt in zip(items, items[1:]):
-            text = clean_reflection(cur.get("reflection_after") or "")
+            text = clean_reflection(cur.get("reflection_after"), stop=())
             if not text or nxt["trial"] != cur["trial"] + 1:
                 continue
             f1a, f1b = cur.get("f1"), nxt.get("f1")

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from retroformer_cli.errors import BackendError, DataError, UsageError
-from retroformer_cli.stages.datasets import check_name
-from retroformer_cli.stages.sft import TrainResult
+from retroformer_cli.stages.common.names import check_name
+from retroformer_cli.stages.common.reflections import clean_reflection
+from retroformer_cli.stages.common.progress import NullProgress, Progress, trainer_callback
+from retroformer_cli.stages.common.results import TrainResult
 from retroformer_cli.stages.train_common import LoraSettings
 from retroformer_cli.workspace import Workspace
 
@@ -138,13 +140,13 @@ def evaluate(model: Any, tok: Any, pairs: list[dict[str, Any]], ratings: list[di
     (prompt, reflection) is scored once: pairs reuse the same reflections many times."""
     import json
 
-    from retroformer_cli.stages.rating_rules import clean_reflection, strip_prefill
+    from retroformer_cli.stages.rating_rules import strip_prefill
 
     keys: dict[str, int] = {}
     items: list[tuple[list, str]] = []
 
     def key(prompt: Sequence[dict], text: str) -> int:
-        k = json.dumps([strip_prefill(prompt), clean_reflection(text)], sort_keys=True)
+        k = json.dumps([strip_prefill(prompt), clean_reflection(text, stop=())], sort_keys=True)
         if k not in keys:
             keys[k] = len(items)
             items.append((list(prompt), text))
@@ -166,11 +168,13 @@ def evaluate(model: Any, tok: Any, pairs: list[dict[str, Any]], ratings: list[di
     return res
 
 
-def run(cfg: RewardStageConfig, workspace: Workspace, *, resume: bool = False, progress: bool = True,
+def run(cfg: RewardStageConfig, workspace: Workspace, *, resume: bool = False, progress: Progress | None = None,
         callbacks: list | None = None) -> TrainResult:
+    """Train and write ``<checkpoints>/reward/<name>/``; ``progress`` gets the optimizer steps and logged losses."""
     from retroformer_cli.config import to_dict
     from retroformer_cli.llm.model_cache import set_offline
     from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.stages.common.checkpoints import latest_trainer_checkpoint
     from retroformer_cli.stages.datasets import read_split
 
     set_offline()
@@ -192,7 +196,7 @@ def run(cfg: RewardStageConfig, workspace: Workspace, *, resume: bool = False, p
     out_dir = tc.work_dir(workspace, "reward", cfg.name)
     resume_from = None
     if resume:
-        resume_from = tc.last_trainer_checkpoint(out_dir)
+        resume_from = latest_trainer_checkpoint(out_dir)
         if resume_from is None:
             raise UsageError(f"Nothing to resume for reward '{cfg.name}': no trainer checkpoint in {out_dir} (--resume).")
     model = load_seq_cls(base_path, tok)
@@ -204,9 +208,7 @@ def run(cfg: RewardStageConfig, workspace: Workspace, *, resume: bool = False, p
         disable_tqdm=True, dataloader_num_workers=0,
         **tc.precision_kwargs(),
     )
-    cbs = list(callbacks or [])
-    if progress:
-        cbs.append(tc.progress_callback(f"reward {cfg.name}"))
+    cbs = [*(callbacks or []), trainer_callback(progress or NullProgress(), f"reward {cfg.name}")]
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                             peft_config=tc.lora_config(cfg.lora, "SEQ_CLS"), callbacks=cbs)
     tc.drop_stdout_printer(trainer)
@@ -247,7 +249,7 @@ def load_reward_model(path: str | Path, cache_dir: str | Path):
     folder = Path(path)
     if not mc.is_adapter_dir(folder):
         raise UsageError(f"'{folder}' is not a reward checkpoint (no adapter_config.json); see `retroformer reward`.")
-    _, base_path = mc._resolve_base(folder, cache_dir)
+    _, base_path = mc.resolve_adapter_base(folder, cache_dir)
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -275,16 +277,3 @@ def load_scorer(path: str | Path, cache_dir: str | Path, batch_size: int = 8) ->
         return score_ids(model, ids, tok.pad_token_id, batch_size)
 
     return score
-
-
-def resolve_checkpoint(workspace: Workspace, stage: str, name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.is_dir():
-        return p
-    d = workspace.checkpoint_dir(stage, name_or_path)
-    if not d.is_dir():
-        root = workspace.checkpoint_dir(stage, "x").parent
-        known = sorted(x.name for x in root.iterdir() if x.is_dir() and not x.name.startswith(".")) if root.is_dir() else []
-        raise UsageError(f"{stage} checkpoint '{name_or_path}' not found in {root} (--checkpoint); known: "
-                         f"{', '.join(known) or 'none'}.")
-    return d

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from retroformer_cli.errors import DataError, UsageError
-from retroformer_cli.stages.datasets import check_name
+from retroformer_cli.stages.common.names import check_name
+from retroformer_cli.stages.common.progress import NullProgress, Progress, trainer_callback
+from retroformer_cli.stages.common.results import TrainResult
 from retroformer_cli.stages.train_common import LoraSettings
 from retroformer_cli.workspace import Workspace
 
@@ -44,17 +46,6 @@ class SFTStageConfig:
     threads: int | None = field(default=None, metadata={"help": "torch threads (default min(2, cores)); use 1 on a shared machine"})
     seed: int = field(default=0, metadata={"help": "training seed"})
     lora: LoraSettings = field(default_factory=LoraSettings)
-
-
-@dataclass
-class TrainResult:
-    stage: str
-    name: str
-    path: Path
-    metrics: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"stage": self.stage, "name": self.name, "path": str(self.path), "metrics": self.metrics}
 
 
 def load_sft_datasets(workspace: Workspace, name: str):
@@ -100,11 +91,13 @@ def load_base_causal_lm(path: Path):
     return model, tok
 
 
-def run(cfg: SFTStageConfig, workspace: Workspace, *, resume: bool = False, progress: bool = True,
+def run(cfg: SFTStageConfig, workspace: Workspace, *, resume: bool = False, progress: Progress | None = None,
         callbacks: list | None = None) -> TrainResult:
+    """Train and write ``<checkpoints>/sft/<name>/``; ``progress`` gets the optimizer steps and logged losses."""
     from retroformer_cli.config import to_dict
     from retroformer_cli.llm.model_cache import set_offline
     from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.stages.common.checkpoints import latest_trainer_checkpoint
 
     set_offline()
     check_name(cfg.name)
@@ -117,14 +110,12 @@ def run(cfg: SFTStageConfig, workspace: Workspace, *, resume: bool = False, prog
     out_dir = tc.work_dir(workspace, "sft", cfg.name)
     resume_from = None
     if resume:
-        resume_from = tc.last_trainer_checkpoint(out_dir)
+        resume_from = latest_trainer_checkpoint(out_dir)
         if resume_from is None:
             raise UsageError(f"Nothing to resume for sft '{cfg.name}': no trainer checkpoint in {out_dir} (--resume).",
                              hint="lower --save-steps, or start without --resume")
     model, tok = load_base_causal_lm(base_path)
-    cbs = list(callbacks or [])
-    if progress:
-        cbs.append(tc.progress_callback(f"sft {cfg.name}"))
+    cbs = [*(callbacks or []), trainer_callback(progress or NullProgress(), f"sft {cfg.name}")]
     trainer = SFTTrainer(model=model, args=trl_config(cfg, out_dir, eval_ds is not None), train_dataset=train_ds,
                          eval_dataset=eval_ds, processing_class=tok, peft_config=tc.lora_config(cfg.lora, "CAUSAL_LM"),
                          callbacks=cbs)
@@ -169,7 +160,7 @@ def load_policy(path_or_spec: str | Path, cache_dir: str | Path):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    _, base_path = mc._resolve_base(path, cache_dir)
+    _, base_path = mc.resolve_adapter_base(path, cache_dir)
     model, tok = load_base_causal_lm(base_path)
     if (path / "tokenizer_config.json").is_file():
         tok = AutoTokenizer.from_pretrained(str(path))

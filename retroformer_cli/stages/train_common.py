@@ -1,11 +1,11 @@
-"""What the training stages share: base-model resolution, threads, LoRA settings, rich progress as a
-TrainerCallback, atomic checkpoint folders and their manifest. Nothing heavy at import time."""
+"""What the training stages share: base-model resolution, threads, LoRA settings, atomic checkpoint folders and
+their manifest, quiet transformers. Progress, names, results and checkpoint lookup are in ``stages.common``.
+Nothing heavy at import time."""
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -58,11 +58,6 @@ def work_dir(workspace: Workspace, stage: str, name: str) -> Path:
     return workspace.checkpoint_dir(stage, f".work-{name}")
 
 
-def last_trainer_checkpoint(path: Path) -> Path | None:
-    cks = [p for p in path.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(cks, key=lambda p: int(p.name.split("-")[-1])) if cks else None
-
-
 def save_checkpoint(dest: Path, write: Callable[[Path], None], manifest: dict[str, Any]) -> None:
     """Write a checkpoint folder atomically (model files from ``write`` plus the manifest)."""
     from retroformer_cli.store import write_dir_atomic
@@ -91,53 +86,6 @@ def checkpoint_manifest(stage: str, base: str, dataset: str, config: dict[str, A
 def read_checkpoint_manifest(folder: Path) -> dict[str, Any]:
     p = Path(folder) / CHECKPOINT_MANIFEST
     return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
-
-
-def progress_callback(label: str, console=None):
-    """A transformers TrainerCallback that drives a rich Progress on stderr (plain lines when not a TTY)."""
-    from transformers import TrainerCallback
-
-    from retroformer_cli.console import stderr
-
-    con = console or stderr
-
-    class RichTrainerProgress(TrainerCallback):
-        def __init__(self) -> None:
-            self.progress = None
-            self.task = None
-            self.last: dict[str, float] = {}
-            self.started = time.perf_counter()
-
-        def on_train_begin(self, args, state, control, **kw):
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     console=con, disable=not con.is_terminal)
-            self.task = self.progress.add_task(label, total=state.max_steps, completed=state.global_step, info="")
-            self.progress.start()
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.progress is not None:
-                self.progress.update(self.task, completed=state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            keep = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and
-                    any(s in k for s in ("loss", "accuracy", "margin", "learning_rate", "grad_norm"))}
-            self.last.update(keep)
-            info = " ".join(f"{k}={v:.4g}" for k, v in keep.items() if k != "learning_rate")
-            if self.progress is not None:
-                self.progress.update(self.task, info=info)
-            if not con.is_terminal and info:
-                con.print(f"{label}: step {state.global_step}/{state.max_steps} {info}")
-
-        def on_train_end(self, args, state, control, **kw):
-            if self.progress is not None:
-                self.progress.stop()
-                self.progress = None
-
-    return RichTrainerProgress()
 
 
 def loss_history(log_history: list[dict[str, Any]]) -> dict[str, Any]:
