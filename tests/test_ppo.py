@@ -171,12 +171,30 @@ def test_from_sft_adapter_keeps_it_as_reference(ws_with_prompts, tiny_dir):
     cfgp = sft / "adapter_config.json"
     cfgp.write_text(json.dumps({**json.loads(cfgp.read_text()), "base_model_name_or_path": str(tiny_dir)}))
     before = _lora_b(sft)
-    res = run_ppo(_cfg(tiny_dir, name="from-sft", sft="s1"), ws, scorer=scorer)
+    seen: dict = {}
+
+    class Keep(transformers.TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kw):  # noqa: ANN001
+            seen["model"] = model
+
+    res = run_ppo(_cfg(tiny_dir, name="from-sft", sft="s1", max_steps=3, learning_rate=0.05), ws, scorer=scorer,
+                  callbacks=[Keep()])
     after = _lora_b(res.path)
     assert set(before) == set(after)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     manifest = json.loads((res.path / MANIFEST).read_text())
     assert manifest["sft"] == str(sft) and manifest["base"] == str(tiny_dir)
+    # the reference is a frozen copy of the SFT adapter: still equal to it after training, no gradients
+    model = seen["model"]
+    assert set(model.peft_config) == {"default", "ref"}
+    ref = {n.replace(".ref.", "."): p for n, p in model.named_parameters() if ".ref." in n}
+    assert ref and not any(p.requires_grad for p in ref.values())
+    assert {k for k in ref if "lora_B" in k} == set(before)
+    assert all(torch.equal(ref[k].detach().cpu(), before[k]) for k in before)
+    # the KL term is computed against it: zero while the policy still is the SFT adapter (step 1; against the
+    # base it would not be, the SFT adapter is far from zero), positive once the policy has moved
+    kl = [h["kl"] for h in res.log_history if "kl" in h]
+    assert len(kl) == 3 and kl[0] < 1e-6 < max(kl[1:])
 
 
 def test_online_reward_replays_with_candidate_and_caches(ws_with_prompts):
