@@ -34,7 +34,8 @@ def load_ref(ref: str, what: str) -> Any:
     except ImportError as exc:
         raise UsageError(f"Cannot import {what} '{ref}': {exc}.") from None
     except AttributeError:
-        raise UsageError(f"{what[0].upper()}{what[1:]} '{ref}' does not exist ('{module_name}' has no '{attr}').") from None
+        raise UsageError(f"{what[0].upper()}{what[1:]} '{ref}' does not exist "
+                         f"('{module_name}' has no '{attr}').") from None
     return obj
 
 

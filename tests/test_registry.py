@@ -46,7 +46,8 @@ def plugin(monkeypatch, fresh_registries):
 def test_builtin_specs_names_ids_and_capabilities():
     by_name = {s.name: s for s in envs.specs()}
     assert set(by_name) >= {"hotpotqa", "webshop", "alfworld"}
-    assert [envs.canonical_name(i) for i in ("HotPotQA-v0", "webshop-V0", "ALFWORLD")] == ["hotpotqa", "webshop", "alfworld"]
+    names = [envs.canonical_name(i) for i in ("HotPotQA-v0", "webshop-V0", "ALFWORLD")]
+    assert names == ["hotpotqa", "webshop", "alfworld"]
     alf, web, hot = by_name["alfworld"], by_name["webshop"], by_name["hotpotqa"]
     assert alf.asynchronous and alf.protocol_split == "all" and alf.max_steps == 50 and alf.action_names == ()
     assert web.cache_dir and not web.asynchronous and web.action_names == ("search", "click")
@@ -135,11 +136,10 @@ def test_prompts_come_from_the_spec(fresh_registries):
     from retroformer_cli.agents.prompts import get_prompts
     from retroformer_cli.agents.prompts.webshop import PROMPTS as WEBSHOP
 
-    envs.register(dataclasses.replace(envs.get_spec("hotpotqa"), prompts="retroformer_cli.agents.prompts.webshop:PROMPTS"),
-                  replace=True)
+    hot = envs.get_spec("hotpotqa")
+    envs.register(dataclasses.replace(hot, prompts="retroformer_cli.agents.prompts.webshop:PROMPTS"), replace=True)
     assert get_prompts("HotPotQA-v0") is WEBSHOP
-    envs.register(dataclasses.replace(envs.get_spec("hotpotqa"), prompts="retroformer_cli.agents.prompts.nope:PROMPTS"),
-                  replace=True)
+    envs.register(dataclasses.replace(hot, prompts="retroformer_cli.agents.prompts.nope:PROMPTS"), replace=True)
     with pytest.raises(UsageError, match="Cannot import prompt set of the hotpotqa environment"):
         get_prompts("hotpotqa")
 
@@ -156,7 +156,8 @@ def test_backend_resolution_matches_the_documented_table(workspace, tmp_path):
     }
     for spec, expected in cases.items():
         assert resolve_backend(ModelConfig(model=spec), workspace, "--actor") == expected, spec
-    assert resolve_backend(ModelConfig(model="llama", base_url="http://x/v1"), workspace, "--actor") == ("openai", "llama")
+    endpoint = ModelConfig(model="llama", base_url="http://x/v1")
+    assert resolve_backend(endpoint, workspace, "--actor") == ("openai", "llama")
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -170,7 +171,8 @@ def test_backend_errors_are_unchanged(workspace, spec, message):
         resolve_backend(ModelConfig(model=spec), workspace, "--actor")
     assert message in str(err.value)
     if spec == "llama":
-        assert err.value.hint == "for an OpenAI-compatible endpoint use --actor openai:llama (and --actor-base-url or OPENAI_BASE_URL)"
+        assert err.value.hint == ("for an OpenAI-compatible endpoint use --actor openai:llama "
+                                  "(and --actor-base-url or OPENAI_BASE_URL)")
 
 
 def test_make_client_builds_the_endpoint_client(workspace):
@@ -178,7 +180,8 @@ def test_make_client_builds_the_endpoint_client(workspace):
     from retroformer_cli.llm.openai_compat import OpenAICompatClient
 
     assert make_client(ModelConfig(model="none"), workspace, "--reflector") is None
-    client = make_client(ModelConfig(model="openai:m", base_url="http://127.0.0.1:9/v1", api_key="k"), workspace, "--actor")
+    cfg = ModelConfig(model="openai:m", base_url="http://127.0.0.1:9/v1", api_key="k")
+    client = make_client(cfg, workspace, "--actor")
     assert isinstance(client, OpenAICompatClient) and client.model_id == "m"
 
 
@@ -209,7 +212,8 @@ def test_collect_runs_a_plugin_env_with_a_plugin_backend_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["status"] == "completed" and result["tasks"] == 3 and result["solved"] == 3
-    trials = [json.loads(line) for line in (tmp_path / "ws" / "runs" / "echo1" / "trials.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "ws" / "runs" / "echo1" / "trials.jsonl").read_text().splitlines()
+    trials = [json.loads(line) for line in lines]
     assert len(trials) == 4 and {t["env_id"] for t in trials} == {"echo"}
     first_banana = next(t for t in trials if t["task_id"] == "word_1" and t["trial"] == 1)
     assert not first_banana["success"] and first_banana["reflection"]["text"].startswith("I said the wrong word")
@@ -222,8 +226,8 @@ def test_a_broken_plugin_costs_one_warning_line(tmp_path, monkeypatch, fresh_reg
     dist = tmp_path / "broken_plugin-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[retroformer.envs]\nghost = no_such_module_xyz:SPEC\n"
-                                           "notaspec = os:sep\n[retroformer.backends]\nghostly = no_such_module_xyz:B\n")
+    (dist / "entry_points.txt").write_text("[retroformer.envs]\nghost = no_such_module_xyz:SPEC\nnotaspec = os:sep\n"
+                                           "[retroformer.backends]\nghostly = no_such_module_xyz:B\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "hotpotqa" in envs.list_envs()
     with pytest.raises(UsageError, match="Unknown environment 'ghost'.*plugins that failed to load: ghost: "

@@ -3,7 +3,7 @@
 Importing this module registers them (derived from :func:`retroformer_cli.envs.specs`, never listed twice)::
 
     import gymnasium
-    import retroformer_cli.envs.gym  # noqa: F401  (or: gymnasium.make("retroformer_cli.envs.gym:retroformer/WebShop-v0"))
+    import retroformer_cli.envs.gym  # noqa: F401  (or the id "retroformer_cli.envs.gym:retroformer/WebShop-v0")
     env = gymnasium.make("retroformer/WebShop-v0", data="sample_data/webshop")
     obs, info = env.reset(seed=0)                 # a task drawn with the seed, or options={"task_id": ...}
     obs, reward, terminated, truncated, info = env.step("search[red shoes]")

@@ -21,8 +21,9 @@ from retroformer_cli.errors import DataError, UsageError
 
 SPEC = EnvSpec(
     name="hotpotqa", id="HotPotQA-v0", entry_point="retroformer_cli.envs.hotpotqa:HotPotQAEnv",
-    prompts="retroformer_cli.agents.prompts.hotpotqa:PROMPTS", max_steps=6, action_names=("search", "lookup", "finish"),
-    options=("split",), spawn=True, description="HotPotQA distractor questions, Wikipedia-style search (ReAct protocol)",
+    prompts="retroformer_cli.agents.prompts.hotpotqa:PROMPTS", max_steps=6,
+    action_names=("search", "lookup", "finish"), options=("split",), spawn=True,
+    description="HotPotQA distractor questions, Wikipedia-style search (ReAct protocol)",
 )
 
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "sample_data" / "hotpotqa"

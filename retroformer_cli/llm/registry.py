@@ -101,14 +101,16 @@ def find(text: str, cfg: "ModelConfig", workspace: "Workspace", option: str) -> 
                 return spec, target
     note = ""
     if REGISTRY.broken:
-        note = " Backend plugins that failed to load: " + ", ".join(f"{k} ({v})" for k, v in sorted(REGISTRY.broken.items())) + "."
+        note = " Backend plugins that failed to load: " + ", ".join(
+            f"{k} ({v})" for k, v in sorted(REGISTRY.broken.items())) + "."
     raise UsageError(
         f"Model '{text}' ({option}) is neither 'embedded', 'none', a local folder nor an endpoint model.{note}",
         hint=f"for an OpenAI-compatible endpoint use {option} openai:{text} (and {option}-base-url or OPENAI_BASE_URL)",
     )
 
 
-def build(spec: BackendSpec, target: Any, cfg: "ModelConfig", workspace: "Workspace", option: str) -> "LLMClient | None":
+def build(spec: BackendSpec, target: Any, cfg: "ModelConfig", workspace: "Workspace",
+          option: str) -> "LLMClient | None":
     return load_ref(spec.client, f"client factory of the {spec.name} backend")(target, cfg, workspace, option)
 
 

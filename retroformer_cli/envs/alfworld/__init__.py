@@ -19,6 +19,7 @@ SPEC = EnvSpec(
 )
 
 __all__ = [
-    "ALFWorldEnv", "SPEC", "BENCHMARK_SPLIT", "EngineError", "Game", "NOTHING", "SHORT_TASK_TYPES", "TASK_TYPES", "WORDINGS",
+    "ALFWorldEnv", "BENCHMARK_SPLIT", "EngineError", "Game", "NOTHING", "SHORT_TASK_TYPES", "SPEC", "TASK_TYPES",
+    "WORDINGS",
     "discover_games", "normalize_command", "task_type_from_goal", "task_type_of", "to_native",
 ]
