@@ -128,6 +128,45 @@ def test_reward_trains_reports_and_scores(ws, tiny_dir):
     assert len(a) == 3 and all(isinstance(x, float) for x in a) and a == pytest.approx(b, abs=1e-5)
 
 
+def write_toy_pairs(ws, name: str, swap: bool = False) -> None:
+    """A separable preference set: the chosen reflection plans to search, the rejected one to guess (``swap``: the
+    training pairs say the opposite; validation pairs and ratings stay true)."""
+    words = ["river", "castle", "album", "senator", "novel", "bridge", "painter", "island", "opera", "league",
+             "comet", "harbor", "poet", "temple", "glacier", "festival"]
+    good, bad = "I will search both entities first about the {}.", "I will just guess quickly about the {}."
+    prompt = [{"role": "user", "content": "You failed the last trial. Write a short reflection."}]
+
+    def pair(w: str, swapped: bool = False) -> dict:
+        c, r = good.format(w), bad.format(w)
+        c, r = (r, c) if swapped else (c, r)
+        return {"prompt": prompt, "chosen": [{"role": "assistant", "content": c}],
+                "rejected": [{"role": "assistant", "content": r}]}
+
+    d = ws.datasets_dir / name
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text("{}")
+    (d / "pairs.train.jsonl").write_text("".join(json.dumps(pair(w, swap)) + "\n" for w in words[:12]))
+    (d / "pairs.validation.jsonl").write_text("".join(json.dumps(pair(w)) + "\n" for w in words[12:]))
+    ratings = [{"task_id": w, "prompt": prompt, "reflection": t.format(w), "rating": g, "split": "validation"}
+               for w in words[12:] for t, g in ((good, 1.0), (bad, -1.0))]
+    (d / "ratings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ratings))
+
+
+def test_reward_accuracy_beats_chance_on_a_separable_set(workspace, tiny_dir):
+    """Held-out pairs of a separable set are ranked right; trained on the swapped pairs, the same model ranks them
+    wrong (so the accuracy comes from the training pairs, not from how the random head happens to lean)."""
+    acc = {}
+    for swap in (False, True):
+        write_toy_pairs(workspace, f"toy{int(swap)}", swap)
+        cfg = small(reward.RewardStageConfig, tiny_dir, dataset=f"toy{int(swap)}", name=f"toy{int(swap)}",
+                    max_steps=30, learning_rate=5e-3)
+        m = reward.run(cfg, workspace).metrics
+        assert m["validation_pairs"] == 4 and m["validation_ratings"] == 8
+        acc[swap] = (m["pairwise_accuracy"], m["pearson"])
+    assert acc[False][0] == 1.0 and acc[False][1] > 0.8, acc
+    assert acc[True][0] == 0.0 and acc[True][1] < -0.8, acc
+
+
 def test_correlations():
     assert reward.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert reward.spearman([1, 2, 3, 4], [10, 20, 30, 1000]) == pytest.approx(1.0)
