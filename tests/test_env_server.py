@@ -101,6 +101,36 @@ def test_episodes_over_http_from_several_clients_match_in_process(webshop, websh
     assert health["sessions"] == 0 and health["created"] >= 8 and health["closed"] >= 8
 
 
+def test_process_pool_plays_the_same_and_replaces_a_dead_worker(webshop_env):
+    """--processes 2: sessions step in worker processes, traces equal in-process ones; a killed worker costs its
+    episode one 500 env_error, then the session plays again on a fresh worker."""
+    srv = server_thread(_cfg(env="webshop", processes=2), api_key=KEY)
+    try:
+        tasks = webshop_env.task_ids()[8:12]
+        expected = {t: _play_webshop(webshop_env.spawn(), t) for t in tasks}
+
+        def remote(task_id: str) -> list:
+            with EnvClient(srv.url, api_key=KEY) as client, client.session() as env:
+                return _play_webshop(env, task_id)
+
+        with ThreadPoolExecutor(4) as pool:
+            assert dict(zip(tasks, pool.map(remote, tasks))) == expected
+        health = httpx.get(srv.url + "/health").json()
+        assert health["pool"] == "processes" and health["processes"] == 2
+        with EnvClient(srv.url, api_key=KEY) as client, client.session() as env:
+            env.reset(options={"task_id": tasks[0]})
+            worker = srv.manager._sessions[env.session_id].env.worker
+            worker.kill()
+            worker.proc.join(5)
+            with pytest.raises(EnvServerClientError) as err:
+                env.step("search[socks]")
+            assert err.value.status == 500 and err.value.code == "env_error" and "exited and was replaced" in str(err.value)
+            assert _play_webshop(env, tasks[1]) == expected[tasks[1]]
+    finally:
+        srv.stop()
+    assert not any(w.proc.is_alive() for w in srv.manager.base._workers)  # shutdown ends the workers
+
+
 def test_sessions_step_in_parallel_threads():
     """Steps of different sessions run at once in the thread pool: 8 steps of 0.4 s take far less than 3.2 s."""
     srv = server_thread(_cfg(workers=8), env=SleepyEnv(delay=0.4))

@@ -30,6 +30,10 @@ def build_env(cfg: EnvServerConfig, cache_dir: str | Path | None = None) -> Any:
 
     name = canonical_name(cfg.env)
     ccfg = CollectConfig(env=name, data=cfg.data, max_steps=cfg.max_steps, env_options=dict(cfg.env_options))
+    if cfg.processes:
+        from retroformer_cli.envserver.procpool import ProcessPoolEnv
+
+        return ProcessPoolEnv(ccfg, cfg.processes, cache_dir)
     env = make_env(ccfg, types.SimpleNamespace(cache_dir=Path(cache_dir)) if cache_dir is not None else None)
     if not hasattr(env, "spawn"):
         raise UsageError(f"The {name} environment cannot be served: it has no spawn() for one env per session.")
@@ -41,8 +45,11 @@ def build_app(cfg: EnvServerConfig, env: Any, api_key: str | None = None) -> Any
     from retroformer_cli.envserver.app import create_app
     from retroformer_cli.envserver.sessions import SessionManager
 
+    from retroformer_cli.envserver.procpool import ProcessPoolEnv
+
     manager = SessionManager(env, max_sessions=cfg.max_sessions, ttl_s=cfg.session_ttl_s,
-                             workers=cfg.thread_count(), step_timeout_s=cfg.step_timeout_s)
+                             workers=cfg.thread_count(), step_timeout_s=cfg.step_timeout_s,
+                             close_base=isinstance(env, ProcessPoolEnv))
     return create_app(manager, api_key=api_key, max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s)
 
 
@@ -59,9 +66,27 @@ def server_thread(cfg: EnvServerConfig, env: Any | None = None, api_key: str | N
     cfg.validate()
     app = build_app(cfg, env if env is not None else build_env(cfg, cache_dir), api_key)
     srv = ServerThread(app, host=cfg.host, port=cfg.port, **_limits(cfg))
+    _tcp_socket(srv)
     srv.url = srv.base_url.removesuffix("/v1")
     srv.manager = app.state.manager
     return srv.start()
+
+
+def _tcp_socket(srv: Any) -> None:
+    """Rebind ``ServerThread``'s listening socket with ``proto=IPPROTO_TCP``: asyncio sets TCP_NODELAY only on
+    connections accepted from such a socket, and without it every keep-alive response waits ~40 ms (Nagle's
+    algorithm against the client's delayed ACK). Remove once serve/runner.py creates its socket so."""
+    import socket
+
+    old = srv._sock
+    if old.proto == socket.IPPROTO_TCP:
+        return
+    new = socket.socket(old.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    address = old.getsockname()
+    old.close()
+    new.bind(address)
+    srv._sock = new
 
 
 def serve(cfg: EnvServerConfig, api_key: str | None = None, cache_dir: str | Path | None = None,

@@ -134,7 +134,7 @@ def _add_routes(app: FastAPI, manager: SessionManager) -> None:
 
     @app.get("/metadata")
     async def metadata() -> JSONResponse:
-        doc = (type(manager.base).__doc__ or "").strip().split("\n")[0]
+        doc = (getattr(manager.base, "__doc__", None) or "").strip().split("\n")[0]
         return _json({"name": manager.env_name, "description": doc, "version": __version__,
                       "protocol": "retroformer-env", "protocol_version": PROTOCOL_VERSION,
                       "max_steps": getattr(manager.base, "max_steps", None), "tasks": len(manager._task_ids)})

@@ -22,6 +22,7 @@ class EnvServerConfig:
     max_sessions: int = field(default=64, metadata={"help": "open sessions at most; creating one more gets HTTP 503"})
     session_ttl_s: float = field(default=300.0, metadata={"help": "a session idle this many seconds is closed (its id then gets 404 session_expired)"})
     workers: int | None = field(default=None, metadata={"help": "threads stepping in-process envs (WebShop, HotPotQA); for ALFWorld, idle engine processes kept for the next sessions [default: min(8, max_sessions)]"})
+    processes: int = field(default=0, metadata={"help": "step in-process envs (WebShop, HotPotQA) in this many worker processes, each loading the env once, instead of threads sharing one GIL; 0: threads"})
     step_timeout_s: float = field(default=120.0, metadata={"help": "a reset or step taking longer gets HTTP 504 and its session is closed"})
     max_body_bytes: int = field(default=65536, metadata={"help": "largest request body (HTTP 413 above)"})
     body_timeout_s: float = field(default=10.0, metadata={"help": "a request body must arrive within this many seconds (HTTP 408 after)"})
@@ -40,6 +41,8 @@ class EnvServerConfig:
                               ("--body-timeout-s", self.body_timeout_s), ("--idle-timeout-s", self.idle_timeout_s)):
             if not seconds > 0:
                 raise UsageError(f"{name} must be positive, got {seconds}.")
+        if isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 0:
+            raise UsageError(f"--processes must be 0 (threads) or a positive integer, got {self.processes!r}.")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be between 0 and 65535, got {self.port}.")
         if self.max_steps is not None and self.max_steps < 1:

@@ -52,14 +52,16 @@ class Session:
 
 
 def _uses_processes(env: Any) -> bool:
-    return hasattr(env, "astep") and bool(getattr(env, "process", False))
+    """ALFWorld (engine processes) and ``--processes`` pools step through ``areset``/``astep``."""
+    return bool(getattr(env, "process", False))
 
 
 class SessionManager:
     """Create, find, step and expire sessions over ``base`` (a loaded env with ``spawn()``)."""
 
     def __init__(self, base: Any, *, max_sessions: int = 64, ttl_s: float = 300.0, workers: int = 8,
-                 step_timeout_s: float = 120.0):
+                 step_timeout_s: float = 120.0, close_base: bool = False):
+        self.close_base = close_base  # the base owns worker processes (``--processes``): end them at shutdown
         self.base, self.max_sessions, self.ttl_s, self.step_timeout_s = base, max_sessions, ttl_s, step_timeout_s
         self.env_name = getattr(base, "env_id", type(base).__name__)
         self.in_processes = _uses_processes(base)
@@ -85,6 +87,8 @@ class SessionManager:
         for env in self._idle_envs:
             await asyncio.to_thread(env.close)
         self._idle_envs.clear()
+        if self.close_base:
+            await asyncio.to_thread(self.base.close)
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
 
@@ -105,7 +109,7 @@ class SessionManager:
     def stats(self) -> dict[str, Any]:
         return {"env": self.env_name, "sessions": len(self._sessions), "max_sessions": self.max_sessions,
                 "session_ttl_s": self.ttl_s, "pool": "processes" if self.in_processes else "threads",
-                "workers": self.workers, "idle_processes": len(self._idle_envs), **self.counters}
+                "workers": self.workers, "processes": getattr(self.base, "processes", 0), "idle_processes": len(self._idle_envs), **self.counters}
 
     # ---- sessions --------------------------------------------------------------------------------
     async def create(self) -> Session:
