@@ -48,7 +48,7 @@ class Session:
         """OpenEnv's State fields (``episode_id``, ``step_count``) and ours."""
         return {"session_id": self.id, "episode_id": self.episode_id, "step_count": self.step_count,
                 "task_id": self.task_id, "episodes": self.episodes, "done": self.done,
-                "total_reward": self.total_reward, "idle_s": round(time.monotonic() - self.last_used, 3)}
+                "total_reward": self.total_reward}
 
 
 def _uses_processes(env: Any) -> bool:
