@@ -227,16 +227,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- the stage
-def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None = None, *, resume: bool = False,
-            scorer: Callable | None = None, actor_client: Any = None, callbacks: list | None = None) -> PPOResult:
-    """Train the reflector with GRPO; ``scorer``/``actor_client`` replace the reward model / actor (tests)."""
-    from retroformer_cli.stages import train_common as tc
-
-    _validate(cfg, workspace)
-    progress = progress or NullProgress()
-    final = workspace.checkpoint_dir("ppo", cfg.name)
-    work = tc.work_dir(workspace, "ppo", cfg.name)  # trainer checkpoints + online replay cache
+def _training_rows(cfg: PPOStageConfig, workspace: Workspace) -> tuple[list[dict[str, Any]], int]:
+    """(RL prompt rows, rows dropped in online mode because their run is not in this workspace)."""
     rows = _load_rows(workspace, cfg.dataset, "train")
     skipped_runs = 0
     if cfg.mode == "online":  # imported logs have no run to replay
@@ -247,6 +239,74 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None
         why = " from a run of this workspace (online mode replays runs)" if cfg.mode == "online" else ""
         raise DataError(f"Dataset '{cfg.dataset}' has no RL training prompts{why} (--dataset).",
                         hint="prompts are failed trials followed by another trial: collect with --trials 2 or more")
+    return rows, skipped_runs
+
+
+def _reward_function(cfg: PPOStageConfig, workspace: Workspace, work: Path, process_index: int, runs: list[str],
+                     reward_path: Path | None, scorer: Callable | None, actor_client: Any) -> tuple[Any, Any]:
+    """(the reward function TRL calls, the OnlineReward to close afterwards or None)."""
+    from retroformer_cli.stages.ppo_rewards import OfflineReward, OnlineReward
+
+    if cfg.mode == "offline":
+        if scorer is None:
+            from retroformer_cli.stages.reward import load_scorer
+
+            scorer = load_scorer(str(reward_path), workspace.cache_dir)
+        return OfflineReward(scorer), None
+    work.mkdir(parents=True, exist_ok=True)
+    online = OnlineReward(workspace, actor=actor_client if actor_client is not None else cfg.actor,
+                          concurrency=cfg.online_concurrency, memory_size=cfg.online_memory_size,
+                          cache_path=work / f"online_cache.{process_index}.jsonl", threads=cfg.threads,
+                          cache_glob=str(work / "online_cache.*.jsonl"))
+    for r in runs:
+        online.context(r)  # an unreadable run or a bad --actor fails now, not mid-step
+    return online, online
+
+
+def _metrics(global_step: int, train_metrics: dict[str, Any], history: list[dict[str, Any]],
+             **counts: int) -> dict[str, Any]:
+    steps = [h for h in history if "reward" in h]
+    last = steps[-1] if steps else {}
+    return {
+        "global_step": global_step, "train_runtime_s": train_metrics.get("train_runtime"),
+        "train_loss": train_metrics.get("train_loss"), "reward_first": steps[0].get("reward") if steps else None,
+        "reward_last": last.get("reward"), "reward_mean": (sum(h["reward"] for h in steps) / len(steps)) if steps else None,
+        "kl_last": last.get("kl"), "loss_last": last.get("loss"), **counts,
+    }
+
+
+def _save(cfg: PPOStageConfig, trainer: Any, tokenizer: Any, result: PPOResult, *, base: str, sft: Path | None,
+          reward: Path | None, runs: list[str]) -> None:
+    """Write the final checkpoint (the trained adapter, not TRL's frozen "ref" copy) and its manifest."""
+    from retroformer_cli.stages import train_common as tc
+
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+
+    def write(tmp: Path) -> None:
+        peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
+        tc.fix_adapter_base(tmp, base)
+        tokenizer.save_pretrained(str(tmp))
+
+    manifest = tc.checkpoint_manifest(
+        "ppo", base, cfg.dataset, to_dict(cfg), result.metrics, sft=str(sft) if sft else None,
+        reward={"mode": cfg.mode, "reward_model": str(reward) if reward else None,
+                "actor": cfg.actor if cfg.mode == "online" else None},
+        trainer="trl.GRPOTrainer", runs=runs, log_history=result.log_history, resumed_from=result.resumed_from,
+        seconds=result.seconds, versions=_versions(), git_revision=git_revision())
+    tc.save_checkpoint(result.path, write, manifest)
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None = None, *, resume: bool = False,
+            scorer: Callable | None = None, actor_client: Any = None, callbacks: list | None = None) -> PPOResult:
+    """Train the reflector with GRPO; ``scorer``/``actor_client`` replace the reward model / actor (tests)."""
+    from retroformer_cli.stages import train_common as tc
+
+    _validate(cfg, workspace)
+    progress = progress or NullProgress()
+    final = workspace.checkpoint_dir("ppo", cfg.name)
+    work = tc.work_dir(workspace, "ppo", cfg.name)  # trainer checkpoints + online replay cache
+    rows, skipped_runs = _training_rows(cfg, workspace)
     sft_path, reward_path = resolve_inputs(cfg, workspace, need_reward=scorer is None)
     resume_from = None
     if resume:
@@ -274,25 +334,8 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None
         raise DataError(f"All {len(rows)} prompts of '{cfg.dataset}' are longer than --max-prompt-tokens "
                         f"({cfg.max_prompt_tokens}).")
 
-    from retroformer_cli.stages.ppo_rewards import OfflineReward, OnlineReward
-
-    online = None
-    if cfg.mode == "offline":
-        if scorer is None:
-            from retroformer_cli.stages.reward import load_scorer
-
-            scorer = load_scorer(str(reward_path), workspace.cache_dir)
-        reward_fn: Any = OfflineReward(scorer)
-    else:
-        work.mkdir(parents=True, exist_ok=True)
-        online = OnlineReward(workspace, actor=actor_client if actor_client is not None else cfg.actor,
-                              concurrency=cfg.online_concurrency, memory_size=cfg.online_memory_size,
-                              cache_path=work / f"online_cache.{dist.process_index}.jsonl", threads=cfg.threads,
-                              cache_glob=str(work / "online_cache.*.jsonl"))
-        for r in sorted(set(dataset["run"])):
-            online.context(r)  # an unreadable run or a bad --actor fails now, not mid-step
-        reward_fn = online
-
+    reward_fn, online = _reward_function(cfg, workspace, work, dist.process_index, sorted(set(dataset["run"])),
+                                         reward_path, scorer, actor_client)
     import warnings
 
     from transformers import PrinterCallback
@@ -317,34 +360,15 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None
         if online is not None:
             online.close()
     seconds = round(time.perf_counter() - t0, 2)
-    steps = [h for h in history if "reward" in h]
-    last = steps[-1] if steps else {}
-    metrics: dict[str, Any] = {
-        "global_step": trainer.state.global_step, "train_runtime_s": out.metrics.get("train_runtime"),
-        "train_loss": out.metrics.get("train_loss"), "reward_first": steps[0].get("reward") if steps else None,
-        "reward_last": last.get("reward"), "reward_mean": (sum(h["reward"] for h in steps) / len(steps)) if steps else None,
-        "kl_last": last.get("kl"), "loss_last": last.get("loss"), "train_rows": len(dataset),
-        "skipped_long_prompts": skipped, "skipped_unknown_runs": skipped_runs,
-    }
+    metrics = _metrics(trainer.state.global_step, out.metrics, history, train_rows=len(dataset),
+                       skipped_long_prompts=skipped, skipped_unknown_runs=skipped_runs)
     if online is not None:
         metrics.update(online_episodes=online.episodes, online_cache_hits=online.hits)
     result = PPOResult(name=cfg.name, path=final, mode=cfg.mode, steps=trainer.state.global_step, seconds=seconds,
                        metrics=metrics, log_history=history, resumed_from=resume_from.name if resume_from else None,
                        rows=len(dataset), skipped_long_prompts=skipped)
     if trainer.is_world_process_zero():
-        peft_model = trainer.accelerator.unwrap_model(trainer.model)
-
-        def write(tmp: Path) -> None:
-            peft_model.save_pretrained(str(tmp), selected_adapters=["default"])  # not TRL's frozen "ref" copy
-            tc.fix_adapter_base(tmp, base)
-            tokenizer.save_pretrained(str(tmp))
-
-        manifest = tc.checkpoint_manifest(
-            "ppo", base, cfg.dataset, to_dict(cfg), metrics, sft=str(sft_path) if sft_path else None,
-            reward={"mode": cfg.mode, "reward_model": str(reward_path) if reward_path else None,
-                    "actor": cfg.actor if cfg.mode == "online" else None},
-            trainer="trl.GRPOTrainer", runs=sorted(set(dataset["run"])), log_history=history,
-            resumed_from=result.resumed_from, seconds=seconds, versions=_versions(), git_revision=git_revision())
-        tc.save_checkpoint(final, write, manifest)
+        _save(cfg, trainer, tokenizer, result, base=base, sft=sft_path, reward=reward_path,
+              runs=sorted(set(dataset["run"])))
     trainer.accelerator.wait_for_everyone()
     return result
