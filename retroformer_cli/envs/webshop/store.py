@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import re
+import threading
 from json.decoder import scanstring
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -47,6 +48,7 @@ class DocumentStore:
         self.row_of = {a: i for i, a in enumerate(self.asins)}
         self._lru: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
         self._fd: int | None = None
+        self._lock = threading.Lock()  # envs spawned for concurrent episodes share the store
 
     def __len__(self) -> int:
         return len(self.asins)
@@ -106,16 +108,19 @@ class DocumentStore:
 
     # --- reading -----------------------------------------------------------------------------------
     def _read(self, row: int) -> bytes:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            fd = self._fd
         start, end = int(self.starts[row]), int(self.ends[row])
-        return os.pread(self._fd, end - start, start)
+        return os.pread(fd, end - start, start)
 
     def product(self, row: int) -> dict[str, Any]:
-        got = self._lru.get(row)
-        if got is not None:
-            self._lru.move_to_end(row)
-            return got
+        with self._lock:
+            got = self._lru.get(row)
+            if got is not None:
+                self._lru.move_to_end(row)
+                return got
         lineno = int(self.lines[row])
         rec = _parse_line(self._read(row), self.path, lineno)
         product = rec["product"]
@@ -123,9 +128,10 @@ class DocumentStore:
         if missing:
             raise DataError(f"Line {lineno} of {self.path}: the product lacks {', '.join(missing)} "
                             "(expected a product processed by WebShop's load_products).")
-        self._lru[row] = product
-        if len(self._lru) > LRU_PRODUCTS:
-            self._lru.popitem(last=False)
+        with self._lock:
+            self._lru[row] = product
+            if len(self._lru) > LRU_PRODUCTS:
+                self._lru.popitem(last=False)
         return product
 
     def documents(self) -> Iterator[tuple[str, str]]:
@@ -144,9 +150,16 @@ class DocumentStore:
                 nxt = next(rows, None)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
 
 def _parse_line(line: bytes, path: Path, lineno: int) -> dict[str, Any]:
