@@ -92,8 +92,8 @@ def test_index_matches_brute_force_on_both_scoring_paths(synth):
         for ratio in (0, 10**9):  # every query through the sparse path, then through the dense path
             BM25Index.DENSE_RATIO = ratio
             for q in queries:
-                got = idx.search(q, 20)
-                assert got == brute_force(docs, q, 20), (ratio, q)
+                for k in (20, 400):  # 400 = every doc: the dense path's "fewer hits than k" branch
+                    assert idx.search(q, k) == brute_force(docs, q, k), (ratio, q, k)
     finally:
         BM25Index.DENSE_RATIO = dense
     assert idx.search("hdmi cable")[0][1] > 0 and idx.search("the and of") == []

@@ -192,6 +192,19 @@ class BM25Index:
             return None
         return (docs[0], vals[0]) if len(docs) == 1 else (np.concatenate(docs), np.concatenate(vals))
 
+    def _dense_candidates(self, docs: np.ndarray, vals: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sum into a corpus-sized array; keep the docs scoring at least the k-th float32 score (ties included:
+        rounding to float32 keeps order, so the k-th float32 score is the float32 of the k-th sum)."""
+        scores = np.bincount(docs, weights=vals, minlength=self.n_docs).astype(np.float32)
+        kth = np.partition(scores, self.n_docs - k)[self.n_docs - k] if k < self.n_docs else np.float32(0)
+        if kth > 0:
+            cand = np.flatnonzero(scores >= kth)
+        else:  # fewer than k docs score above 0: every hit, even one whose float32 score is 0.0
+            hit = np.zeros(self.n_docs, dtype=bool)
+            hit[docs] = True
+            cand = np.flatnonzero(hit)
+        return cand, scores[cand]
+
     def search(self, query: str, k: int = SEARCH_RETURN_N) -> list[tuple[str, float]]:
         """Top-k (doc id, score), best first, as pyserini's LuceneSearcher.search(query, k)."""
         if self.n_docs == 0 or k <= 0:
@@ -203,15 +216,9 @@ class BM25Index:
         if len(docs) * self.DENSE_RATIO < self.n_docs:  # few postings: sum per distinct doc without a corpus-sized array
             cand, inverse = np.unique(docs, return_inverse=True)
             acc = np.bincount(inverse, weights=vals, minlength=len(cand))  # float64, each doc's terms in order
+            scores = acc.astype(np.float32)
         else:
-            acc = np.bincount(docs, weights=vals, minlength=self.n_docs)
-            cand = np.flatnonzero(acc)
-            if len(cand) < k and len(cand) < len(docs):  # a hit can score 0.0 in float32: keep it
-                hit = np.zeros(self.n_docs, dtype=bool)
-                hit[docs] = True
-                cand = np.flatnonzero(hit)
-            acc = acc[cand]
-        scores = acc.astype(np.float32)
+            cand, scores = self._dense_candidates(docs, vals, k)
         if len(cand) > k:  # keep everything tied with the k-th score, then order exactly
             kth = np.partition(scores, len(cand) - k)[len(cand) - k]
             keep = scores >= kth
