@@ -193,17 +193,15 @@ class BM25Index:
         return (docs[0], vals[0]) if len(docs) == 1 else (np.concatenate(docs), np.concatenate(vals))
 
     def _dense_candidates(self, docs: np.ndarray, vals: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sum into a corpus-sized array; keep the docs scoring at least the k-th float32 score (ties included:
-        rounding to float32 keeps order, so the k-th float32 score is the float32 of the k-th sum)."""
-        scores = np.bincount(docs, weights=vals, minlength=self.n_docs).astype(np.float32)
-        kth = np.partition(scores, self.n_docs - k)[self.n_docs - k] if k < self.n_docs else np.float32(0)
-        if kth > 0:
-            cand = np.flatnonzero(scores >= kth)
-        else:  # fewer than k docs score above 0: every hit, even one whose float32 score is 0.0
+        """Sum into a corpus-sized array and keep the docs scoring above 0 (a partition over the whole corpus is
+        slower: its many equal zeros are introselect's bad case)."""
+        acc = np.bincount(docs, weights=vals, minlength=self.n_docs)
+        cand = np.flatnonzero(acc)
+        if len(cand) < k:  # fewer than k docs score above 0: every hit, even one whose float32 score is 0.0
             hit = np.zeros(self.n_docs, dtype=bool)
             hit[docs] = True
             cand = np.flatnonzero(hit)
-        return cand, scores[cand]
+        return cand, acc[cand].astype(np.float32)
 
     def search(self, query: str, k: int = SEARCH_RETURN_N) -> list[tuple[str, float]]:
         """Top-k (doc id, score), best first, as pyserini's LuceneSearcher.search(query, k)."""
