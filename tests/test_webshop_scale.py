@@ -87,15 +87,16 @@ def test_index_matches_brute_force_on_both_scoring_paths(synth):
     docs = list(load_documents(synth / "documents.jsonl").documents())
     idx = BM25Index.build(docs)
     queries = ["hdmi cable braided", "wool socks wool", "women shoes size 8", "nothing-matches-this", "cotton"]
-    dense = BM25Index.DENSE_RATIO
+    dense, sample = BM25Index.DENSE_RATIO, BM25Index.SAMPLE
     try:
-        for ratio in (0, 10**9):  # every query through the sparse path, then through the dense path
+        # the sparse path; the dense path with a strided sample (every 4th doc); the dense path without it
+        for ratio, BM25Index.SAMPLE in ((0, sample), (10**9, 100), (10**9, sample)):
             BM25Index.DENSE_RATIO = ratio
             for q in queries:
-                for k in (20, 400):  # 400 = every doc: the dense path's "fewer hits than k" branch
+                for k in (3, 20, 400):  # 400 = every doc: the "fewer hits than k" branch
                     assert idx.search(q, k) == brute_force(docs, q, k), (ratio, q, k)
     finally:
-        BM25Index.DENSE_RATIO = dense
+        BM25Index.DENSE_RATIO, BM25Index.SAMPLE = dense, sample
     assert idx.search("hdmi cable")[0][1] > 0 and idx.search("the and of") == []
 
 

@@ -82,6 +82,7 @@ class BM25Index:
     """
 
     DENSE_RATIO = 8  # a query whose postings number over n_docs / DENSE_RATIO sums into a corpus-sized array
+    SAMPLE = 1 << 16  # docs sampled for a lower bound of the k-th score (dense path)
 
     def __init__(self, doc_ids: np.ndarray, terms: list[str], offsets: np.ndarray, post_docs: np.ndarray,
                  post_tfn: np.ndarray, norms: np.ndarray, id_rank: np.ndarray, sum_total_term_freq: int,
@@ -193,9 +194,20 @@ class BM25Index:
         return (docs[0], vals[0]) if len(docs) == 1 else (np.concatenate(docs), np.concatenate(vals))
 
     def _dense_candidates(self, docs: np.ndarray, vals: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sum into a corpus-sized array and keep the docs scoring above 0 (a partition over the whole corpus is
-        slower: its many equal zeros are introselect's bad case)."""
+        """Sum into a corpus-sized array; keep the docs that can be in the top k.
+
+        The k-th best score of an evenly strided sample (about ``SAMPLE`` docs) is at most the corpus's k-th best,
+        so every doc at or above it (less a float32 rounding margin, for ties) is a candidate: a short list, found
+        with one comparison pass. Without k positive scores in the sample, every doc above 0 is a candidate."""
         acc = np.bincount(docs, weights=vals, minlength=self.n_docs)
+        step = self.n_docs // self.SAMPLE
+        if step > 1:
+            sample = acc[::step]
+            positive = sample[sample > 0]
+            if len(positive) >= k:
+                floor = np.partition(positive, len(positive) - k)[len(positive) - k] * (1 - 1e-6)
+                cand = np.flatnonzero(acc >= floor)
+                return cand, acc[cand].astype(np.float32)
         cand = np.flatnonzero(acc)
         if len(cand) < k:  # fewer than k docs score above 0: every hit, even one whose float32 score is 0.0
             hit = np.zeros(self.n_docs, dtype=bool)
