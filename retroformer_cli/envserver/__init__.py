@@ -66,27 +66,9 @@ def server_thread(cfg: EnvServerConfig, env: Any | None = None, api_key: str | N
     cfg.validate()
     app = build_app(cfg, env if env is not None else build_env(cfg, cache_dir), api_key)
     srv = ServerThread(app, host=cfg.host, port=cfg.port, **_limits(cfg))
-    _tcp_socket(srv)
     srv.url = srv.base_url.removesuffix("/v1")
     srv.manager = app.state.manager
     return srv.start()
-
-
-def _tcp_socket(srv: Any) -> None:
-    """Rebind ``ServerThread``'s listening socket with ``proto=IPPROTO_TCP``: asyncio sets TCP_NODELAY only on
-    connections accepted from such a socket, and without it every keep-alive response waits ~40 ms (Nagle's
-    algorithm against the client's delayed ACK). Remove once serve/runner.py creates its socket so."""
-    import socket
-
-    old = srv._sock
-    if old.proto == socket.IPPROTO_TCP:
-        return
-    new = socket.socket(old.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    address = old.getsockname()
-    old.close()
-    new.bind(address)
-    srv._sock = new
 
 
 def serve(cfg: EnvServerConfig, api_key: str | None = None, cache_dir: str | Path | None = None,

@@ -109,7 +109,10 @@ class ServerThread:
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
                  start_timeout_s: float = 120.0, **limits: Any):
         self.app, self.host, self.log_level, self.start_timeout_s = app, host, log_level, start_timeout_s
-        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on connections accepted from such a socket; without it
+        # every keep-alive answer waits ~40 ms (Nagle's algorithm against the client's delayed ACK)
+        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM,
+                                   socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.port = self._sock.getsockname()[1]
