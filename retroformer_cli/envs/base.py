@@ -14,9 +14,10 @@ runs it on every env it makes (``envs.make``), so a plugin env that breaks it fa
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
-from retroformer_cli.errors import RetroformerError
+from retroformer_cli.errors import DataError, RetroformerError
 
 if TYPE_CHECKING:
     from retroformer_cli.envs.spec import EnvSpec
@@ -93,3 +94,12 @@ def check_factory(spec: "EnvSpec") -> None:
     if missing:
         raise EnvContractError(f"The {spec.name} environment's factory {spec.entry_point} takes no "
                                + ", ".join(repr(k) for k in missing) + " (declared by its EnvSpec).")
+
+
+def data_or_sample(data: str | Path | None, sample: Path, label: str) -> Path:
+    """``data`` as a path, or the env's bundled made-up sample data when no data was given."""
+    if data is not None:
+        return Path(data)
+    if not sample.is_dir():
+        raise DataError(f"The bundled {label} sample data {sample} is missing; pass a data path.")
+    return sample

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from retroformer_cli.envs.hotpotqa_metrics import exact_match, f1_score
 from retroformer_cli.envs.spec import EnvSpec
+from retroformer_cli.envs.base import data_or_sample
 from retroformer_cli.errors import DataError, UsageError
 
 SPEC = EnvSpec(
@@ -311,12 +312,7 @@ class HotPotQAEnv:
 
     @staticmethod
     def _resolve(data: str | Path | None, split: str | None) -> Path:
-        if data is None:
-            if not SAMPLE_DATA.is_dir():
-                raise DataError(f"The bundled HotPotQA sample data {SAMPLE_DATA} is missing; pass a data path.")
-            path = SAMPLE_DATA
-        else:
-            path = Path(data)
+        path = data_or_sample(data, SAMPLE_DATA, "HotPotQA")
         if split is None:
             return path
         if not path.is_dir():

@@ -141,10 +141,8 @@ class CollectReport:
             self.started = False
 
 
-def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progress: Progress | None = None,
-        actor: LLMClient | None = None, reflector: LLMClient | None | str = "config") -> CollectResult:
-    """Collect trajectories. ``actor``/``reflector`` may be passed in (tests); else built from ``cfg``."""
-    progress = CollectReport(progress or NullProgress())
+def _check_run(cfg: CollectConfig, workspace: Workspace, resume: bool) -> str:
+    """The run's name; a new run must not exist yet and a resumed one must."""
     if cfg.trials < 1:
         raise UsageError("--trials must be at least 1.")
     run_name = cfg.run or workspace.new_run_name(cfg.env)
@@ -155,14 +153,14 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
                          hint="pass --resume to continue it, or choose another --run name")
     if resume and not manifest_path.exists():
         raise UsageError(f"Cannot resume run '{run_name}': it does not exist in '{workspace.root}'.")
+    return run_name
 
-    env = make_env(cfg, workspace)
-    task_ids = select_tasks(list(env.task_ids()), cfg)
 
-    from retroformer_cli.agents.prompts.base import PROMPT_VERSION, get_prompts
-    from retroformer_cli.llm import make_client
+def _clients(cfg: CollectConfig, workspace: Workspace, actor: LLMClient | None,
+             reflector: LLMClient | None | str) -> tuple[LLMClient, LLMClient | None]:
+    """The actor and reflector clients: those passed in, else built from the config."""
+    from retroformer_cli.llm import make_client, resolve_backend
 
-    prompts = get_prompts(cfg.env)
     for model in (cfg.actor, cfg.reflector):  # an endpoint takes as many requests as collect runs episodes
         if model.concurrency is None:
             model.concurrency = max(1, cfg.concurrency)
@@ -171,19 +169,18 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
         if actor is None:
             raise UsageError("The actor cannot be 'none' (--actor).")
     if reflector == "config":
-        from retroformer_cli.llm import resolve_backend
-
         same = resolve_backend(cfg.reflector, workspace, "--reflector") == resolve_backend(cfg.actor, workspace, "--actor")
         if same and resolve_backend(cfg.actor, workspace, "--actor")[0] == "hf":
             reflector = actor  # one in-process copy of the same weights serves both roles
         else:
             reflector = make_client(cfg.reflector, workspace, "--reflector")
+    return actor, reflector
 
-    history: dict[str, list[Trial]] = defaultdict(list)
-    trials_path = workspace.trials_path(run_name)
-    if resume and trials_path.exists():
-        for t in load_trials(workspace, run_name):
-            history[t.task_id].append(t)
+
+def _start_manifest(cfg: CollectConfig, workspace: Workspace, run_name: str, resume: bool, task_ids: list[str],
+                    actor: LLMClient, reflector: LLMClient | None) -> tuple[dict, dict]:
+    """Write the manifest with a new running session (a resumed run keeps its earlier sessions and usage)."""
+    from retroformer_cli.agents.prompts.base import PROMPT_VERSION
 
     manifest = workspace.read_manifest(run_name) if resume else {
         "schema_version": 1, "kind": "run", "run": run_name, "env": cfg.env, "started_at": now_iso(),
@@ -198,6 +195,28 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     session = {"started_at": now_iso(), "finished_at": None, "status": "running", "resume": resume}
     manifest["sessions"].append(session)
     workspace.write_manifest(run_name, manifest)
+    return manifest, session
+
+
+def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progress: Progress | None = None,
+        actor: LLMClient | None = None, reflector: LLMClient | None | str = "config") -> CollectResult:
+    """Collect trajectories. ``actor``/``reflector`` may be passed in (tests); else built from ``cfg``."""
+    progress = CollectReport(progress or NullProgress())
+    run_name = _check_run(cfg, workspace, resume)
+    env = make_env(cfg, workspace)
+    task_ids = select_tasks(list(env.task_ids()), cfg)
+
+    from retroformer_cli.agents.prompts.base import get_prompts
+
+    prompts = get_prompts(cfg.env)
+    actor, reflector = _clients(cfg, workspace, actor, reflector)
+
+    history: dict[str, list[Trial]] = defaultdict(list)
+    trials_path = workspace.trials_path(run_name)
+    if resume and trials_path.exists():
+        for t in load_trials(workspace, run_name):
+            history[t.task_id].append(t)
+    manifest, session = _start_manifest(cfg, workspace, run_name, resume, task_ids, actor, reflector)
 
     counters = {"written": 0, "prompt": 0, "completion": 0, "cached": 0}
     writer = JsonlWriter(trials_path)

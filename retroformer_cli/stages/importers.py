@@ -30,7 +30,7 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from retroformer_cli.errors import DataError
 from retroformer_cli.stages.rating_rules import rows_from_sequences
@@ -101,27 +101,32 @@ def _split_entry(entry: str) -> dict[str, Any]:
 
 def parse_hotpotqa_log(path: Path) -> list[dict[str, Any]]:
     """Rows like the JSONL conversion (run, trial, id=None, question, ...) from one Reflexion text log."""
+    out = []
+    for trial, status, body in log_sections(path):
+        body = body.split("\n#####")[0]
+        for entry in re.split(r"\n(?=Question:)", "\n" + body):
+            if not entry.strip().startswith("Question:"):
+                continue
+            e = _split_entry(entry)
+            finishes = _FINISH.findall(e["scratchpad"])
+            out.append({"run": path.stem, "trial": trial, "id": None, "question": e["question"],
+                        "gold_answer": e["gold"], "status": status.lower(),
+                        "is_correct": status == "CORRECT", "predicted_answer": finishes[-1] if finishes else None,
+                        "reflections": e["reflections"], "trajectory": entry.strip("\n")})
+    return out
+
+
+def log_sections(path: Path) -> Iterator[tuple[int, str, str]]:
+    """(trial number, CORRECT | INCORRECT | HALTED, section text) for each agents section of a Reflexion text log."""
     text = path.read_text(encoding="utf-8")
     trials = list(_TRIAL.finditer(text))
     if not trials:
         raise DataError(f"'{path}' is not a Reflexion HotPotQA log: no 'BEGIN TRIAL N' line.")
-    out = []
     for i, tm in enumerate(trials):
         block = text[tm.end(): trials[i + 1].start() if i + 1 < len(trials) else len(text)]
         sections = list(_SECTION.finditer(block))
         for j, sm in enumerate(sections):
-            body = block[sm.end(): sections[j + 1].start() if j + 1 < len(sections) else len(block)]
-            body = body.split("\n#####")[0]
-            for entry in re.split(r"\n(?=Question:)", "\n" + body):
-                if not entry.strip().startswith("Question:"):
-                    continue
-                e = _split_entry(entry)
-                finishes = _FINISH.findall(e["scratchpad"])
-                out.append({"run": path.stem, "trial": int(tm.group(1)), "id": None, "question": e["question"],
-                            "gold_answer": e["gold"], "status": sm.group(1).lower(),
-                            "is_correct": sm.group(1) == "CORRECT", "predicted_answer": finishes[-1] if finishes else None,
-                            "reflections": e["reflections"], "trajectory": entry.strip("\n")})
-    return out
+            yield int(tm.group(1)), sm.group(1), block[sm.end(): sections[j + 1].start() if j + 1 < len(sections) else len(block)]
 
 
 def _hotpotqa_rows(records: list[dict[str, Any]], source: str, run_label: str) -> list[dict[str, Any]]:
@@ -135,7 +140,6 @@ def _hotpotqa_rows(records: list[dict[str, Any]], source: str, run_label: str) -
         by_trial[(r.get("run"), task, r["trial"])] = r
         by_task[f"{r.get('run')}\x00{task}"].setdefault(int(r["trial"]), r)
     seqs: dict[str, list[dict[str, Any]]] = {}
-    prompts: dict[tuple, list] = {}
     runs = set()
     for key, trials in by_task.items():
         run, task = key.split("\x00", 1)

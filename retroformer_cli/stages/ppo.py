@@ -37,7 +37,7 @@ from typing import Any, Callable
 from retroformer_cli import __version__
 from retroformer_cli.config import to_dict
 from retroformer_cli.errors import DataError, RetroformerError, UsageError
-from retroformer_cli.stages.common.checkpoints import latest_trainer_checkpoint, resolve_checkpoint
+from retroformer_cli.stages.common.checkpoints import latest_trainer_checkpoint, resume_checkpoint, resolve_checkpoint
 from retroformer_cli.stages.common.names import check_name
 from retroformer_cli.stages.common.progress import NullProgress, Progress, metrics_info, trainer_callback
 from retroformer_cli.stages.common.results import PPOResult
@@ -308,12 +308,7 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None
     work = tc.work_dir(workspace, "ppo", cfg.name)  # trainer checkpoints + online replay cache
     rows, skipped_runs = _training_rows(cfg, workspace)
     sft_path, reward_path = resolve_inputs(cfg, workspace, need_reward=scorer is None)
-    resume_from = None
-    if resume:
-        resume_from = latest_trainer_checkpoint(work)
-        if resume_from is None:
-            raise UsageError(f"Nothing to resume for ppo '{cfg.name}': no trainer checkpoint in {work} (--resume).",
-                             hint="lower --save-steps, or start without --resume")
+    resume_from = resume_checkpoint(work, "ppo", cfg.name) if resume else None
 
     import torch
     from accelerate import PartialState

@@ -58,6 +58,7 @@ class _RunContext:
     gen: GenerationConfig
     prompts: Any
     action_names: tuple[str, ...]
+    spawn: bool  # the env's spec offers spawn(): twins over the loaded data
     memory_size: int
     seed: int
     trials: dict[tuple[str, int], Any]
@@ -68,7 +69,7 @@ class _RunContext:
         if self.envs:
             return self.envs.pop()
         first = self.created[0] if self.created else None
-        env = first.spawn() if first is not None and hasattr(first, "spawn") else self.make_env()
+        env = first.spawn() if first is not None and self.spawn else self.make_env()
         self.created.append(env)
         return env
 
@@ -132,6 +133,7 @@ class OnlineReward:
         from retroformer_cli.agents.actor import STOP as ACTOR_STOP
         from retroformer_cli.agents.prompts.base import get_prompts
         from retroformer_cli.config import CollectConfig, build_config, fill_from_env
+        from retroformer_cli.envs import get_spec
         from retroformer_cli.stages.collect import generation_config, load_trials, make_env
 
         stored = dict(self.workspace.read_manifest(run).get("config") or {})
@@ -149,9 +151,10 @@ class OnlineReward:
             else self._client(cfg.actor)
         trials = {(t.task_id, t.trial): t for t in load_trials(self.workspace, run)}
         first = make_env(cfg, self.workspace)
+        spec = get_spec(cfg.env)
         ctx = _RunContext(run=run, env_id=cfg.env, make_env=lambda: make_env(cfg, self.workspace), actor=actor,
                           gen=generation_config(cfg.actor, ACTOR_STOP), prompts=get_prompts(cfg.env),
-                          action_names=tuple(getattr(first, "action_names", ())),
+                          action_names=spec.action_names, spawn=spec.spawn,
                           memory_size=self.memory_size if self.memory_size is not None else cfg.memory_size,
                           seed=cfg.seed, trials=trials, envs=[first], created=[first])
         self._contexts[run] = ctx

@@ -174,7 +174,7 @@ def run(cfg: RewardStageConfig, workspace: Workspace, *, resume: bool = False, p
     from retroformer_cli.config import to_dict
     from retroformer_cli.llm.model_cache import set_offline
     from retroformer_cli.stages import train_common as tc
-    from retroformer_cli.stages.common.checkpoints import latest_trainer_checkpoint
+    from retroformer_cli.stages.common.checkpoints import resume_checkpoint
     from retroformer_cli.stages.datasets import read_split
 
     set_offline()
@@ -194,11 +194,7 @@ def run(cfg: RewardStageConfig, workspace: Workspace, *, resume: bool = False, p
         raise DataError(f"Dataset '{cfg.dataset}' has no training pairs (reflections of one task with different "
                         "ratings).", hint="rebuild with --pair-scope env, or collect more trials")
     out_dir = tc.work_dir(workspace, "reward", cfg.name)
-    resume_from = None
-    if resume:
-        resume_from = latest_trainer_checkpoint(out_dir)
-        if resume_from is None:
-            raise UsageError(f"Nothing to resume for reward '{cfg.name}': no trainer checkpoint in {out_dir} (--resume).")
+    resume_from = resume_checkpoint(out_dir, "reward", cfg.name) if resume else None
     model = load_seq_cls(base_path, tok)
     args = RewardConfig(
         output_dir=str(out_dir), max_steps=cfg.max_steps, num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,

@@ -111,8 +111,6 @@ def _agent_from_filename(path: Path) -> str:
     return "_".join(parts) or path.stem
 
 
-_TRIAL = re.compile(r"^BEGIN TRIAL (\d+)\s*$", re.M)
-_SECTION = re.compile(r"^-+ BEGIN (CORRECT|INCORRECT|HALTED) AGENTS -+\s*$", re.M)
 _GOLD = re.compile(r"^Correct answer: ?(.*)$", re.M)
 _REFLECTION_HEAD = "You have attempted to answer following question before and failed."
 
@@ -120,31 +118,24 @@ _REFLECTION_HEAD = "You have attempted to answer following question before and f
 def parse_text_log(path: Path) -> list[dict[str, Any]]:
     """Records like the ``trials.jsonl`` conversion from one Reflexion text log (ReAct or CoT, with or without
     context): each agent entry runs up to its ``Correct answer:`` line."""
-    text = path.read_text(encoding="utf-8")
-    trials = list(_TRIAL.finditer(text))
-    if not trials:
-        raise DataError(f"'{path}' is not a Reflexion HotPotQA log: no 'BEGIN TRIAL N' line.")
+    from retroformer_cli.stages.importers import log_sections
+
     agent = _agent_from_filename(path)
     out = []
-    for i, tm in enumerate(trials):
-        block = text[tm.end(): trials[i + 1].start() if i + 1 < len(trials) else len(text)]
-        sections = list(_SECTION.finditer(block))
-        for j, sm in enumerate(sections):
-            body = block[sm.end(): sections[j + 1].start() if j + 1 < len(sections) else len(block)]
-            start = 0
-            for gm in _GOLD.finditer(body):
-                entry = body[start:gm.start()].strip("\n")
-                start = gm.end()
-                if not entry.strip():
-                    continue
-                preamble, _ = parse_steps(entry)
-                reflections = _text_log_reflections(entry)
-                finishes = _FINISH.findall(entry)
-                status = sm.group(1).lower()
-                out.append({"run": agent, "trial": int(tm.group(1)), "id": None, "question": _question(preamble),
-                            "gold_answer": gm.group(1).strip(), "status": status, "is_correct": status == "correct",
-                            "predicted_answer": finishes[-1] if finishes else None, "reflections": reflections,
-                            "trajectory": entry})
+    for trial, section, body in log_sections(path):
+        status = section.lower()
+        start = 0
+        for gm in _GOLD.finditer(body):
+            entry = body[start:gm.start()].strip("\n")
+            start = gm.end()
+            if not entry.strip():
+                continue
+            preamble, _ = parse_steps(entry)
+            finishes = _FINISH.findall(entry)
+            out.append({"run": agent, "trial": trial, "id": None, "question": _question(preamble),
+                        "gold_answer": gm.group(1).strip(), "status": status, "is_correct": status == "correct",
+                        "predicted_answer": finishes[-1] if finishes else None,
+                        "reflections": _text_log_reflections(entry), "trajectory": entry})
     return out
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retroformer_cli.errors import DataError, UsageError
+from retroformer_cli.errors import DataError
 from retroformer_cli.stages.common.names import check_name
 from retroformer_cli.stages.common.progress import NullProgress, Progress, trainer_callback
 from retroformer_cli.stages.common.results import TrainResult
@@ -97,7 +97,7 @@ def run(cfg: SFTStageConfig, workspace: Workspace, *, resume: bool = False, prog
     from retroformer_cli.config import to_dict
     from retroformer_cli.llm.model_cache import set_offline
     from retroformer_cli.stages import train_common as tc
-    from retroformer_cli.stages.common.checkpoints import latest_trainer_checkpoint
+    from retroformer_cli.stages.common.checkpoints import resume_checkpoint
 
     set_offline()
     check_name(cfg.name)
@@ -108,12 +108,7 @@ def run(cfg: SFTStageConfig, workspace: Workspace, *, resume: bool = False, prog
     from trl import SFTTrainer
 
     out_dir = tc.work_dir(workspace, "sft", cfg.name)
-    resume_from = None
-    if resume:
-        resume_from = latest_trainer_checkpoint(out_dir)
-        if resume_from is None:
-            raise UsageError(f"Nothing to resume for sft '{cfg.name}': no trainer checkpoint in {out_dir} (--resume).",
-                             hint="lower --save-steps, or start without --resume")
+    resume_from = resume_checkpoint(out_dir, "sft", cfg.name) if resume else None
     model, tok = load_base_causal_lm(base_path)
     cbs = [*(callbacks or []), trainer_callback(progress or NullProgress(), f"sft {cfg.name}")]
     trainer = SFTTrainer(model=model, args=trl_config(cfg, out_dir, eval_ds is not None), train_dataset=train_ds,

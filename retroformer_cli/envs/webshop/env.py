@@ -25,6 +25,7 @@ from retroformer_cli.envs.webshop.goals import (GOAL_KINDS, build_goals, parse_t
 from retroformer_cli.envs.webshop.reward import get_reward
 from retroformer_cli.envs.webshop.search import SEARCH_RETURN_N, load_or_build
 from retroformer_cli.envs.webshop.store import load_catalog
+from retroformer_cli.envs.base import data_or_sample
 from retroformer_cli.errors import DataError, UsageError
 
 SAMPLE_DATA = Path(__file__).resolve().parents[3] / "sample_data" / "webshop"
@@ -76,12 +77,7 @@ def _single(pattern: str, where: Path, what: str) -> Path | None:
 def _load_world(data: str | Path | None, goals: str, goal_file: str | Path | None, num_products: int | None,
                 cache_dir: str | Path | None, seed: int) -> _World:
     t0 = time.perf_counter()
-    if data is None:
-        if not SAMPLE_DATA.is_dir():
-            raise DataError(f"The bundled WebShop sample data {SAMPLE_DATA} is missing; pass a data path.")
-        path = SAMPLE_DATA
-    else:
-        path = Path(data)
+    path = data_or_sample(data, SAMPLE_DATA, "WebShop")
     if not path.exists():
         raise DataError(f"WebShop data path {path} does not exist.")
     instructions = None

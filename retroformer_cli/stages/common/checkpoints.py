@@ -45,3 +45,12 @@ def latest_trainer_checkpoint(trainer_dir: Path) -> Path | None:
         if d.is_dir() and d.name.startswith("checkpoint-") and step.isdigit() and (d / "trainer_state.json").is_file():
             done.append((int(step), d))
     return max(done)[1] if done else None
+
+
+def resume_checkpoint(trainer_dir: Path, stage: str, name: str) -> Path:
+    """The newest complete trainer checkpoint to resume ``stage`` ``name`` from; a clear error when there is none."""
+    found = latest_trainer_checkpoint(trainer_dir)
+    if found is None:
+        raise UsageError(f"Nothing to resume for {stage} '{name}': no trainer checkpoint in {trainer_dir} (--resume).",
+                         hint="lower --save-steps, or start without --resume")
+    return found
