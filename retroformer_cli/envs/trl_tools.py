@@ -91,7 +91,7 @@ class EnvTools:
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise UsageError(f"group_size must be a positive integer (GRPO's num_generations), got {group_size!r}.")
         options = {k: kwargs.pop(k) for k in cls._options if k in kwargs}
-        cls._check_options(**options)
+        cls.check_options(**options)
         env_kwargs = {**cls._env_defaults, **kwargs}
         lock = threading.Lock()
         shared: dict[str, Any] = {"env": env}
@@ -117,7 +117,7 @@ class EnvTools:
         return make_one
 
     @classmethod
-    def _check_options(cls, **options: Any) -> None:
+    def check_options(cls, **options: Any) -> None:
         """Raise UsageError for a bad adapter option (before TRL builds anything)."""
 
     # --- TRL hooks ------------------------------------------------------------------------------
@@ -178,12 +178,12 @@ class HotPotQATools(EnvTools):
     _options = ("reward",)
 
     def __init__(self, env: Any, next_task: Callable[[], str] | None = None, reward: str = "em"):
-        self._check_options(reward=reward)
+        self.check_options(reward=reward)
         self._reward_kind = reward
         super().__init__(env, next_task)
 
     @classmethod
-    def _check_options(cls, reward: str = "em") -> None:
+    def check_options(cls, reward: str = "em") -> None:
         if reward not in ("em", "f1"):
             raise UsageError(f"Unknown HotPotQA reward '{reward}': choose em or f1.")
 

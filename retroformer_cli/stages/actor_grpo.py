@@ -176,7 +176,7 @@ def run(cfg: ActorGRPOConfig, workspace: Workspace, *, model: Any = None, tokeni
     adapter = adapter_for(cfg.env)
     options = {"reward": cfg.reward} if adapter.env_name == "hotpotqa" else {}
     if options:
-        adapter._check_options(**options)
+        adapter.check_options(**options)
     elif cfg.reward != "em":
         raise UsageError(f"--reward applies to HotPotQA only; the {adapter.env_name} reward is the env's own.")
     env, task_ids = build_env_and_tasks(cfg, workspace)
