@@ -45,7 +45,7 @@ class ModelConfig:
 class CollectConfig:
     """`retroformer collect`: run the actor (and reflector) over tasks for several trials."""
 
-    env: str = field(default="hotpotqa", metadata={"help": "environment: hotpotqa | webshop | alfworld, or a plugin env (retroformer_cli.envs.list_envs())"})
+    env: str = field(default="hotpotqa", metadata={"help": "environment: hotpotqa | webshop | alfworld, or an installed plugin env"})
     data: str | None = field(default=None, metadata={"help": "data file or folder in the env's real format (env DATA_DIR); default: sample data"})
     split: str = field(default="all", metadata={"help": "all | train | eval (deterministic by task id)"})
     tasks: int | None = field(default=None, metadata={"help": "first N tasks of the split"})

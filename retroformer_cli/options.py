@@ -34,6 +34,7 @@ class Flag:
     help_from: str | None = None  # the field whose help describes this flag best (default: ``path``)
     cli_type: Any = None  # the option's type when not the field's (Path for a path kept as str, str for a list)
     parse: Callable[[Any], Any] | None = None  # option value -> config value (may raise UsageError)
+    metavar: str | None = None  # what --help shows for the value (default: the type; "<str>..." when repeatable)
 
     @property
     def long(self) -> str:
@@ -125,7 +126,11 @@ def _parameter(cls: type, flag: Flag) -> inspect.Parameter:
     kind = flag.cli_type or _option_type(hint)
     decls = (f"{flag.long}/--no-{flag.long[2:]}",) if kind is bool else (flag.long, *flag.aliases)
     repeatable = typing.get_origin(kind) is list
-    option = typer.Option(*decls, help=help_text(flag, f, default, cls.__name__, repeatable), show_default=False)
+    metavar = flag.metavar
+    if metavar is None and repeatable:  # Typer would show "<list[str]>"
+        metavar = f"<{getattr(typing.get_args(kind)[0], '__name__', 'str').lower()}>..."
+    option = typer.Option(*decls, help=help_text(flag, f, default, cls.__name__, repeatable), show_default=False,
+                          metavar=metavar)
     return inspect.Parameter(flag.param, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[Optional[kind], option])
 

@@ -23,7 +23,7 @@ def _env_options(items: list[str]) -> dict:
 
 SERVE_FLAGS = (
     Flag("env", ("-e",)), Flag("data", cli_type=Path), Flag("max_steps"),
-    Flag("env_options", name="--env-option", cli_type=List[str], parse=_env_options), Flag("host"), Flag("port"),
+    Flag("env_options", name="--env-option", cli_type=List[str], parse=_env_options, metavar="KEY=VALUE"), Flag("host"), Flag("port"),
     Flag("max_sessions"), Flag("session_ttl_s"), Flag("workers"), Flag("processes"), Flag("step_timeout_s"), Flag("max_body_bytes"),
     Flag("body_timeout_s"), Flag("idle_timeout_s"), Flag("max_connections"),
 )

@@ -13,7 +13,7 @@ from retroformer_cli.errors import UsageError
 class EnvServerConfig:
     """An HTTP server stepping one environment for clients in other processes (and languages)."""
 
-    env: str = field(default="hotpotqa", metadata={"help": "environment: hotpotqa | webshop | alfworld, or a plugin env (retroformer_cli.envs.list_envs())"})
+    env: str = field(default="hotpotqa", metadata={"help": "environment: hotpotqa | webshop | alfworld, or an installed plugin env"})
     data: str | None = field(default=None, metadata={"help": "data file or folder in the env's real format; default: sample data"})
     max_steps: int | None = field(default=None, metadata={"help": "per-episode step limit (env default when unset)"})
     env_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra env argument KEY=VALUE, repeatable (YAML: a mapping), e.g. wording=react for ALFWorld"})

@@ -37,7 +37,7 @@ STAGE = "actor-grpo"
 class ActorGRPOConfig:
     """Settings of the actor GRPO recipe."""
 
-    env: str = field(default="hotpotqa", metadata={"help": "environment: hotpotqa | webshop | alfworld, or a plugin env"})
+    env: str = field(default="hotpotqa", metadata={"help": "environment: hotpotqa | webshop | alfworld, or an installed plugin env"})
     data: str | None = field(default=None, metadata={"help": "env data file or folder; default: the env's sample data (ALFWorld: $ALFWORLD_DATA)"})
     env_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra env constructor arguments"})
     max_env_steps: int | None = field(default=None, metadata={"help": "per-episode step limit (env default when unset)"})
