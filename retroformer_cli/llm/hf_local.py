@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from retroformer_cli.errors import UsageError
+from retroformer_cli.errors import ContextTooLong, UsageError
 from retroformer_cli.llm.base import Generation, GenerationConfig, Message, Usage
 from retroformer_cli.llm.engine.types import DTYPES, EngineConfig, Result, Sampling, default_threads
+from retroformer_cli.llm.engine.types import ContextTooLong as EngineContextTooLong
 from retroformer_cli.llm.model_cache import (
     EMBEDDED,
     EMBEDDED_MODEL_ID,
@@ -94,7 +95,8 @@ class HFLocalClient:
         self.threads = self.engine_config.threads
         self.max_batch_size = max_batch_size
         self._engine: Any = None
-        self._adapter: str | None = None
+        self._adapter: str | None = None  # the engine's (peft's) name of the adapter: adapter_name_for(folder)
+        self._adapter_path: str | None = None  # the adapter folder (what describe() reports)
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- engine
@@ -106,15 +108,19 @@ class HFLocalClient:
             if self._engine is None or self._engine.closing:
                 from retroformer_cli.llm.engine.shared import shared_engine
 
-                base, adapter = split_model_spec(self.model_spec, self.cache_dir)
+                from retroformer_cli.llm.engine.adapters import adapter_name_for
+
+                base, path = split_model_spec(self.model_spec, self.cache_dir)
                 self.engine_config.model = base
-                self._engine, self._adapter = shared_engine(self.engine_config), adapter
-            engine, adapter = self._engine, self._adapter
+                self._adapter_path = path
+                self._adapter = adapter_name_for(path) if path is not None else None
+                self._engine = shared_engine(self.engine_config)
+            engine, adapter, path = self._engine, self._adapter, self._adapter_path
         engine.wait_ready()
         if adapter is not None:
             from retroformer_cli.llm.engine.shared import ensure_adapter
 
-            ensure_adapter(engine, adapter, adapter)
+            ensure_adapter(engine, adapter, path)
         return engine, adapter
 
     @property
@@ -132,6 +138,12 @@ class HFLocalClient:
         engine, _ = self._prepare()
         return engine.encode_chat([{"role": m.role, "content": m.content} for m in messages])
 
+    def _context_error(self, exc: BaseException, prompt_len: int, config: GenerationConfig) -> ContextTooLong:
+        """The engine's context error as the backend-neutral :class:`~retroformer_cli.errors.ContextTooLong`."""
+        engine = self._engine
+        return ContextTooLong(str(exc), prompt_tokens=prompt_len, max_tokens=config.max_tokens,
+                              context_length=getattr(engine, "context_length", None))
+
     def _generation(self, result: Result, started: float) -> Generation:
         choice = result.choices[0]
         usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=choice.completion_tokens,
@@ -146,7 +158,10 @@ class HFLocalClient:
             await asyncio.get_running_loop().run_in_executor(None, self._prepare)  # the first load stays off the loop
         engine, adapter = self._engine, self._adapter
         ids = engine.encode_chat([{"role": m.role, "content": m.content} for m in messages])
-        result = await engine.generate_async(ids, sampling_for(config), adapter=adapter)
+        try:
+            result = await engine.generate_async(ids, sampling_for(config), adapter=adapter)
+        except EngineContextTooLong as exc:
+            raise self._context_error(exc, len(ids), config) from exc
         return self._generation(result, started)
 
     async def aclose(self) -> None:
@@ -165,8 +180,15 @@ class HFLocalClient:
         config = config or GenerationConfig()
         started = time.perf_counter()
         engine, adapter = self._prepare()
-        handles = [engine.submit(self.encode(m), sampling_for(config), adapter=adapter) for m in batch]
-        return [self._generation(h.result(), started) for h in handles]
+        prompts = [self.encode(m) for m in batch]
+        handles = [engine.submit(ids, sampling_for(config), adapter=adapter) for ids in prompts]
+        out = []
+        for ids, handle in zip(prompts, handles):
+            try:
+                out.append(self._generation(handle.result(), started))
+            except EngineContextTooLong as exc:
+                raise self._context_error(exc, len(ids), config) from exc
+        return out
 
     def stats(self) -> dict[str, Any]:
         """The shared engine's counters (requests, prompt/cached/completion tokens, forward passes, drafts, prefix
@@ -183,14 +205,19 @@ class HFLocalClient:
         engine = self._engine
         if engine is not None and engine.ready:
             info = engine.info
-            desc.update(path=self._adapter or info.get("path"), device=info["device"], dtype=info["dtype"],
+            desc.update(path=self._adapter_path or info.get("path"), device=info["device"], dtype=info["dtype"],
                         load_seconds=info.get("load_seconds"))
-            if self._adapter is not None:
-                desc.update(adapter=self._adapter, base=cfg.model, base_path=info.get("path"))
+            if self._adapter_path is not None:
+                desc.update(adapter=self._adapter_path, adapter_name=self._adapter, base=cfg.model,
+                            base_path=info.get("path"))
         else:
             from retroformer_cli.llm.engine.model import resolve_device_dtype
 
             device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
             path = str(embedded_cache_path(self.cache_dir)) if self.model_spec == EMBEDDED else self.model_spec
             desc.update(path=path, device=device, dtype=dtype)
+            if self.model_spec != EMBEDDED and is_adapter_dir(Path(path).expanduser()):
+                from retroformer_cli.llm.engine.adapters import adapter_name_for
+
+                desc.update(adapter=path, adapter_name=adapter_name_for(path))
         return desc

@@ -146,6 +146,7 @@ class TransformersEngine(LengthLimits):
         self.config.validate()
         self._initial_adapters = dict(adapters or {})
         self.adapters: dict[str, str] = {}  # served name -> folder
+        self._engine_names: dict[str, str] = {}  # served name -> the engine's (peft's) adapter name
         self.created = int(time.time())
         self.served = 0
         self.engine: Any = None
@@ -205,7 +206,7 @@ class TransformersEngine(LengthLimits):
         if not name or name == self.base_name:
             return self._own_adapter
         if name in self.adapters:
-            return name
+            return self._engine_names[name]
         raise model_not_found(name, self.model_names())
 
     async def load_adapter(self, name: str, path: str) -> None:
@@ -217,18 +218,23 @@ class TransformersEngine(LengthLimits):
         folder = Path(path).expanduser()
         if not (folder / "adapter_config.json").is_file():
             raise ServeError(f"'{path}' is not a LoRA adapter folder (no adapter_config.json).", param="lora_path")
+        from retroformer_cli.llm.engine.adapters import safe_adapter_name
+
+        # A served name may hold dots or slashes ("reflector-v1.2", "org/model"), which peft refuses.
+        engine_name = safe_adapter_name(name)
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.load_adapter, name, str(folder))
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.load_adapter, engine_name, str(folder))
         except RetroformerError as exc:
-            raise ServeError(str(exc), param="lora_path") from exc
-        self.adapters[name] = str(folder)
+            raise ServeError(str(exc).replace(engine_name, name), param="lora_path") from exc
+        self.adapters[name], self._engine_names[name] = str(folder), engine_name
 
     async def unload_adapter(self, name: str) -> None:
         if name not in self.adapters:
             raise ServeError(f"The LoRA adapter '{name}' is not loaded.", status=404, param="lora_name",
                              code="adapter_not_found")
         del self.adapters[name]  # new requests for it now get 404; queued and running ones fail with 404
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.unload_adapter, name)
+        engine_name = self._engine_names.pop(name)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.unload_adapter, engine_name)
 
     # -------------------------------------------------------------------------------- prompts
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:

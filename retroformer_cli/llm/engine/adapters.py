@@ -6,6 +6,11 @@ Everything here runs on the engine's model thread.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import unicodedata
+from pathlib import Path
 from typing import Any, Iterable
 
 from retroformer_cli.errors import BackendError
@@ -13,6 +18,28 @@ from retroformer_cli.llm.engine.requests import next_id
 from retroformer_cli.llm.engine.types import AdapterNotLoaded
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+_UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
+
+
+def safe_adapter_name(label: str, key: str | bytes | None = None) -> str:
+    """An engine (peft) adapter name for ``label``: ``lora_<label as [A-Za-z0-9_]>_<hash of key>``.
+
+    peft and torch refuse module names holding ``.`` (and a path is full of them), so a folder or a served name
+    never becomes an adapter name as it is. The hash (of ``key``, default ``label``) keeps two labels that
+    sanitize alike apart; the ``lora_`` prefix keeps the name off peft's reserved ``__base__``.
+    """
+    ascii_label = unicodedata.normalize("NFKD", label).encode("ascii", "ignore").decode("ascii")
+    stem = _UNSAFE.sub("_", ascii_label).strip("_")[:40] or "adapter"
+    raw = key if key is not None else label
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+    return f"lora_{stem}_{hashlib.sha256(data).hexdigest()[:12]}"
+
+
+def adapter_name_for(path: str | os.PathLike[str]) -> str:
+    """The adapter name a LoRA folder loads under: its basename made safe plus a hash of its resolved path (the
+    same folder always gets the same name; two folders with one basename get different ones)."""
+    resolved = Path(path).expanduser().resolve()
+    return safe_adapter_name(resolved.name or "adapter", os.fsencode(str(resolved)))
 
 
 class Adapters:
