@@ -34,6 +34,18 @@ class BackendError(RetroformerError):
     """An LLM backend failed for good (unreachable endpoint, retries exhausted, model not loadable)."""
 
 
+class ContextTooLong(BackendError):
+    """The prompt (plus the tokens asked for) does not fit the model's context: raised by every backend (the
+    local engine, an OpenAI-compatible endpoint's "maximum context length" 400). Retrying the same prompt cannot
+    help; the agents end the episode as truncated instead. The token counts are set when the backend knows them.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, *, prompt_tokens: int | None = None,
+                 context_length: int | None = None, max_tokens: int | None = None):
+        super().__init__(message, hint)
+        self.prompt_tokens, self.context_length, self.max_tokens = prompt_tokens, context_length, max_tokens
+
+
 def did_you_mean(name: str, choices: list[str]) -> str:
     import difflib
 

@@ -41,6 +41,7 @@ class Reflection:
     completion_tokens: int = 0
     latency_ms: float = 0.0
     cached_tokens: int = 0
+    truncated_scratchpad: bool = False  # the trajectory was too long for the reflector: its start was cut
 
 
 @dataclass

@@ -8,13 +8,14 @@ no usable action becomes an invalid step with a helpful observation rather than 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from retroformer_cli.agents.prompts.base import PromptSet
-from retroformer_cli.errors import DataError, RetroformerError, UsageError
+from retroformer_cli.errors import ContextTooLong, DataError, RetroformerError, UsageError
 from retroformer_cli.llm.base import GenerationConfig, LLMClient, Usage, apply_stop
 from retroformer_cli.records import Step
 
@@ -23,6 +24,7 @@ _THOUGHT_LABEL = re.compile(r"^\s*Thought\s*\d*\s*:\s*", re.IGNORECASE)
 _BARE_ACTION = re.compile(r"\b([A-Za-z_]+)\s*\[([^\]\n]*)\]?")
 STOP = ("\nObservation", "\nThought", "\nQuestion:", "\n\n")  # sent to backends: end after the action line
 _PARSE_CUT = ("\nObservation", "\nQuestion:")  # a reply from a backend that ignored STOP: drop invented turns
+log = logging.getLogger("retroformer.collect")
 
 
 @dataclass
@@ -53,6 +55,11 @@ def parse_reply(text: str, action_names: Sequence[str] = ()) -> ParsedReply:
 
 def _one_line(s: str) -> str:
     return " ".join(s.split())
+
+
+def scratchpad_step(n: int, thought: str, action: str, observation: str) -> str:
+    """One step as the actor's next prompt shows it (the actor SFT data replays trajectories with it too)."""
+    return f"Thought {n}: {thought}\nAction {n}: {action}\nObservation {n}: {_one_line(observation)}\n"
 
 
 class EnvFailure(RetroformerError):
@@ -106,6 +113,21 @@ async def _sync(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return fn(*args, **kwargs)
 
 
+def context_overflow_info(exc: ContextTooLong) -> dict[str, Any]:
+    """What a trial's ``info`` records when a prompt outgrew the model's context (the episode ends truncated)."""
+    info: dict[str, Any] = {"truncated_reason": "context_too_long"}
+    for key in ("prompt_tokens", "context_length", "max_tokens"):
+        if getattr(exc, key, None) is not None:
+            info[f"overflow_{key}"] = getattr(exc, key)
+    return info
+
+
+def _overflowed(end_info: dict[str, Any], exc: ContextTooLong, task_id: str, n: int) -> dict[str, Any]:
+    log.warning("task %s: the actor's prompt at step %d outgrew its context; the episode ends truncated: %s",
+                task_id, n, exc)
+    return {**end_info, **context_overflow_info(exc)}
+
+
 @dataclass
 class EpisodeResult:
     steps: list[Step]
@@ -125,7 +147,9 @@ async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptS
                       gen: GenerationConfig, action_names: Sequence[str] = (), seed: int | None = None,
                       env_timeout_s: float | None = None) -> EpisodeResult:
     """Play one episode of ``task_id`` with the actor; ``memory`` holds the reflections to show. A failing env
-    raises :class:`EnvFailure` (the caller replays the episode)."""
+    raises :class:`EnvFailure` (the caller replays the episode). A prompt that outgrows the actor's context
+    (:class:`ContextTooLong`) ends the episode as truncated, unsolved, with ``info["truncated_reason"]``; the steps
+    played so far are kept."""
     steps: list[Step] = []
     usage = Usage()
     try:
@@ -135,7 +159,7 @@ async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptS
         scratchpad = ""
         first_prompt: list[dict[str, str]] = []
         end_info: dict[str, Any] = {}
-        terminated = truncated = False
+        terminated = truncated = overflow = False
         n = 0
         while not (terminated or truncated):
             n += 1
@@ -143,7 +167,11 @@ async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptS
             if not first_prompt:
                 first_prompt = [{"role": m.role, "content": m.content} for m in messages]
             t0 = time.perf_counter()
-            out = await actor.agenerate(messages, gen)
+            try:
+                out = await actor.agenerate(messages, gen)
+            except ContextTooLong as exc:
+                end_info, truncated, overflow = _overflowed(end_info, exc, task_id, n), True, True
+                break
             usage.add(out.usage)
             raw = out.text
             parsed = parse_reply(raw, action_names)
@@ -151,8 +179,12 @@ async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptS
             margins = [out.min_margin]
             if parsed.action is None and parsed.thought:
                 # ReAct's two-call pattern: the model gave a thought but stopped; ask for the action alone.
-                follow = await actor.agenerate(prompts.actor_messages(first_obs, memory, scratchpad, n, parsed.thought),
-                                               replace(gen, stop=("\n",)))
+                try:
+                    follow = await actor.agenerate(prompts.actor_messages(first_obs, memory, scratchpad, n,
+                                                                          parsed.thought), replace(gen, stop=("\n",)))
+                except ContextTooLong as exc:
+                    end_info, truncated, overflow = _overflowed(end_info, exc, task_id, n), True, True
+                    break
                 usage.add(follow.usage)
                 step_usage.add(follow.usage)
                 margins.append(follow.min_margin)
@@ -178,12 +210,13 @@ async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptS
                               completion_tokens=step_usage.completion_tokens, latency_ms=round(latency, 2),
                               cached_tokens=step_usage.cached_tokens,
                               min_margin=min((m for m in margins if m is not None), default=None)))
-            scratchpad += f"Thought {n}: {parsed.thought}\nAction {n}: {action}\nObservation {n}: {_one_line(obs)}\n"
+            scratchpad += scratchpad_step(n, parsed.thought, action, obs)
     except EnvFailure as exc:
         exc.steps, exc.usage = steps, usage  # what the failed attempt played and spent
         raise
     return EpisodeResult(
-        steps=steps, success=bool(end_info.get("success", False)), score=float(end_info.get("score", 0.0)),
+        steps=steps, success=bool(end_info.get("success", False)) and not overflow,
+        score=float(end_info.get("score", 0.0)),
         terminated=terminated, truncated=truncated, instruction=instruction, first_observation=first_obs,
         scratchpad=scratchpad, info={k: v for k, v in end_info.items() if k not in ("task_id", "instruction")},
         actor_prompt=first_prompt, usage=usage,

@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from retroformer_cli.agents.actor import EnvFailure, EpisodeResult, run_episode
 from retroformer_cli.agents.prompts.base import PromptSet
+from retroformer_cli.errors import ContextTooLong
 from retroformer_cli.llm.base import GenerationConfig, LLMClient, Usage, apply_stop
 from retroformer_cli.records import Reflection, Trial
 from retroformer_cli.workspace import now_iso
@@ -28,10 +29,46 @@ def outcome_line(result: EpisodeResult) -> str:
     return "Observation: Answer is INCORRECT" if not result.success else "Observation: Answer is CORRECT"
 
 
-async def reflect(reflector: LLMClient, prompts: PromptSet, result: EpisodeResult, gen: GenerationConfig) -> Reflection:
-    messages = prompts.reflection_messages(result.first_observation, result.scratchpad, outcome_line(result))
+SCRATCHPAD_CUT = "[earlier steps omitted]\n"
+
+
+def cut_scratchpad(scratchpad: str, exc: ContextTooLong, prompt_chars: int) -> str:
+    """The end of ``scratchpad`` (whole lines, after :data:`SCRATCHPAD_CUT`) short enough for the reflection
+    prompt (``prompt_chars`` long) to fit: by the token counts in ``exc`` when the backend named them (with a
+    margin), else a quarter of it. Empty when nothing would be left."""
+    keep = len(scratchpad) // 4
+    prompt, context = exc.prompt_tokens, exc.context_length
+    if prompt and context:
+        excess = prompt + (exc.max_tokens or 0) - context  # tokens to drop
+        chars_per_token = prompt_chars / prompt
+        keep = int(len(scratchpad) - 1.25 * (excess + 16) * chars_per_token) - len(SCRATCHPAD_CUT)
+    if keep <= 0:
+        return ""
+    tail = scratchpad[-keep:]
+    newline = tail.find("\n")
+    tail = tail[newline + 1:] if newline != -1 else ""
+    return SCRATCHPAD_CUT + tail if tail else ""
+
+
+async def reflect(reflector: LLMClient, prompts: PromptSet, result: EpisodeResult,
+                  gen: GenerationConfig) -> Reflection | None:
+    """The reflector's reflection on a failed trial. A prompt too long for the reflector's context is retried once
+    with the start of the trajectory cut (the task and the last steps kept; ``truncated_scratchpad``); when even
+    that does not fit, there is no reflection (None) and the run goes on."""
+    scratchpad, cut = result.scratchpad, False
     t0 = time.perf_counter()
-    out = await reflector.agenerate(messages, gen)
+    while True:
+        messages = prompts.reflection_messages(result.first_observation, scratchpad, outcome_line(result))
+        try:
+            out = await reflector.agenerate(messages, gen)
+            break
+        except ContextTooLong as exc:
+            shorter = "" if cut else cut_scratchpad(scratchpad, exc, sum(len(m.content) for m in messages))
+            if not shorter:
+                log.warning("the reflection prompt does not fit the reflector's context%s; no reflection: %s",
+                            " even with the trajectory cut" if cut else "", exc)
+                return None
+            scratchpad, cut = shorter, True
     text, _ = apply_stop(out.text, REFLECTION_STOP)
     text = text.strip()
     if text.lower().startswith("reflection:"):
@@ -39,7 +76,7 @@ async def reflect(reflector: LLMClient, prompts: PromptSet, result: EpisodeResul
     return Reflection(text=text, prompt=[{"role": m.role, "content": m.content} for m in messages],
                       model_id=reflector.model_id, prompt_tokens=out.usage.prompt_tokens,
                       completion_tokens=out.usage.completion_tokens, cached_tokens=out.usage.cached_tokens,
-                      latency_ms=round((time.perf_counter() - t0) * 1000, 2))
+                      latency_ms=round((time.perf_counter() - t0) * 1000, 2), truncated_scratchpad=cut)
 
 
 @dataclass
@@ -105,8 +142,12 @@ async def run_task(spec: TaskSpec, history: Sequence[Trial], acquire_env: Callab
         reflection = None
         # No reflection after a success or after the last trial: nothing would read it.
         if reflector is not None and not result.success and k < spec.trials:
-            reflection = await reflect(reflector, prompts, result, reflector_gen)
-            reflections.append(reflection.text)
+            if getattr(reflector, "diagnostic", False):  # an oracle (agents/oracle.py): gold data, no model call
+                reflection = reflector.reflection(spec.task_id)  # type: ignore[attr-defined]
+            else:
+                reflection = await reflect(reflector, prompts, result, reflector_gen)
+            if reflection is not None:  # None: the trajectory did not fit the reflector's context
+                reflections.append(reflection.text)
         trial = Trial(
             run_id=spec.run_id, env_id=spec.env_id, task_id=spec.task_id, trial=k, instruction=result.instruction,
             steps=result.steps, success=result.success, score=result.score, terminated=result.terminated,

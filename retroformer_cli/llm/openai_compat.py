@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import random
+import re
 import time
 from typing import Any, Sequence
 
 import httpx
 
-from ..errors import BackendError, UsageError
+from ..errors import BackendError, ContextTooLong, UsageError
 from .base import Generation, GenerationConfig, Message, Usage, apply_stop, messages_to_prompt
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -30,9 +31,10 @@ class _Failure(Exception):
     """One failed attempt, classified."""
 
     def __init__(self, desc: str, retryable: bool, wait_s: float | None = None, refused: bool = False,
-                 status: int | None = None):
+                 status: int | None = None, context: dict[str, int | None] | None = None):
         super().__init__(desc)
         self.desc, self.retryable, self.wait_s, self.refused, self.status = desc, retryable, wait_s, refused, status
+        self.context = context  # the prompt does not fit the model's context: the token counts the server named
 
 
 def _retry_after_s(headers: Any) -> float | None:
@@ -62,6 +64,40 @@ def _retry_after_s(headers: Any) -> float | None:
 
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+# How servers say "the prompt does not fit": OpenAI and vLLM ("This model's maximum context length is N tokens"),
+# llama.cpp ("exceeds the available context size"), TGI ("`inputs` tokens + `max_new_tokens` must be <= N"),
+# retroformer serve (code context_length_exceeded).
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error", "string_above_max_length"})
+_CONTEXT_MESSAGE = re.compile(r"maximum context length|context (?:length|size|window)|max_new_tokens` must be <=",
+                              re.IGNORECASE)
+_CONTEXT_LIMIT = re.compile(r"maximum context length is (\d+)|must be <= (\d+)|n_ctx\D{0,8}(\d+)", re.IGNORECASE)
+_PROMPT_TOKENS = re.compile(r"(\d+) (?:tokens )?in the messages|messages resulted in (\d+) tokens|prompt has (\d+)"
+                            r"|request has (\d+) input tokens|Given: (\d+) `inputs` tokens|n_prompt_tokens\D{0,8}(\d+)",
+                            re.IGNORECASE)
+
+
+def _first_int(pattern: re.Pattern[str], text: str) -> int | None:
+    m = pattern.search(text)
+    return int(next(g for g in m.groups() if g is not None)) if m else None
+
+
+def _context_overflow(response: httpx.Response, message: str) -> dict[str, int | None] | None:
+    """The token counts of a "prompt too long for the context" error response (values may be None), or None
+    when the response is some other error."""
+    if response.status_code not in (400, 413, 422):
+        return None
+    code = None
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        err = body.get("error") if isinstance(body.get("error"), dict) else body
+        code = err.get("code") or err.get("type")
+    if code not in _CONTEXT_CODES and not _CONTEXT_MESSAGE.search(message):
+        return None
+    return {"context_length": _first_int(_CONTEXT_LIMIT, message), "prompt_tokens": _first_int(_PROMPT_TOKENS, message)}
 
 
 def _server_message(response: httpx.Response) -> str:
@@ -238,10 +274,11 @@ class OpenAICompatClient:
 
     def _status_failure(self, resp: httpx.Response) -> _Failure:
         status = resp.status_code
-        desc = f"HTTP {status}: {self._redact(_server_message(resp))}"
+        message = self._redact(_server_message(resp))
+        desc = f"HTTP {status}: {message}"
         if status in RETRYABLE_STATUS or status >= 500:
             return _Failure(desc, retryable=True, wait_s=_retry_after_s(resp.headers), status=status)
-        return _Failure(desc, retryable=False, status=status)
+        return _Failure(desc, retryable=False, status=status, context=_context_overflow(resp, message))
 
     def _redact(self, text: str) -> str:
         """Servers sometimes echo the key in error messages; never let it reach the terminal or logs."""
@@ -251,6 +288,9 @@ class OpenAICompatClient:
 
     def _final_error(self, f: _Failure, failures: int) -> BackendError:
         url, opt = self.base_url, self.option_name
+        if f.context is not None:
+            return ContextTooLong(f"The prompt does not fit the context of model '{self.model_id}' at {url} "
+                                  f"({f.desc}) ({opt}).", **f.context)
         if f.refused:
             return BackendError(f"Cannot reach the OpenAI-compatible endpoint at {url}: connection refused "
                                 f"({opt}-base-url).", hint="Is the server running and is the port right?")
