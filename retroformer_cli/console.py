@@ -96,6 +96,7 @@ def eval_table(reports: Sequence[Any]) -> Table:
     table.add_column("steps", justify="right")
     table.add_column("tokens", justify="right")
     table.add_column("tokens/solved", justify="right")
+    table.add_column("after a reflection", justify="right")  # reflection_sensitivity: actions changed, score change
     show_cost = any(getattr(r, "cost_usd", None) is not None for r in reports)
     if show_cost:
         table.add_column("cost (USD)", justify="right")
@@ -105,14 +106,24 @@ def eval_table(reports: Sequence[Any]) -> Table:
         cells = [pct(v) + (f"\n[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
                  for v, ci in zip(r.success_per_trial, cis)] + [""] * (k - len(r.success_per_trial))
         tps = getattr(r, "tokens_per_solved", None)
-        row = [r.run, short_model_id(r.reflector) or "none (ReAct)", str(r.tasks), *cells, f"{r.score_per_trial[-1]:.3f}",
+        diagnostic = getattr(r, "diagnostic", None)
+        name = f"{r.run}\n(diagnostic: {diagnostic})" if diagnostic else r.run
+        row = [name, short_model_id(r.reflector) or "none (ReAct)", str(r.tasks), *cells, f"{r.score_per_trial[-1]:.3f}",
                f"{r.f1_per_trial[-1]:.3f}" if r.f1_per_trial else "-", f"{r.mean_steps:.1f}", f"{r.tokens:,}",
-               f"{tps:,.0f}" if tps else "-"]
+               f"{tps:,.0f}" if tps else "-", sensitivity_text(getattr(r, "sensitivity", None))]
         if show_cost:
             cost, per = getattr(r, "cost_usd", None), getattr(r, "cost_per_solved_usd", None)
             row += [f"{cost:.4f}" if cost is not None else "-", f"{per:.4f}" if per is not None else "-"]
         table.add_row(*row)
     return table
+
+
+def sensitivity_text(sens: dict[str, Any] | None) -> str:
+    """``changed 75%\nscore +0.250 (4 pairs)``: how trials after a reflection differ from the trial before."""
+    if not sens or not sens.get("pairs"):
+        return "-"
+    return (f"changed {pct(sens['changed_share'])}\nscore {sens['score_change_after_reflection']:+.3f} "
+            f"({sens['pairs']} pair{'s' if sens['pairs'] != 1 else ''})")
 
 
 def comparison_table(comparison: dict[str, Any]) -> Table:

@@ -24,6 +24,7 @@ SPEC = EnvSpec(
     name="hotpotqa", id="HotPotQA-v0", entry_point="retroformer_cli.envs.hotpotqa:HotPotQAEnv",
     prompts="retroformer_cli.agents.prompts.hotpotqa:PROMPTS", max_steps=6,
     action_names=("search", "lookup", "finish"), options=("split",), spawn=True,
+    oracle="retroformer_cli.envs.hotpotqa_oracle:oracle_hints",
     description="HotPotQA distractor questions, Wikipedia-style search (ReAct protocol)",
 )
 

@@ -2,7 +2,8 @@
 
 An :class:`EnvSpec` is a frozen dataclass of strings, numbers and flags: declaring one imports nothing but this
 module. The env class (``entry_point``) and its prompt set (``prompts``) are ``"module:attribute"`` strings
-loaded only when an env is made or a run starts.
+loaded only when an env is made or a run starts. So is ``oracle``, the gold hints of the diagnostic oracle
+reflectors (``--reflector oracle`` / ``oracle-leak``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ class EnvSpec:
         "help": "instances offer areset()/astep() coroutines (slow engines that must not block the event loop)"})
     aliases: tuple[str, ...] = field(default=(), metadata={"help": "more names accepted by --env"})
     description: str = field(default="", metadata={"help": "one line for listings"})
+    oracle: str | None = field(default=None, metadata={
+        "help": "'module:function' (env, task_id) -> (hint, leak): what a perfect reflector could write after a "
+                "failed trial, from the task's gold data: a plan that does not give the answer away, and one that "
+                "states it (the diagnostic reflectors 'oracle' and 'oracle-leak'); None: the env has no oracle"})
 
     def __post_init__(self) -> None:
         problems = []
@@ -47,7 +52,8 @@ class EnvSpec:
             problems.append(f"name {self.name!r} must be lower-case letters, digits or '_'")
         if not _VERSIONED_ID.match(self.id or ""):
             problems.append(f"id {self.id!r} must look like 'Name-v0'")
-        for label, ref in (("entry_point", self.entry_point), ("prompts", self.prompts)):
+        refs = (("entry_point", self.entry_point), ("prompts", self.prompts))
+        for label, ref in refs + ((("oracle", self.oracle),) if self.oracle is not None else ()):
             if not isinstance(ref, str) or not _REF.match(ref):
                 problems.append(f"{label} {ref!r} must be a 'module:attribute' string")
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:

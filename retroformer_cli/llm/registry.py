@@ -61,6 +61,8 @@ class BackendSpec:
 
 BUILTIN: tuple[BackendSpec, ...] = (
     BackendSpec("none", "none", f"{_HERE}:resolve_none", f"{_HERE}:no_client", order=0, usage="none"),
+    BackendSpec("oracle", "oracle", f"{_HERE}:resolve_oracle", f"{_HERE}:oracle_client", order=5,
+                usage="oracle | oracle-leak (reflector only, diagnostics)"),
     BackendSpec("embedded", "hf", f"{_HERE}:resolve_embedded", f"{_HERE}:hf_client", order=10, in_process=True,
                 usage="embedded"),
     BackendSpec("openai", "openai", f"{_HERE}:resolve_openai", f"{_HERE}:openai_client", scheme="openai",
@@ -117,6 +119,25 @@ def build(spec: BackendSpec, target: Any, cfg: "ModelConfig", workspace: "Worksp
 # ---- the built-in resolvers and client factories ------------------------------------------------------------
 def resolve_none(text: str, cfg: Any, workspace: Any, option: str) -> str | None:
     return "" if text.lower() in ("none", "") else None
+
+
+def resolve_oracle(text: str, cfg: Any, workspace: Any, option: str) -> str | None:
+    """``oracle`` / ``oracle-leak``: the diagnostic reflectors (:mod:`retroformer_cli.agents.oracle`)."""
+    from retroformer_cli.agents.oracle import ORACLE_SPECS
+
+    name = text.lower()
+    if name not in ORACLE_SPECS:
+        return None
+    if option != "--reflector":
+        raise UsageError(f"'{text}' ({option}) is a diagnostic reflector that writes from the gold data; "
+                         "it can only be the reflector (--reflector).")
+    return name
+
+
+def oracle_client(target: str, cfg: Any, workspace: Any, option: str) -> "LLMClient":
+    from retroformer_cli.agents.oracle import OracleReflector
+
+    return OracleReflector(leak=target == "oracle-leak")  # type: ignore[return-value]
 
 
 def resolve_embedded(text: str, cfg: Any, workspace: Any, option: str) -> str | None:

@@ -192,6 +192,10 @@ def _start_manifest(cfg: CollectConfig, workspace: Workspace, run_name: str, res
         "models": {"actor": describe(actor), "reflector": describe(reflector)}, "seed": cfg.seed,
         "task_ids": task_ids, "finished_at": None,
     })
+    if getattr(reflector, "diagnostic", False):  # oracle runs: a diagnostic, never a reflector's result or training data
+        manifest["diagnostic"] = reflector.model_id  # type: ignore[union-attr]
+    else:
+        manifest.pop("diagnostic", None)
     session = {"started_at": now_iso(), "finished_at": None, "status": "running", "resume": resume}
     manifest["sessions"].append(session)
     workspace.write_manifest(run_name, manifest)
@@ -210,6 +214,10 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
 
     prompts = get_prompts(cfg.env)
     actor, reflector = _clients(cfg, workspace, actor, reflector)
+    if getattr(reflector, "diagnostic", False):  # an oracle reflector reads the gold data of this run's env
+        from retroformer_cli.envs import get_spec
+
+        reflector.bind(env, get_spec(cfg.env))  # type: ignore[union-attr]
 
     history: dict[str, list[Trial]] = defaultdict(list)
     trials_path = workspace.trials_path(run_name)

@@ -43,6 +43,8 @@ class RunReport:
     cost_per_solved_usd: float | None = None
     imported: dict[str, Any] | None = None  # where an imported run came from
     env_errors: int = 0  # tasks whose last trial ended in an env error (not the agent's failure)
+    diagnostic: str | None = None  # "oracle" / "oracle-leak": the reflector wrote from gold data (agents/oracle.py)
+    sensitivity: dict[str, Any] = field(default_factory=dict)  # reflection_sensitivity(): pairs, changed_share, ...
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -78,6 +80,35 @@ def _cost(manifest: dict[str, Any], trials: Sequence[Trial], prices: Prices | No
     return total
 
 
+def reflection_sensitivity(trials: Sequence[Trial]) -> dict[str, Any]:
+    """How the actor responds to reflections: over consecutive trials (k, k+1) of a task where trial k+1 had a
+    reflection in its prompt (``memory``), ``changed_share`` is the share whose action sequence differs from trial
+    k's, ``score_change_after_reflection`` the mean of score(k+1) - score(k), and ``pairs`` their count (both
+    None without pairs). Trials that ended in an env error are left out (not the actor's doing).
+
+    >>> from retroformer_cli.records import Step
+    >>> def t(k, acts, score, memory=()):
+    ...     return Trial("r", "hotpotqa", "q", k, "", [Step("", a, "") for a in acts], score == 1, score, True, False,
+    ...                  list(memory), None, "a", "b", [])
+    >>> reflection_sensitivity([t(1, ["Finish[x]"], 0.0), t(2, ["Search[y]", "Finish[y]"], 1.0, ["plan"])])
+    {'pairs': 1, 'changed_share': 1.0, 'score_change_after_reflection': 1.0}
+    """
+    by_task: dict[str, dict[int, Trial]] = defaultdict(dict)
+    for t in trials:
+        by_task[t.task_id][t.trial] = t
+    changed, deltas = 0, []
+    for ks in by_task.values():
+        for k, before in ks.items():
+            after = ks.get(k + 1)
+            if after is None or not after.memory or before.env_error or after.env_error:
+                continue
+            changed += [s.action for s in before.steps] != [s.action for s in after.steps]
+            deltas.append(float(after.score) - float(before.score))
+    n = len(deltas)
+    return {"pairs": n, "changed_share": changed / n if n else None,
+            "score_change_after_reflection": sum(deltas) / n if n else None}
+
+
 def outcomes(workspace: Workspace, run: str) -> tuple[dict[str, Any], dict[str, dict[int, Trial]]]:
     """A run's manifest and its trials by task and trial number."""
     from retroformer_cli.stages.collect import load_trials
@@ -91,6 +122,7 @@ def outcomes(workspace: Workspace, run: str) -> tuple[dict[str, Any], dict[str, 
 
 def report_run(workspace: Workspace, run: str, trials: Sequence[Trial] | None = None,
                prices: Prices | None = None) -> RunReport:
+    from retroformer_cli.agents.oracle import diagnostic_of, diagnostic_trials
     from retroformer_cli.stages.collect import load_trials
     from retroformer_cli.stages.stats import wilson
 
@@ -151,6 +183,8 @@ def report_run(workspace: Workspace, run: str, trials: Sequence[Trial] | None = 
         cost_usd=cost, cost_per_solved_usd=(cost / final_solved) if cost is not None and final_solved else None,
         imported={k: imported.get(k) for k in ("format", "source", "agent") if k in imported} if imported else None,
         env_errors=sum(1 for task in task_ids if by_task.get(task) and by_task[task][max(by_task[task])].env_error),
+        diagnostic=diagnostic_of(manifest) or diagnostic_trials(trials),
+        sensitivity=reflection_sensitivity(trials),
     )
 
 
@@ -255,6 +289,9 @@ def run(workspace: Workspace, runs: Sequence[str], *, plot_path: Path | None = N
     env_warnings = [f"run {r.run}: {r.env_errors} task(s) ended in an env error (the env failed, not the agent); "
                     f"they count as unsolved; `retroformer collect --run {r.run} --resume` replays them"
                     for r in reports if r.env_errors]
+    env_warnings += [f"run {r.run} is a diagnostic: its reflector '{r.diagnostic}' wrote from the gold data "
+                     "(no model), so its success bounds what a reflector could do and is no reflector's result"
+                     for r in reports if r.diagnostic]
     name = report_name(runs)
     plot_path = plot_path or workspace.reports_dir / f"{name}.png"
     plot(reports, plot_path)

@@ -40,6 +40,8 @@ details.task summary{cursor:pointer;font-weight:600}
 .reflection b,.memory b{display:block;font-size:11px;text-transform:uppercase;letter-spacing:.03em;color:#5c4500}
 .step{margin:4px 0;white-space:pre-wrap;word-break:break-word} .step .a{color:#1a7f37} .step .o{color:#475467}
 .step .bad{color:#b42318} svg{max-width:720px;height:auto}
+.diagnostic{display:inline-block;background:#fde7e9;color:#912018;border:1px solid #f04438;border-radius:10px;
+ padding:0 6px;margin-left:4px;font-size:11px;font-weight:600}
 """
 
 SCRIPT = """
@@ -90,6 +92,11 @@ def _svg(reports: Sequence[Any]) -> str:
     return svg[svg.index("<svg"):]  # drop the XML prolog and doctype: inline SVG needs neither
 
 
+def _diagnostic_badge(report: Any) -> str:
+    label = getattr(report, "diagnostic", None)
+    return f" <span class=diagnostic>diagnostic: {_e(label)}</span>" if label else ""
+
+
 def _summary(reports: Sequence[Any]) -> str:
     k = max(len(r.success_per_trial) for r in reports)
     head = "".join(f"<th class=num>trial {i}</th>" for i in range(1, k + 1))
@@ -100,12 +107,20 @@ def _summary(reports: Sequence[Any]) -> str:
             for v, (lo, hi) in zip(r.success_per_trial, r.success_ci_per_trial))
         cost = f"{r.cost_usd:.4f}" if r.cost_usd is not None else "-"
         tps = f"{r.tokens_per_solved:,.0f}" if r.tokens_per_solved else "-"
-        rows.append(f"<tr><td>{_e(r.run)}</td><td>{_e(r.env)}</td><td>{_e(r.actor)}</td><td>{_e(r.reflector or 'none')}</td>"
+        sens = r.sensitivity or {}
+        if sens.get("pairs"):
+            after = (f"<td class=num>{100 * sens['changed_share']:.1f}%</td>"
+                     f"<td class=num>{sens['score_change_after_reflection']:+.3f}</td><td class=num>{sens['pairs']}</td>")
+        else:
+            after = "<td class=num>-</td><td class=num>-</td><td class=num>0</td>"
+        rows.append(f"<tr><td>{_e(r.run)}{_diagnostic_badge(r)}</td><td>{_e(r.env)}</td><td>{_e(r.actor)}</td><td>{_e(r.reflector or 'none')}</td>"
                     f"<td class=num>{r.tasks}</td>{cells}<td class=num>{r.mean_steps:.1f}</td>"
-                    f"<td class=num>{r.tokens:,}</td><td class=num>{tps}</td><td class=num>{cost}</td></tr>")
+                    f"<td class=num>{r.tokens:,}</td><td class=num>{tps}</td><td class=num>{cost}</td>{after}</tr>")
     return (f"<table id=summary><thead><tr><th>run</th><th>env</th><th>actor</th><th>reflector</th><th class=num>tasks</th>"
             f"{head}<th class=num>steps/trial</th><th class=num>tokens</th><th class=num>tokens/solved</th>"
-            f"<th class=num>cost (USD)</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+            f"<th class=num>cost (USD)</th><th class=num title='trials after a reflection whose actions differ from "
+            f"the trial before'>actions changed after a reflection</th><th class=num>score change after a reflection"
+            f"</th><th class=num>trial pairs</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 def _comparisons(comparisons: Sequence[dict[str, Any]]) -> str:
@@ -173,7 +188,7 @@ def build(workspace: Workspace, runs: Sequence[str], *, pairs: Sequence[tuple[st
                 f"<td class=num>{len(trials)}</td><td class=num>{steps}</td><td class=num>{tokens:,}</td></tr>")
             cards = "".join(_trial_card(t) for t in trials)
             question = _e(trials[0].instruction[:300]) if trials else ""
-            details.append(f"<details class=task id='{anchor}'><summary>{_e(rep.run)} / {_e(task)} — "
+            details.append(f"<details class=task id='{anchor}'><summary>{_e(rep.run)}{_diagnostic_badge(rep)} / {_e(task)} — "
                            f"{f'solved at trial {solved_at}' if solved_at else 'not solved'}</summary>"
                            f"<div class=muted>{question}</div><div class=trials>{cards}</div></details>")
     warnings = "".join(f"<div class=warn>warning: {_e(w)}</div>" for w in data["warnings"])

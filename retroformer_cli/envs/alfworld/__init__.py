@@ -15,6 +15,7 @@ SPEC = EnvSpec(
     prompts="retroformer_cli.agents.prompts.alfworld:PROMPTS", max_steps=50,
     protocol_split="all",  # the data folder (valid_unseen) already is the evaluation games of the papers
     options=("split", "wording", "process", "cache_games", "include_unsupported"), spawn=True, asynchronous=True,
+    oracle="retroformer_cli.envs.alfworld.oracle:oracle_hints",
     description="ALFWorld household text games on the real TextWorld engine (worker processes)",
 )
 
