@@ -16,7 +16,7 @@ from retroformer_cli.options import Flag
 # Fields every trainer config (sft, reward, ppo) has; help texts come from each config's metadata.
 TRAIN_FLAGS = (
     Flag("dataset", ("-d",)), Flag("base"), Flag("name"), Flag("max_steps"), Flag("learning_rate", ("--lr",)),
-    Flag("save_steps"), Flag("threads"), Flag("seed"),
+    Flag("save_steps"), Flag("threads"), Flag("seed"), Flag("report_to"),
 )
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest trainer checkpoint of --name.")]
 

@@ -11,9 +11,9 @@ from retroformer_cli.options import Flag, config_options
 from retroformer_cli.stages.ppo import PPOStageConfig
 
 PPO_FLAGS = (
-    Flag("sft"), Flag("reward_model"), Flag("mode"), Flag("actor"), Flag("num_generations", ("-G",)),
-    Flag("prompts_per_step"), Flag("beta"), Flag("max_completion_length"), Flag("max_prompt_tokens"),
-    Flag("online_concurrency"),
+    Flag("sft"), Flag("reward_model"), Flag("mode"), Flag("reward_metric"), Flag("actor"),
+    Flag("num_generations", ("-G",)), Flag("prompts_per_step"), Flag("beta"), Flag("max_completion_length"),
+    Flag("max_prompt_tokens"), Flag("online_concurrency"),
 )
 
 app = command_app()
@@ -23,6 +23,7 @@ app = command_app()
     "Examples:\n\n"
     "  retroformer ppo --reward-model default --max-steps 20   (offline: the reward model's score)\n\n"
     "  retroformer ppo --mode online --actor embedded --name online   (the replayed G(k+1) - G(k))\n\n"
+    "  retroformer ppo --mode online --reward-metric f1 --name online-f1   (HotPotQA: the answer F1 difference)\n\n"
     "  retroformer ppo --name online --mode online --resume\n\n"
     "  accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m retroformer_cli ppo --config configs/ppo.yaml\n\n"
     "  retroformer collect --reflector workspace:ppo/default --run retroformer"))
@@ -37,7 +38,8 @@ def ppo(overrides: dict, resume: ResumeOpt = False) -> None:
     ws = workspace()
     main = os.environ.get("RANK", "0") == "0"  # under accelerate launch, one process talks
     if main:
-        console.stderr.print(f"[bold]ppo[/] mode={cfg.mode} dataset={cfg.dataset} name={cfg.name} steps={cfg.max_steps} "
+        metric = f" metric={cfg.reward_metric}" if cfg.mode == "online" else ""
+        console.stderr.print(f"[bold]ppo[/] mode={cfg.mode}{metric} dataset={cfg.dataset} name={cfg.name} steps={cfg.max_steps} "
                              f"G={cfg.num_generations} beta={cfg.beta} workspace={ws.root}")
     result = run_ppo(cfg, ws, console.RichProgress() if main else None, resume=resume)
     if not main:

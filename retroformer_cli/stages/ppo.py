@@ -10,7 +10,12 @@ Rewards (``mode``):
 
 * ``offline`` — the reward model's score of the generated reflection (the paper's setting);
 * ``online`` — the true return difference G(k+1) − G(k), by replaying the actor's next trial with the
-  candidate reflection in its memory (see :mod:`retroformer_cli.stages.ppo_rewards`).
+  candidate reflection in its memory (see :mod:`retroformer_cli.stages.ppo_rewards`); ``reward_metric``
+  chooses the episode value: ``score`` (the env's return), ``success`` (1/0) or ``f1`` (HotPotQA's answer F1,
+  a denser signal than exact match).
+
+Every final checkpoint holds ``metrics.jsonl`` (one JSON object per logged step: loss, reward, reward_std, kl,
+frac_reward_zero_std, online/* ...); ``report_to`` also sends the logs to transformers' integrations.
 
 Python API::
 
@@ -41,8 +46,9 @@ from retroformer_cli.stages.common.checkpoints import latest_trainer_checkpoint,
 from retroformer_cli.stages.common.names import check_name
 from retroformer_cli.stages.common.progress import NullProgress, Progress, metrics_info, trainer_callback
 from retroformer_cli.stages.common.results import PPOResult
+from retroformer_cli.stages.ppo_rewards import METRICS as REWARD_METRICS
 from retroformer_cli.stages.train_common import CHECKPOINT_MANIFEST as MANIFEST
-from retroformer_cli.stages.train_common import LoraSettings
+from retroformer_cli.stages.train_common import LoraSettings, report_to_list
 from retroformer_cli.workspace import Workspace, git_revision
 MODES = ("offline", "online")
 
@@ -56,6 +62,7 @@ class PPOStageConfig:
     base: str = field(default="embedded", metadata={"help": "base model without --sft: embedded | a local model folder"})
     reward_model: str | None = field(default=None, metadata={"help": "offline mode: reward checkpoint NAME under checkpoints/reward/ or a folder; unset: reward/default"})
     mode: str = field(default="offline", metadata={"help": "offline (reward model score) | online (replayed G(k+1) - G(k))"})
+    reward_metric: str = field(default="score", metadata={"help": "online mode: the episode value whose change from trial k to the replayed trial k+1 is the reward: score | success | f1 (f1: HotPotQA's answer F1)"})
     actor: str | None = field(default=None, metadata={"help": "online mode: actor model spec; default: each run's actor"})
     name: str = field(default="default", metadata={"help": "checkpoint name under checkpoints/ppo/"})
     max_steps: int = field(default=20, metadata={"help": "optimizer steps"})
@@ -79,6 +86,7 @@ class PPOStageConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (large models)"})
     online_concurrency: int = field(default=8, metadata={"help": "online mode: episodes replayed at once"})
     online_memory_size: int | None = field(default=None, metadata={"help": "online mode: reflections in memory [default: the run's]"})
+    report_to: str = field(default="none", metadata={"help": "training logs to: none | tensorboard | wandb | trackio | mlflow (comma-separated; transformers' integrations)"})
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "a fresh adapter (no SFT checkpoint)"})
 
 
@@ -183,6 +191,8 @@ def grpo_args(cfg: PPOStageConfig, output_dir: Path, use_cpu: bool) -> Any:
     import torch
     from trl import GRPOConfig
 
+    from retroformer_cli.stages import train_common as tc
+
     bf16 = (not use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return GRPOConfig(
         output_dir=str(output_dir), max_steps=cfg.max_steps,
@@ -191,16 +201,19 @@ def grpo_args(cfg: PPOStageConfig, output_dir: Path, use_cpu: bool) -> Any:
         max_completion_length=cfg.max_completion_length, learning_rate=cfg.learning_rate, beta=cfg.beta,
         epsilon=cfg.epsilon, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
         temperature=cfg.temperature, top_p=cfg.top_p, logging_steps=cfg.logging_steps, save_strategy="steps",
-        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, report_to="none", disable_tqdm=True,
+        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, disable_tqdm=True,
         seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=use_cpu, bf16=bf16,
-        remove_unused_columns=False, log_completions=False,
+        remove_unused_columns=False, log_completions=False, **tc.report_kwargs(cfg.report_to, "ppo", cfg.name),
     )
 
 
 def _validate(cfg: PPOStageConfig, workspace: Workspace) -> None:
     if cfg.mode not in MODES:
         raise UsageError(f"Unknown reward mode '{cfg.mode}' (--mode): choose offline or online.")
+    if cfg.reward_metric not in REWARD_METRICS:
+        raise UsageError(f"Unknown --reward-metric '{cfg.reward_metric}': choose {', '.join(REWARD_METRICS)}.")
     check_name(cfg.name)
+    report_to_list(cfg.report_to)  # unknown or not installed: fails before the model loads
     for key in ("max_steps", "num_generations", "prompts_per_step", "gradient_accumulation_steps",
                 "max_completion_length", "save_steps", "logging_steps", "online_concurrency"):
         if getattr(cfg, key) < 1:
@@ -255,11 +268,11 @@ def _reward_function(cfg: PPOStageConfig, workspace: Workspace, work: Path, proc
         return OfflineReward(scorer), None
     work.mkdir(parents=True, exist_ok=True)
     online = OnlineReward(workspace, actor=actor_client if actor_client is not None else cfg.actor,
-                          concurrency=cfg.online_concurrency, memory_size=cfg.online_memory_size,
+                          concurrency=cfg.online_concurrency, memory_size=cfg.online_memory_size, metric=cfg.reward_metric,
                           cache_path=work / f"online_cache.{process_index}.jsonl", threads=cfg.threads,
                           cache_glob=str(work / "online_cache.*.jsonl"))
     for r in runs:
-        online.context(r)  # an unreadable run or a bad --actor fails now, not mid-step
+        online.context(r)  # an unreadable run, a bad --actor or a --reward-metric the env lacks fails now, not mid-step
     return online, online
 
 
@@ -286,11 +299,13 @@ def _save(cfg: PPOStageConfig, trainer: Any, tokenizer: Any, result: PPOResult, 
         peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
         tc.fix_adapter_base(tmp, base)
         tokenizer.save_pretrained(str(tmp))
+        tc.write_metrics_jsonl(tmp, trainer.state.log_history)
 
     manifest = tc.checkpoint_manifest(
         "ppo", base, cfg.dataset, to_dict(cfg), result.metrics, sft=str(sft) if sft else None,
         reward={"mode": cfg.mode, "reward_model": str(reward) if reward else None,
-                "actor": cfg.actor if cfg.mode == "online" else None},
+                "actor": cfg.actor if cfg.mode == "online" else None,
+                "metric": cfg.reward_metric if cfg.mode == "online" else None},
         trainer="trl.GRPOTrainer", runs=runs, log_history=result.log_history, resumed_from=result.resumed_from,
         seconds=result.seconds, versions=_versions(), git_revision=git_revision())
     tc.save_checkpoint(result.path, write, manifest)

@@ -8,8 +8,11 @@ event loop thread, so the online reward can run a whole group of episodes with `
 * :class:`OfflineReward` — the paper's setting: the reward model's score of the generated reflection.
 * :class:`OnlineReward` — the true return difference G(k+1) − G(k): the candidate reflection goes into the
   actor's memory (with the reflections trial k+1 would have seen), trial k+1 is replayed with a fresh
-  environment through :func:`retroformer_cli.agents.actor.run_episode`, and the new score minus the score
-  of the failed trial k is the reward. Replays are cached by (env, task, memory incl. the candidate, actor).
+  environment through :func:`retroformer_cli.agents.actor.run_episode`, and the new value minus the value
+  of the failed trial k is the reward. The value is the ``metric``: ``score`` (the env's return), ``success``
+  (1/0) or ``f1`` (from the env's end-of-episode info, HotPotQA: the answer F1; an episode that ended without
+  one, e.g. truncated before Finish, counts 0). Replays are cached by (env, task, memory incl. the candidate,
+  actor); a cache line keeps the whole outcome (score, success, f1), so one replay serves every metric.
 
 Nothing heavy is imported here.
 """
@@ -28,6 +31,28 @@ from retroformer_cli.llm.base import GenerationConfig, LLMClient
 from retroformer_cli.stages.common.reflections import clean_reflection
 
 Scorer = Callable[[list[list[dict]], list[str]], list[float]]
+METRICS = ("score", "success", "f1")  # --reward-metric
+INFO_METRICS = ("f1",)  # read from the env's end-of-episode info (absent in envs that do not report them)
+
+
+def outcome(score: float, success: bool, info: dict[str, Any] | None) -> dict[str, Any]:
+    """What the replay cache keeps of an episode (or of a stored trial): enough to compute every metric."""
+    out: dict[str, Any] = {"score": float(score), "success": bool(success)}
+    for key in INFO_METRICS:
+        v = (info or {}).get(key)
+        out[key] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    return out
+
+
+def metric_value(metric: str, result: dict[str, Any]) -> float:
+    """The ``metric`` of an :func:`outcome`: ``score``; ``success`` as 1.0/0.0; an info metric (``f1``), 0.0
+    when the episode ended without it (truncated before Finish)."""
+    if metric == "score":
+        return float(result["score"])
+    if metric == "success":
+        return 1.0 if result["success"] else 0.0
+    v = result.get(metric)
+    return float(v) if v is not None else 0.0
 
 
 class OfflineReward:
@@ -78,24 +103,29 @@ class _RunContext:
 
 
 class OnlineReward:
-    """reward = score of the replayed trial k+1 with the candidate reflection − score of trial k.
+    """reward = ``metric`` of the replayed trial k+1 with the candidate reflection − ``metric`` of trial k.
 
     ``actor`` overrides every run's actor (a spec string like ``--actor``, or a ready client in tests);
-    ``None`` uses the actor model of each run's manifest. ``cache_path`` keeps replay scores across
-    resumes (one JSON line per replay); ``cache_glob`` also reads the files of other processes.
+    ``None`` uses the actor model of each run's manifest. ``cache_path`` keeps replay outcomes across
+    resumes (one JSON line per replay: score, success, f1 and the metric of the run that wrote it; lines of
+    older versions with only ``score`` still serve ``metric="score"``); ``cache_glob`` also reads the files of
+    other processes.
     """
 
     __name__ = "return_difference"
 
     def __init__(self, workspace: Any, actor: str | LLMClient | None = None, concurrency: int = 8,
                  memory_size: int | None = None, cache_path: Path | None = None, threads: int | None = None,
-                 cache_glob: str | None = None):
+                 cache_glob: str | None = None, metric: str = "score"):
+        if metric not in METRICS:
+            raise UsageError(f"Unknown --reward-metric '{metric}': choose {', '.join(METRICS)}.")
+        self.metric = metric
         self.workspace = workspace
         self.actor_override = actor
         self.concurrency = max(1, concurrency)
         self.memory_size = memory_size
         self.threads = threads
-        self.cache: dict[str, float] = {}
+        self.cache: dict[str, dict[str, Any]] = {}  # key -> outcome (the keys a cache line had)
         self.episodes = 0  # replays actually run (cache misses)
         self.hits = 0
         self._contexts: dict[str, _RunContext] = {}
@@ -112,7 +142,7 @@ class OnlineReward:
             for f in sorted(set(glob.glob(cache_glob or str(cache_path))) | {str(cache_path)}):
                 if Path(f).is_file():
                     for rec in read_jsonl(f):
-                        self.cache[rec["key"]] = float(rec["score"])
+                        self.cache[rec["key"]] = {k: rec[k] for k in ("score", "success", *INFO_METRICS) if k in rec}
             self._writer = JsonlWriter(cache_path)
 
     # ------------------------------------------------------------------ setup per run
@@ -147,9 +177,10 @@ class OnlineReward:
         if self.threads is not None:
             cfg.actor.threads = self.threads
         fill_from_env(cfg)
+        trials = {(t.task_id, t.trial): t for t in load_trials(self.workspace, run)}
+        self._check_metric(run, cfg.env, trials.values())
         actor = self.actor_override if (self.actor_override is not None and not isinstance(self.actor_override, str)) \
             else self._client(cfg.actor)
-        trials = {(t.task_id, t.trial): t for t in load_trials(self.workspace, run)}
         first = make_env(cfg, self.workspace)
         spec = get_spec(cfg.env)
         ctx = _RunContext(run=run, env_id=cfg.env, make_env=lambda: make_env(cfg, self.workspace), actor=actor,
@@ -159,6 +190,16 @@ class OnlineReward:
                           seed=cfg.seed, trials=trials, envs=[first], created=[first])
         self._contexts[run] = ctx
         return ctx
+
+    def _check_metric(self, run: str, env: str, trials: Any) -> None:
+        """An info metric (``f1``) needs an env that reports it: EnvSpec declares no metrics, so the run's stored
+        trials are probed (an env that has it puts it in every trial's end info)."""
+        if self.metric not in INFO_METRICS:
+            return
+        trials = list(trials)
+        if trials and not any(self.metric in (t.info or {}) for t in trials):
+            raise UsageError(f"--reward-metric {self.metric}: run '{run}' (env {env}) reports no '{self.metric}' "
+                             "in its trials; choose score or success.")
 
     def memory_for(self, ctx: _RunContext, task_id: str, trial: int, reflection: str) -> list[str]:
         """The memory trial k+1 would have shown, with the candidate in place of trial k's reflection."""
@@ -172,21 +213,29 @@ class OnlineReward:
         blob = json.dumps([ctx.env_id, task_id, memory, ctx.actor.model_id, ctx.seed], ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
-    async def replay(self, run: str, task_id: str, trial: int, reflection: str) -> tuple[float, float]:
-        """(new score, score of trial k) for one candidate reflection."""
+    def _cached(self, key: str) -> dict[str, Any] | None:
+        """The cached outcome of a replay if it has this reward's metric (old lines only have ``score``)."""
+        found = self.cache.get(key)
+        return found if found is not None and self.metric in found else None
+
+    async def replay_outcome(self, run: str, task_id: str, trial: int,
+                             reflection: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(:func:`outcome` of the replayed trial k+1 with the candidate, :func:`outcome` of the stored trial k)."""
         ctx = self.context(run)
         base = ctx.trials.get((task_id, int(trial)))
         if base is None:
             raise DataError(f"Trial {trial} of task '{task_id}' is not in run '{run}': the prompt set and the "
                             "run's trials.jsonl disagree (rebuild the dataset).")
+        old = outcome(base.score, base.success, base.info)
         memory = self.memory_for(ctx, task_id, int(trial), reflection)
         key = self._key(ctx, task_id, memory)
-        if key in self.cache:
+        cached = self._cached(key)
+        if cached is not None:
             self.hits += 1
-            return self.cache[key], base.score
+            return cached, old
         if key in self._inflight:  # an identical candidate in the same group: run once
             self.hits += 1
-            return await asyncio.shield(self._inflight[key]), base.score
+            return await asyncio.shield(self._inflight[key]), old
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
@@ -200,20 +249,25 @@ class OnlineReward:
                                                ctx.action_names, seed=ctx.seed)
                 finally:
                     ctx.release(env)
-            score = float(result.score)
+            new = outcome(result.score, result.success, result.info)
             self.episodes += 1
-            self.cache[key] = score
+            self.cache[key] = new
             if self._writer is not None:
                 self._writer.append({"key": key, "run": run, "task_id": task_id, "trial": int(trial),
-                                     "reflection": reflection, "score": score})
-            fut.set_result(score)
-            return score, base.score
+                                     "reflection": reflection, "metric": self.metric, **new})
+            fut.set_result(new)
+            return new, old
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # retrieved: no "never retrieved" warning when nobody else waits
             raise
         finally:
             self._inflight.pop(key, None)
+
+    async def replay(self, run: str, task_id: str, trial: int, reflection: str) -> tuple[float, float]:
+        """(metric of the replayed trial k+1, metric of trial k) for one candidate reflection."""
+        new, old = await self.replay_outcome(run, task_id, trial, reflection)
+        return metric_value(self.metric, new), metric_value(self.metric, old)
 
     async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], task_id: Sequence[str],
                        run: Sequence[str], trial: Sequence[int], log_metric: Callable | None = None,
@@ -223,11 +277,16 @@ class OnlineReward:
             self._loop, self._gate, self._inflight = loop, asyncio.Semaphore(self.concurrency), {}
         texts = [clean_reflection(c if isinstance(c, str) else c[-1]["content"]) for c in completions]
         before = self.episodes
-        pairs = await asyncio.gather(*[self.replay(r, t, k, x) for r, t, k, x in zip(run, task_id, trial, texts)])
+        pairs = await asyncio.gather(*[self.replay_outcome(r, t, k, x)
+                                       for r, t, k, x in zip(run, task_id, trial, texts)])
+        deltas = [metric_value(self.metric, new) - metric_value(self.metric, old) for new, old in pairs]
         if log_metric is not None:
+            n = max(1, len(pairs))
             log_metric("online/episodes", float(self.episodes - before))
-            log_metric("online/success", sum(1.0 for new, _ in pairs if new > 0) / max(1, len(pairs)))
-        return [new - old for new, old in pairs]
+            # cache lines of older versions have no success: their score > 0 stands in (as before)
+            log_metric("online/success", sum(1.0 for new, _ in pairs if new.get("success", new["score"] > 0)) / n)
+            log_metric("online/metric_delta_mean", sum(deltas) / n)
+        return deltas
 
     async def aclose(self) -> None:
         for client in self._clients.values():

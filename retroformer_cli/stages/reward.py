@@ -52,6 +52,7 @@ class RewardStageConfig:
     gradient_checkpointing: bool = False
     threads: int | None = field(default=None, metadata={"help": "torch threads (default min(2, cores)); use 1 on a shared machine"})
     seed: int = field(default=0, metadata={"help": "training seed"})
+    report_to: str = field(default="none", metadata={"help": "training logs to: none | tensorboard | wandb | trackio | mlflow (comma-separated; transformers' integrations)"})
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
 
 
@@ -179,6 +180,7 @@ def run(cfg: RewardStageConfig, workspace: Workspace, *, resume: bool = False, p
 
     set_offline()
     check_name(cfg.name)
+    tc.report_to_list(cfg.report_to)  # a bad --report-to fails before the model loads
     tc.set_threads(cfg.threads)
     tc.quiet_transformers(cfg.seed)
     base_label, base_path = tc.resolve_base(cfg.base, workspace)
@@ -200,9 +202,9 @@ def run(cfg: RewardStageConfig, workspace: Workspace, *, resume: bool = False, p
         output_dir=str(out_dir), max_steps=cfg.max_steps, num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum, max_length=None,
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
-        eval_strategy="no", report_to="none", seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
+        eval_strategy="no", seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
         disable_tqdm=True, dataloader_num_workers=0,
-        **tc.precision_kwargs(),
+        **tc.report_kwargs(cfg.report_to, "reward", cfg.name), **tc.precision_kwargs(),
     )
     cbs = [*(callbacks or []), trainer_callback(progress or NullProgress(), f"reward {cfg.name}")]
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
@@ -225,6 +227,7 @@ def run(cfg: RewardStageConfig, workspace: Workspace, *, resume: bool = False, p
         peft_model.save_pretrained(str(tmp))
         tc.fix_adapter_base(tmp, base_label)
         tok.save_pretrained(str(tmp))
+        tc.write_metrics_jsonl(tmp, trainer.state.log_history)
 
     dest = workspace.checkpoint_dir("reward", cfg.name)
     manifest = tc.checkpoint_manifest("reward", base_label, cfg.dataset, to_dict(cfg), metrics,

@@ -1,6 +1,6 @@
 """What the training stages share: base-model resolution, threads, LoRA settings, atomic checkpoint folders and
-their manifest, quiet transformers. Progress, names, results and checkpoint lookup are in ``stages.common``.
-Nothing heavy at import time."""
+their manifest, ``--report-to`` and the per-step ``metrics.jsonl``, quiet transformers. Progress, names, results
+and checkpoint lookup are in ``stages.common``. Nothing heavy at import time."""
 
 from __future__ import annotations
 
@@ -101,6 +101,70 @@ def precision_kwargs() -> dict[str, Any]:
 
     cuda = torch.cuda.is_available()
     return {"bf16": bool(cuda and torch.cuda.is_bf16_supported()), "use_cpu": not cuda}
+
+
+# --report-to: transformers' integrations we offer, and the package each needs (module to find, pip name).
+REPORT_TO: dict[str, tuple[tuple[str, ...], str]] = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "trackio": (("trackio",), "trackio"),
+    "mlflow": (("mlflow",), "mlflow"),
+}
+METRICS_FILE = "metrics.jsonl"
+
+
+def report_to_list(value: str | list[str] | None) -> list[str]:
+    """``--report-to`` as the list transformers takes (``[]`` for none); unknown names and integrations whose
+    package is missing raise a one-line :class:`UsageError` (call it before the model loads)."""
+    import importlib.util
+
+    items = value if isinstance(value, (list, tuple)) else str(value or "none").split(",")
+    names = [n for n in (str(x).strip().lower() for x in items) if n and n != "none"]
+    if not names:
+        return []
+    allowed = ("none", *REPORT_TO)
+    bad = [n for n in names if n not in REPORT_TO]
+    if bad:
+        raise UsageError(f"Unknown --report-to '{bad[0]}': choose from {', '.join(allowed)} (comma-separated).")
+    for n in names:
+        modules, pip_name = REPORT_TO[n]
+        if not any(importlib.util.find_spec(m) is not None for m in modules):
+            raise UsageError(f"--report-to {n} needs the '{pip_name}' package: pip install {pip_name}")
+    return list(dict.fromkeys(names))
+
+
+def report_kwargs(report_to: str | list[str] | None, stage: str, name: str) -> dict[str, Any]:
+    """``report_to`` and ``run_name`` for a transformers/TRL config. transformers 5 has no ``logging_dir``: its
+    TensorBoard callback writes under ``<output_dir>/runs/``, i.e. the trainer's work folder in the workspace."""
+    return {"report_to": report_to_list(report_to), "run_name": f"{stage}-{name}"}
+
+
+def step_metrics(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One ``{"step": N, ...scalars...}`` row per logged trainer step, from ``trainer.state.log_history``: rows of
+    the same step (a training log and an evaluation) are merged; the end-of-training summary (``train_runtime``
+    ...) is left out (the checkpoint manifest has it); non-finite numbers become null."""
+    import math
+
+    rows: dict[int, dict[str, Any]] = {}
+    for entry in log_history:
+        if "train_runtime" in entry or "step" not in entry:
+            continue
+        step = int(entry["step"])
+        row = rows.setdefault(step, {"step": step})
+        for k, v in entry.items():
+            if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            row[k] = v if math.isfinite(v) else None
+    return [rows[s] for s in sorted(rows)]
+
+
+def write_metrics_jsonl(folder: Path, log_history: list[dict[str, Any]]) -> int:
+    """Write ``metrics.jsonl`` (see :func:`step_metrics`) into a checkpoint folder; returns the number of lines."""
+    rows = step_metrics(log_history)
+    with open(Path(folder) / METRICS_FILE, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+    return len(rows)
 
 
 def quiet_transformers(seed: int | None = None) -> None:
