@@ -54,6 +54,8 @@ class CollectConfig:
     max_steps: int | None = field(default=None, metadata={"help": "per-episode step limit (env default when unset)"})
     env_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra env argument KEY=VALUE, repeatable (YAML: a mapping), e.g. wording=react for ALFWorld"})
     memory_size: int = field(default=3, metadata={"help": "how many of the latest reflections go into the prompt"})
+    few_shot: bool = field(default=True, metadata={
+        "help": "show the actor the prompt's few-shot examples; a fine-tuned actor (sft --role actor) needs none"})
     concurrency: int = field(default=8, metadata={"help": "tasks run at once"})
     workers: int | None = field(default=None, metadata={"help": "environment instances / worker processes (default: concurrency)"})
     env_step_timeout_s: float = field(default=120.0, metadata={"help": "an env reset or step that takes longer is a hung env: its worker is replaced"})

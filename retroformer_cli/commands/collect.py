@@ -54,7 +54,7 @@ def _engine_flag(name: str) -> Flag:
 TASK_FLAGS = (
     Flag("env", ("-e",)), Flag("data", cli_type=Path), Flag("split"), Flag("tasks", ("-n",)),
     Flag("task_ids", cli_type=str, parse=parse_task_ids), Flag("trials", ("-k",)), Flag("max_steps"),
-    Flag("env_options", name="--env-option", cli_type=List[str], parse=parse_env_options, metavar="KEY=VALUE"), Flag("memory_size"),
+    Flag("env_options", name="--env-option", cli_type=List[str], parse=parse_env_options, metavar="KEY=VALUE"), Flag("memory_size"), Flag("few_shot"),
     Flag("concurrency", ("-j",)), Flag("workers"), Flag("seed"),
 )
 RUN_FLAG = (Flag("run", ("-r",)),)

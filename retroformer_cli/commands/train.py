@@ -45,9 +45,10 @@ def _train(stage: Any, cls: type, overrides: dict, resume: bool, keys: tuple[str
                                "  retroformer sft --base path/to/hf-model --name big --merge\n\n"
                                "  retroformer sft --name big --resume")
 @handle_errors
-@config_options(SFTStageConfig, TRAIN_FLAGS, FINETUNE_FLAGS, (Flag("merge"),))
+@config_options(SFTStageConfig, TRAIN_FLAGS, FINETUNE_FLAGS, (Flag("merge"), Flag("role")))
 def sft_cmd(overrides: dict, resume: ResumeOpt = False) -> None:
-    """Supervised fine-tuning of the reflector (LoRA) on reflections followed by an improvement."""
+    """Supervised fine-tuning (LoRA) of the reflector on reflections followed by an improvement, or with
+    --role actor of the actor on successful trajectories (`datasets actor`)."""
     from retroformer_cli.stages import sft
 
     _train(sft, SFTStageConfig, overrides, resume, ("global_step", "train_loss", "eval_loss"))

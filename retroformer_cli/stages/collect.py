@@ -212,7 +212,7 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
 
     from retroformer_cli.agents.prompts.base import get_prompts
 
-    prompts = get_prompts(cfg.env)
+    prompts = get_prompts(cfg.env, cfg.few_shot)
     actor, reflector = _clients(cfg, workspace, actor, reflector)
     if getattr(reflector, "diagnostic", False):  # an oracle reflector reads the gold data of this run's env
         from retroformer_cli.envs import get_spec

@@ -8,7 +8,8 @@ reward in [0, 1]). A task solved at trial 1 has no reflection; a reflection afte
 Files under ``<workspace>/datasets/<name>/`` (JSONL, ``datasets.load_dataset("json", ...)`` loads them):
 
 - ``ratings.jsonl``: one line per rated reflection: task_id, run, env, trial (k), prompt (the chat messages
-  exactly as the reflector saw them), reflection, rating, rating_f1, split, source.
+  exactly as the reflector saw them), reflection, rating, rating_f1, rating_metric (what ``rating`` is the
+  difference of: ``score``), split, source.
 - ``sft.{train,validation}.jsonl``: TRL conversational prompt-completion rows for reflections followed by an
   improvement (rating > 0).
 - ``pairs.{train,validation}.jsonl``: TRL preference rows (prompt, chosen, rejected, chosen_rating,
@@ -52,7 +53,7 @@ from retroformer_cli.stages.rating_rules import completion, strip_prefill
 
 SPLIT_SALT = "retroformer-split:"  # validation tasks are drawn independently of collect's eval split
 SPLIT_NAMES = ("validation", "train")
-KINDS = ("ratings", "sft", "pairs", "prompts")
+KINDS = ("ratings", "sft", "pairs", "prompts", "actor")  # actor: `datasets actor` (stages.actor_data)
 SPLITS = ("train", "validation")
 
 
@@ -186,6 +187,16 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     return n
 
 
+def _refuse_diagnostic(workspace: Workspace, run: str, trials: list[Any]) -> None:
+    """Oracle runs (agents/oracle.py) hold reflections written from the gold data: never training data."""
+    from retroformer_cli.agents.oracle import diagnostic_of, diagnostic_trials
+
+    label = diagnostic_of(workspace.read_manifest(run)) or diagnostic_trials(trials)
+    if label:
+        raise UsageError(f"Run '{run}' is a diagnostic run (--run): its reflector '{label}' wrote its reflections "
+                         "from the tasks' gold data, not with a model, so they cannot be training data.")
+
+
 def build(cfg: DatasetConfig, workspace: Workspace) -> DatasetResult:
     """Read the runs and imports in ``cfg`` and write the dataset folder atomically."""
     from retroformer_cli.stages import importers
@@ -200,6 +211,7 @@ def build(cfg: DatasetConfig, workspace: Workspace) -> DatasetResult:
     sources: list[dict[str, Any]] = []
     for run in cfg.runs:
         trials = load_trials(workspace, run)
+        _refuse_diagnostic(workspace, run, trials)
         rows, skipped = rate_trials(trials, f"run:{run}")
         ratings += rows
         sources.append({"kind": "run", "run": run, "trials": len(trials), "rated": len(rows), "skipped": skipped})
@@ -216,6 +228,7 @@ def build(cfg: DatasetConfig, workspace: Workspace) -> DatasetResult:
                         "successor trial.", hint="collect with --trials 2 or more and a reflector")
     for r in ratings:
         r["split"] = split_of(r["task_id"], cfg.val_fraction, salt=SPLIT_SALT, names=SPLIT_NAMES)
+        r.setdefault("rating_metric", "score")  # files say what `rating` measures (ppo --reward-metric's names)
     sets = {"sft": _sft_rows(ratings), "pairs": _pair_rows(ratings, cfg), "prompts": _prompt_rows(ratings)}
 
     dest = workspace.datasets_dir / cfg.name

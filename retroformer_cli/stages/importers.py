@@ -75,7 +75,7 @@ _FINISH = re.compile(r"Finish\[(.*?)\]")
 _REFL_HEAD = "You have attempted to answer following question before and failed."
 
 
-def _split_entry(entry: str) -> dict[str, Any]:
+def split_log_entry(entry: str) -> dict[str, Any]:
     """Question, reflections and scratchpad of one logged agent prompt."""
     text = entry.strip("\n")
     gold = None
@@ -107,7 +107,7 @@ def parse_hotpotqa_log(path: Path) -> list[dict[str, Any]]:
         for entry in re.split(r"\n(?=Question:)", "\n" + body):
             if not entry.strip().startswith("Question:"):
                 continue
-            e = _split_entry(entry)
+            e = split_log_entry(entry)
             finishes = _FINISH.findall(e["scratchpad"])
             out.append({"run": path.stem, "trial": trial, "id": None, "question": e["question"],
                         "gold_answer": e["gold"], "status": status.lower(),
@@ -163,7 +163,7 @@ def _hotpotqa_rows(records: list[dict[str, Any]], source: str, run_label: str) -
         seqs[key] = items
 
     def prompt_fn(key: str, item: dict[str, Any]) -> list[dict[str, str]]:
-        e = _split_entry(item["trajectory"]) if item["trajectory"] else {"question": item["question"], "scratchpad": ""}
+        e = split_log_entry(item["trajectory"]) if item["trajectory"] else {"question": item["question"], "scratchpad": ""}
         question = e["question"] or item["question"] or ""
         scratch = re.sub(r"\nObservation \d+: Answer is (IN)?CORRECT\s*$", "\n", e["scratchpad"])
         outcome = "Observation: Ran out of steps before finishing." if item["halted"] else "Observation: Answer is INCORRECT"

@@ -184,7 +184,7 @@ class OnlineReward:
         first = make_env(cfg, self.workspace)
         spec = get_spec(cfg.env)
         ctx = _RunContext(run=run, env_id=cfg.env, make_env=lambda: make_env(cfg, self.workspace), actor=actor,
-                          gen=generation_config(cfg.actor, ACTOR_STOP), prompts=get_prompts(cfg.env),
+                          gen=generation_config(cfg.actor, ACTOR_STOP), prompts=get_prompts(cfg.env, cfg.few_shot),
                           action_names=spec.action_names, spawn=spec.spawn,
                           memory_size=self.memory_size if self.memory_size is not None else cfg.memory_size,
                           seed=cfg.seed, trials=trials, envs=[first], created=[first])

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retroformer_cli.errors import DataError
+from retroformer_cli.errors import DataError, UsageError
 from retroformer_cli.stages.common.names import check_name
 from retroformer_cli.stages.common.progress import NullProgress, Progress, trainer_callback
 from retroformer_cli.stages.common.results import TrainResult
@@ -29,6 +29,9 @@ class SFTStageConfig:
     """`retroformer sft`: LoRA SFT of the reflector on improving reflections (completion-only loss)."""
 
     dataset: str = field(default="ratings", metadata={"help": "dataset under <workspace>/datasets/"})
+    role: str = field(default="reflector", metadata={
+        "help": "reflector (improving reflections, `datasets build`) | actor (step rows of `datasets actor`; use the "
+                "checkpoint as --actor workspace:sft/NAME)"})
     base: str = field(default="embedded", metadata={"help": "base model: embedded | a local transformers model folder"})
     name: str = field(default="default", metadata={"help": "checkpoint name under <checkpoints>/sft/"})
     max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps (-1: use epochs)"})
@@ -45,21 +48,34 @@ class SFTStageConfig:
     merge: bool = field(default=False, metadata={"help": "also write merged/ (base + adapter as one model)"})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default min(2, cores)); use 1 on a shared machine"})
     seed: int = field(default=0, metadata={"help": "training seed"})
+    report_to: str = field(default="none", metadata={"help": "training logs to: none | tensorboard | wandb | trackio | mlflow (comma-separated; transformers' integrations)"})
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
-def load_sft_datasets(workspace: Workspace, name: str):
+ROLES = ("reflector", "actor")
+
+
+def load_sft_datasets(workspace: Workspace, name: str, role: str = "reflector", tokenizer: Any = None):
+    """(train, validation or None) TRL prompt-completion datasets. The actor's rows are rendered with
+    ``tokenizer``'s chat template exactly as the engine renders a prompt (see ``stages.actor_data``)."""
     from datasets import Dataset
 
     from retroformer_cli.stages.datasets import read_split
 
     out = []
     for split in ("train", "validation"):
-        rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_split(workspace, name, "sft", split)]
+        if role == "actor":
+            from retroformer_cli.stages.actor_data import render_rows
+
+            rows = render_rows(read_split(workspace, name, "actor", split), tokenizer)
+        else:
+            rows = [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_split(workspace, name, "sft", split)]
         out.append(Dataset.from_list(rows) if rows else None)
     if out[0] is None:
-        raise DataError(f"Dataset '{name}' has no SFT training rows (no reflection followed by an improvement).",
-                        hint="collect more trials, or import rated logs with `retroformer datasets build`")
+        what = "actor step rows" if role == "actor" else "SFT training rows (no reflection followed by an improvement)"
+        raise DataError(f"Dataset '{name}' has no {what}.",
+                        hint="build it with `retroformer datasets actor`" if role == "actor" else
+                        "collect more trials, or import rated logs with `retroformer datasets build`")
     return out[0], out[1]
 
 
@@ -74,10 +90,10 @@ def trl_config(cfg: SFTStageConfig, output_dir: Path, has_eval: bool):
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         max_length=cfg.max_length, truncation_mode="keep_end", completion_only_loss=True,
         warmup_steps=cfg.warmup_steps, logging_steps=cfg.logging_steps, save_strategy="steps",
-        save_steps=cfg.save_steps, save_total_limit=2, eval_strategy="no", report_to="none", seed=cfg.seed,
+        save_steps=cfg.save_steps, save_total_limit=2, eval_strategy="no", seed=cfg.seed,
         gradient_checkpointing=cfg.gradient_checkpointing, disable_tqdm=True, dataloader_num_workers=0,
         dataset_num_proc=None, packing=False,
-        **tc.precision_kwargs(),
+        **tc.report_kwargs(cfg.report_to, "sft", cfg.name), **tc.precision_kwargs(),
     )
 
 
@@ -101,15 +117,24 @@ def run(cfg: SFTStageConfig, workspace: Workspace, *, resume: bool = False, prog
 
     set_offline()
     check_name(cfg.name)
+    tc.report_to_list(cfg.report_to)  # a bad --report-to fails before the model loads
     tc.set_threads(cfg.threads)
     tc.quiet_transformers(cfg.seed)
-    train_ds, eval_ds = load_sft_datasets(workspace, cfg.dataset)
+    if cfg.role not in ROLES:
+        raise UsageError(f"Unknown role '{cfg.role}' (--role): choose reflector or actor.")
+    if cfg.role == "actor":
+        from retroformer_cli.stages.datasets import read_manifest
+
+        if read_manifest(workspace, cfg.dataset).get("kind") != "actor":
+            raise UsageError(f"Dataset '{cfg.dataset}' is not an actor dataset (--dataset with --role actor).",
+                             hint="build one with `retroformer datasets actor`")
     base_label, base_path = tc.resolve_base(cfg.base, workspace)
+    model, tok = load_base_causal_lm(base_path)
+    train_ds, eval_ds = load_sft_datasets(workspace, cfg.dataset, cfg.role, tok)
     from trl import SFTTrainer
 
     out_dir = tc.work_dir(workspace, "sft", cfg.name)
     resume_from = resume_checkpoint(out_dir, "sft", cfg.name) if resume else None
-    model, tok = load_base_causal_lm(base_path)
     cbs = [*(callbacks or []), trainer_callback(progress or NullProgress(), f"sft {cfg.name}")]
     trainer = SFTTrainer(model=model, args=trl_config(cfg, out_dir, eval_ds is not None), train_dataset=train_ds,
                          eval_dataset=eval_ds, processing_class=tok, peft_config=tc.lora_config(cfg.lora, "CAUSAL_LM"),
@@ -128,6 +153,7 @@ def run(cfg: SFTStageConfig, workspace: Workspace, *, resume: bool = False, prog
         peft_model.save_pretrained(str(tmp))
         tc.fix_adapter_base(tmp, base_label)
         tok.save_pretrained(str(tmp))
+        tc.write_metrics_jsonl(tmp, trainer.state.log_history)
         if cfg.merge:
             merged = peft_model.merge_and_unload()
             merged.save_pretrained(str(tmp / "merged"))

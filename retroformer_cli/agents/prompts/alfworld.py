@@ -289,7 +289,7 @@ class ALFWorldPromptSet(PromptSet):
                          actor_examples=self.examples_for(first_observation),
                          reflect_instruction=self.reflect_instruction,
                          reflect_examples=rewrite_example(self.reflect_examples, wording),
-                         action_format=self.action_format)
+                         action_format=self.action_format, few_shot=self.few_shot)
 
     def actor_messages(self, first_observation: str, memory: Sequence[str], scratchpad: str, step: int,
                        thought: str | None = None) -> list[Message]:

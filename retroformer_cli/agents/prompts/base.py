@@ -17,6 +17,7 @@ class PromptSet:
     reflect_instruction: str
     reflect_examples: str
     action_format: str
+    few_shot: bool = True  # False: the actor's prompt has the instruction only (a fine-tuned actor, as in FireAct)
 
     def reflections_block(self, memory: Sequence[str]) -> str:
         if not memory:
@@ -34,8 +35,10 @@ class PromptSet:
         head = f"{scratchpad}Thought {step}:"
         if thought is not None:
             head += f" {thought}\nAction {step}:"
+        system = f"{self.actor_instruction}\n\nHere are some examples:\n\n{self.actor_examples}" if self.few_shot \
+            else self.actor_instruction
         return [
-            Message("system", f"{self.actor_instruction}\n\nHere are some examples:\n\n{self.actor_examples}"),
+            Message("system", system),
             Message("user", f"{self.reflections_block(memory)}{first_observation.strip()}"),
             Message("assistant", head),
         ]
@@ -48,8 +51,12 @@ class PromptSet:
         ]
 
 
-def get_prompts(env_id: str) -> PromptSet:
-    """The env's prompt set, as its EnvSpec names it (``EnvSpec.prompts``, a ``"module:attribute"`` string)."""
+def get_prompts(env_id: str, few_shot: bool = True) -> PromptSet:
+    """The env's prompt set, as its EnvSpec names it (``EnvSpec.prompts``, a ``"module:attribute"`` string);
+    ``few_shot=False`` drops the actor's examples (collect's ``--no-few-shot``)."""
+    from dataclasses import replace
+
     from retroformer_cli.envs import prompts_for
 
-    return prompts_for(env_id)
+    prompts = prompts_for(env_id)
+    return prompts if few_shot else replace(prompts, few_shot=False)
