@@ -1,0 +1,457 @@
+"""Does training help? One reproducible experiment: a tuned actor, a reflector trained on the return difference,
+measured against the frozen reflector on held-out tasks.
+
+Stages, each skipped when its output is already in the workspace (so a stopped experiment resumes):
+
+1. ``datasets actor`` + ``sft --role actor``: the actor learns (LoRA, FireAct-style) from successful trajectories of
+   train-split tasks, without few-shot examples in its prompt. This is what makes headroom: an actor that follows
+   a reflection.
+2. ``collect`` on the train split with the frozen reflector (the base model), the tuned actor.
+3. ``datasets build`` on that run, ``sft`` of the reflector on its improving reflections (when there are any),
+   then ``ppo --mode online`` with the dense reward (``reward_metric``, HotPotQA: ΔF1).
+4. ``collect`` on the eval split (tasks no stage trained on), one run per arm: ``none``, ``frozen``, ``sft``,
+   ``ppo`` and the diagnostics ``oracle`` and ``oracle-leak``, all with the tuned actor; and ``none`` / ``oracle`` /
+   ``oracle-leak`` with the base actor, for the headroom the tuning made.
+5. Paired comparisons against ``frozen`` (mean metric and success at every trial), the learning curve of PPO
+   (reward, KL, share of GRPO groups with zero reward variance) and one HTML report, plus a verdict that names
+   the lever that failed when trained − frozen is not above 0.
+
+Python API: ``run(LearningConfig(...), Workspace.open("ws"))``; the recipe ``recipes/learning.py`` and
+``benchmarks/learning.py`` call it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from retroformer_cli.errors import UsageError
+from retroformer_cli.workspace import Workspace, now_iso
+
+ARMS = ("none", "frozen", "sft", "ppo", "oracle", "oracle-leak")
+BASE_ARMS = ("none", "oracle", "oracle-leak")
+METRICS = ("score", "f1")
+
+
+@dataclass
+class LearningConfig:
+    """The experiment's settings (``configs/learning.yaml``); sizes here fit about 90 minutes on a 2-core CPU."""
+
+    env: str = field(default="hotpotqa", metadata={"help": "environment"})
+    data: str | None = field(default=None, metadata={"help": "the env's data (as for collect)"})
+    name: str = field(default="learning", metadata={"help": "prefix of every run, dataset and checkpoint it writes"})
+    seed: int = field(default=0, metadata={"help": "seed of every stage"})
+    threads: int | None = field(default=None, metadata={"help": "torch threads of every stage"})
+    concurrency: int = field(default=8, metadata={"help": "episodes at once (collect and online replays)"})
+    # 1. the actor
+    actor_base: str = field(default="embedded", metadata={"help": "the actor's base model"})
+    actor_sft_steps: int = field(default=80, metadata={"help": "actor SFT steps (0: use the base actor with few-shot prompts)"})
+    actor_sft_batch_size: int = field(default=4, metadata={"help": "actor SFT batch size"})
+    actor_sft_learning_rate: float = field(default=2e-4, metadata={"help": "actor SFT learning rate"})
+    actor_import_reflexion: list[str] = field(default_factory=list, metadata={
+        "help": "Reflexion HotPotQA logs whose successful trajectories join the actor's SFT data"})
+    actor_expert: bool = field(default=True, metadata={"help": "the env's expert trajectories join the actor's SFT data"})
+    actor_expert_reflection_share: float = field(default=0.5, metadata={
+        "help": "share of expert trajectories shown with the oracle hint as a reflection"})
+    actor_max_tokens: int = field(default=64, metadata={"help": "max new tokens per actor step"})
+    actor_lora_r: int = field(default=16, metadata={"help": "LoRA rank of the actor (a new prompt format needs more than r=2)"})
+    actor_lora_targets: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], metadata={
+        "help": "modules that get the actor's adapter"})
+    # 2. training episodes
+    train_tasks: int | None = field(default=48, metadata={"help": "train-split tasks collected with the frozen reflector"})
+    train_trials: int = field(default=2, metadata={"help": "trials per train task"})
+    # 3. the reflector
+    reflector_base: str = field(default="embedded", metadata={"help": "the reflector's base (frozen arm and training)"})
+    reflector_sft_steps: int = field(default=10, metadata={"help": "reflector SFT steps on improving reflections (0: skip)"})
+    ppo_steps: int = field(default=12, metadata={"help": "GRPO steps with the online reward"})
+    num_generations: int = field(default=4, metadata={"help": "reflections per prompt (the GRPO group)"})
+    prompts_per_step: int = field(default=2, metadata={"help": "prompts per GRPO step"})
+    reward_metric: str = field(default="f1", metadata={"help": "online reward: score | success | f1"})
+    ppo_learning_rate: float = field(default=5e-5, metadata={"help": "GRPO learning rate"})
+    beta: float = field(default=0.04, metadata={"help": "KL penalty"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the reflections in GRPO"})
+    max_completion_length: int = field(default=64, metadata={"help": "max tokens of a sampled reflection"})
+    # 4. evaluation
+    eval_tasks: int | None = field(default=None, metadata={"help": "eval-split tasks (all when unset)"})
+    eval_trials: int = field(default=2, metadata={"help": "trials per eval task"})
+    arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": "reflectors evaluated with the tuned actor"})
+    base_arms: list[str] = field(default_factory=lambda: list(BASE_ARMS), metadata={
+        "help": "reflectors evaluated with the base actor (headroom before tuning); empty to skip"})
+    metric: str = field(default="f1", metadata={"help": "the compared metric at the last trial: score | f1"})
+    bootstrap: int = field(default=10000, metadata={"help": "bootstrap resamples of the paired interval"})
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def paired_mean_difference(a: Sequence[float], b: Sequence[float], resamples: int = 10000,
+                           seed: int = 0) -> dict[str, float]:
+    """Mean of a − b over paired tasks with a percentile bootstrap 95% interval (tasks resampled, seeded).
+
+    >>> paired_mean_difference([1, 1, 1, 0], [0, 0, 1, 0], resamples=2000)["difference"]
+    0.5
+    """
+    if len(a) != len(b):
+        raise ValueError("paired values must cover the same tasks")
+    n = len(a)
+    if n == 0:
+        return {"tasks": 0, "difference": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    rng = random.Random(seed)
+    means = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    lo, hi = means[int(0.025 * (resamples - 1))], means[int(math.ceil(0.975 * (resamples - 1)))]
+    return {"tasks": n, "difference": sum(d) / n, "ci_low": lo, "ci_high": hi,
+            "won": sum(x > 0 for x in d), "lost": sum(x < 0 for x in d)}
+
+
+def value_at(trials_by_k: dict[int, Any], k: int, metric: str) -> float:
+    """A task's metric at trial k: its latest trial up to k (a task solved earlier keeps that trial)."""
+    done = [j for j in trials_by_k if j <= k]
+    if not done:
+        return 0.0
+    t = trials_by_k[max(done)]
+    if metric == "f1":
+        return float(t.info.get("f1", 0.0) or 0.0)
+    return float(t.score)
+
+
+def solved_by(trials_by_k: dict[int, Any], k: int) -> bool:
+    return any(t.success for j, t in trials_by_k.items() if j <= k)
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+class _Stages:
+    def __init__(self, cfg: LearningConfig, workspace: Workspace, progress: Any):
+        self.cfg, self.ws, self.progress = cfg, workspace, progress
+        self.timings: dict[str, float] = {}
+
+    def say(self, msg: str) -> None:
+        print(f"[learning {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    def timed(self, label: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        self.say(f"{label} ...")
+        out = fn(*args, **kwargs)
+        self.timings[label] = round(time.perf_counter() - t0, 1) + self.timings.get(label, 0.0)
+        self.say(f"{label} done in {self.timings[label]:.0f} s")
+        return out
+
+    # names
+    def n(self, suffix: str) -> str:
+        return f"{self.cfg.name}-{suffix}"
+
+    @property
+    def tuned(self) -> bool:
+        return self.cfg.actor_sft_steps > 0
+
+    @property
+    def actor_spec(self) -> str:
+        return f"workspace:sft/{self.n('actor')}" if self.tuned else self.cfg.actor_base
+
+    def reflector_spec(self, arm: str) -> str:
+        return {"none": "none", "frozen": self.cfg.reflector_base, "sft": f"workspace:sft/{self.n('reflector')}",
+                "ppo": f"workspace:ppo/{self.n('ppo')}", "oracle": "oracle", "oracle-leak": "oracle-leak"}[arm]
+
+    def done(self, stage: str, name: str) -> bool:
+        return (self.ws.checkpoint_dir(stage, name) / "retroformer_checkpoint.json").is_file()
+
+    # 1
+    def actor(self) -> None:
+        if not self.tuned or self.done("sft", self.n("actor")):
+            return
+        from retroformer_cli.stages import actor_data, sft
+        from retroformer_cli.stages.train_common import LoraSettings
+
+        c = self.cfg
+        if not (self.ws.datasets_dir / self.n("actor") / "manifest.json").is_file():
+            self.timed("actor data", actor_data.build, actor_data.ActorDataConfig(
+                env=c.env, data=c.data, name=self.n("actor"), import_reflexion=list(c.actor_import_reflexion),
+                expert=c.actor_expert, expert_reflection_share=c.actor_expert_reflection_share, seed=c.seed), self.ws)
+        self.timed("actor sft", sft.run, sft.SFTStageConfig(
+            dataset=self.n("actor"), role="actor", base=c.actor_base, name=self.n("actor"), max_steps=c.actor_sft_steps,
+            batch_size=c.actor_sft_batch_size, learning_rate=c.actor_sft_learning_rate, max_length=2048,
+            threads=c.threads, seed=c.seed, eval=False, save_steps=max(10, c.actor_sft_steps),
+            lora=LoraSettings(r=c.actor_lora_r, alpha=2 * c.actor_lora_r, target_modules=list(c.actor_lora_targets))),
+            self.ws, resume=self.ws.checkpoints_dir.joinpath("sft", f".work-{self.n('actor')}").is_dir(),
+            progress=self.progress)
+
+    # 2 and 4
+    def collect(self, run: str, reflector: str, split: str, tasks: int | None, trials: int, tuned: bool) -> None:
+        from retroformer_cli.config import CollectConfig, ModelConfig
+        from retroformer_cli.stages import collect
+
+        c = self.cfg
+        exists = self.ws.manifest_path(run).exists()
+        if exists and self.ws.read_manifest(run).get("status") == "completed":
+            return
+        cfg = CollectConfig(env=c.env, data=c.data, split=split, tasks=tasks, trials=trials, run=run, seed=c.seed,
+                            concurrency=c.concurrency, few_shot=not tuned,
+                            actor=ModelConfig(model=self.actor_spec if tuned else c.actor_base,
+                                              max_tokens=c.actor_max_tokens, threads=c.threads),
+                            reflector=ModelConfig(model=reflector, max_tokens=128, threads=c.threads))
+        self.timed(f"collect {run}", collect.run, cfg, self.ws, resume=exists, progress=self.progress)
+
+    # 3
+    def reflector(self) -> dict[str, Any]:
+        from retroformer_cli.stages import datasets, ppo, sft
+
+        c = self.cfg
+        info: dict[str, Any] = {}
+        ratings = self.n("ratings")
+        if not (self.ws.datasets_dir / ratings / "manifest.json").is_file():
+            self.timed("ratings", datasets.build, datasets.DatasetConfig(name=ratings, runs=[self.n("train-frozen")]),
+                       self.ws)
+        counts = datasets.read_manifest(self.ws, ratings).get("counts", {})
+        info["ratings"] = {k: counts.get(k) for k in ("ratings", "positive", "zero", "negative", "sft.train",
+                                                       "prompts.train")}
+        sft_ok = c.reflector_sft_steps > 0 and (counts.get("sft.train") or 0) > 0
+        if sft_ok and not self.done("sft", self.n("reflector")):
+            self.timed("reflector sft", sft.run, sft.SFTStageConfig(
+                dataset=ratings, base=c.reflector_base, name=self.n("reflector"), max_steps=c.reflector_sft_steps,
+                threads=c.threads, seed=c.seed, eval=False), self.ws, progress=self.progress)
+        info["reflector_sft"] = sft_ok
+        if not self.done("ppo", self.n("ppo")):
+            work = self.ws.checkpoints_dir / "ppo" / f".work-{self.n('ppo')}"
+            self.timed("ppo", ppo.run_ppo, ppo.PPOStageConfig(
+                dataset=ratings, sft=self.n("reflector") if sft_ok else "none", base=c.reflector_base, mode="online",
+                actor=self.actor_spec, name=self.n("ppo"), max_steps=c.ppo_steps, num_generations=c.num_generations,
+                prompts_per_step=c.prompts_per_step, learning_rate=c.ppo_learning_rate, beta=c.beta,
+                temperature=c.temperature, max_completion_length=c.max_completion_length,
+                reward_metric=c.reward_metric, threads=c.threads, seed=c.seed, online_concurrency=c.concurrency,
+                save_steps=max(2, c.ppo_steps // 3)),
+                self.ws, progress=self.progress, resume=work.is_dir() and any(work.glob("checkpoint-*")))
+        return info
+
+
+def _check(cfg: LearningConfig) -> None:
+    for arm in [*cfg.arms, *cfg.base_arms]:
+        if arm not in ARMS:
+            raise UsageError(f"Unknown arm '{arm}': choose from {', '.join(ARMS)} (arms / base_arms).")
+    if "frozen" not in cfg.arms:
+        raise UsageError("The arms must include 'frozen': every comparison is against it (arms).")
+    if cfg.metric not in METRICS:
+        raise UsageError(f"Unknown metric '{cfg.metric}' (metric): choose score or f1.")
+    if cfg.eval_trials < 2 or cfg.train_trials < 2:
+        raise UsageError("eval_trials and train_trials must be at least 2: a reflection acts from trial 2 on.")
+
+
+def run(cfg: LearningConfig, workspace: Workspace, progress: Any = None) -> dict[str, Any]:
+    """Run (or resume) the experiment; returns the summary (also written to ``reports/<name>/summary.json``)."""
+    from retroformer_cli.stages.common.progress import NullProgress
+
+    _check(cfg)
+    progress = progress or NullProgress()
+    st = _Stages(cfg, workspace, progress)
+    t0 = time.perf_counter()
+    st.actor()
+    st.collect(st.n("train-frozen"), cfg.reflector_base, "train", cfg.train_tasks, cfg.train_trials, st.tuned)
+    reflector_info = st.reflector()
+    arms = [a for a in cfg.arms if a != "sft" or reflector_info["reflector_sft"]]
+    for arm in arms:
+        st.collect(st.n(f"eval-{arm}"), st.reflector_spec(arm), "eval", cfg.eval_tasks, cfg.eval_trials, st.tuned)
+    base_arms = list(cfg.base_arms) if st.tuned else []
+    for arm in base_arms:
+        st.collect(st.n(f"base-{arm}"), st.reflector_spec(arm), "eval", cfg.eval_tasks, cfg.eval_trials, False)
+    summary = summarize(cfg, workspace, st, arms, base_arms, reflector_info)
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    summary["timings_s"] = st.timings
+    out = write_report(cfg, workspace, summary)
+    summary["report"] = str(out)
+    (out.parent / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+def _arm_values(workspace: Workspace, run: str, k_max: int, metric: str) -> tuple[list[str], dict[str, Any]]:
+    from retroformer_cli.stages.evaluate import outcomes
+
+    _, by_task = outcomes(workspace, run)
+    return sorted(by_task), by_task
+
+
+def summarize(cfg: LearningConfig, workspace: Workspace, st: _Stages, arms: list[str], base_arms: list[str],
+              reflector_info: dict[str, Any]) -> dict[str, Any]:
+    from retroformer_cli.stages.evaluate import report_run
+    from retroformer_cli.stages.stats import paired
+
+    k = cfg.eval_trials
+    per_arm: dict[str, dict[str, Any]] = {}
+    runs = {a: st.n(f"eval-{a}") for a in arms} | {f"base-{a}": st.n(f"base-{a}") for a in base_arms}
+    data = {label: _arm_values(workspace, run, k, cfg.metric) for label, run in runs.items()}
+    for label, run in runs.items():
+        rep = report_run(workspace, run)
+        ids, by_task = data[label]
+        per_arm[label] = {
+            "run": run, "tasks": len(ids), "success_per_trial": rep.success_per_trial,
+            "score_per_trial": rep.score_per_trial, "f1_per_trial": rep.f1_per_trial,
+            f"mean_{cfg.metric}_last": sum(value_at(by_task[t], k, cfg.metric) for t in ids) / max(1, len(ids)),
+            "sensitivity": rep.sensitivity, "diagnostic": rep.diagnostic}
+    frozen_ids, frozen = data["frozen"]
+    comparisons: dict[str, Any] = {}
+    for label in runs:
+        if label == "frozen" or label.startswith("base-"):
+            continue
+        ids, by_task = data[label]
+        common = [t for t in frozen_ids if t in by_task]
+        comparisons[label] = {
+            "mean_" + cfg.metric: paired_mean_difference([value_at(by_task[t], k, cfg.metric) for t in common],
+                                                         [value_at(frozen[t], k, cfg.metric) for t in common],
+                                                         cfg.bootstrap, cfg.seed),
+            "success_per_trial": [paired([solved_by(by_task[t], j) for t in common],
+                                         [solved_by(frozen[t], j) for t in common], trial=j).to_json()
+                                  for j in range(1, k + 1)]}
+    key = f"mean_{cfg.metric}_last"
+
+    def headroom(prefix: str) -> float | None:
+        a, b = per_arm.get(f"{prefix}oracle"), per_arm.get(f"{prefix}none")
+        return round(a[key] - b[key], 4) if a and b else None
+
+    curve = learning_curve(workspace.checkpoint_dir("ppo", st.n("ppo")))
+    trained = "ppo" if "ppo" in comparisons else next((a for a in ("sft",) if a in comparisons), None)
+    main = comparisons.get(trained, {}).get("mean_" + cfg.metric, {}) if trained else {}
+    summary = {
+        "env": cfg.env, "created_at": now_iso(), "metric": cfg.metric, "reward_metric": cfg.reward_metric,
+        "train_tasks": _tasks(workspace, st.n("train-frozen")), "eval_tasks": per_arm["frozen"]["tasks"],
+        "eval_trials": k, "steps": len([r for r in curve if "reward" in r]), "actor": st.actor_spec,
+        "trained_minus_frozen": main.get("difference"), "ci_low": main.get("ci_low"), "ci_high": main.get("ci_high"),
+        "oracle_headroom": {"tuned": headroom(""), "base": headroom("base-")},
+        "sensitivity": {a: (per_arm[a]["sensitivity"] or {}).get("changed_share") for a in per_arm},
+        "arms": per_arm, "comparisons": comparisons, "reflector_data": reflector_info, "curve": curve,
+        "config": {k_: v for k_, v in cfg.__dict__.items()},
+    }
+    summary["verdict"] = verdict(summary)
+    return summary
+
+
+def _tasks(workspace: Workspace, run: str) -> int:
+    return len(workspace.read_manifest(run).get("task_ids") or [])
+
+
+def learning_curve(checkpoint: Path) -> list[dict[str, Any]]:
+    """PPO's per-step metrics (``metrics.jsonl`` of the checkpoint): step, reward, kl, frac_reward_zero_std."""
+    path = checkpoint / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    keep = ("step", "reward", "reward_std", "kl", "frac_reward_zero_std", "loss", "online/metric_delta_mean")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{k: r.get(k) for k in keep if k in r} for r in rows]
+
+
+def verdict(s: dict[str, Any]) -> dict[str, Any]:
+    """Whether trained − frozen is above 0 with its interval, and else which lever failed, in order."""
+    levers: list[str] = []
+    tuned, base = s["oracle_headroom"]["tuned"], s["oracle_headroom"]["base"]
+    if tuned is not None and tuned <= 0:
+        levers.append(f"headroom: the oracle reflection does not help the tuned actor (oracle − none = {tuned:+.3f})")
+    sens = s["sensitivity"].get("frozen")
+    if sens is not None and sens < 0.2:
+        levers.append(f"sensitivity: only {sens:.0%} of trials after a frozen reflection act differently")
+    curve = [r for r in s["curve"] if "reward" in r]
+    zero = [r["frac_reward_zero_std"] for r in curve if r.get("frac_reward_zero_std") is not None]
+    if zero and sum(zero) / len(zero) > 0.5:
+        levers.append(f"reward variance: {sum(zero) / len(zero):.0%} of GRPO groups had the same reward for every "
+                      "reflection (no signal)")
+    kls = [r["kl"] for r in curve if r.get("kl") is not None]
+    if kls and max(kls) < 1e-3:
+        levers.append(f"KL: the policy barely moved from the reference (max KL {max(kls):.2g})")
+    if s["steps"] < 50:
+        levers.append(f"steps: {s['steps']} GRPO steps")
+    helped = s["ci_low"] is not None and s["ci_low"] > 0
+    return {"target_met": bool(helped), "levers": [] if helped else levers,
+            "headroom_base": base, "headroom_tuned": tuned}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _png_base64(fig: Any) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def curve_figure(curve: list[dict[str, Any]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    for ax, key, title in zip(axes, ("reward", "kl", "frac_reward_zero_std"),
+                              ("reward (Δ metric)", "KL to reference", "groups with zero reward variance")):
+        pts = [(r["step"], r[key]) for r in curve if r.get(key) is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.set_title(title)
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def write_report(cfg: LearningConfig, workspace: Workspace, s: dict[str, Any]) -> Path:
+    """``reports/<name>/learning.html`` (self-contained) and ``learning_curve.png`` beside it."""
+    import html
+
+    from retroformer_cli.stages.evaluate import figure, report_run
+
+    out_dir = workspace.root / "reports" / cfg.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curve_png = ""
+    if s["curve"]:
+        fig = curve_figure(s["curve"])
+        fig.savefig(out_dir / "learning_curve.png", dpi=110, bbox_inches="tight")
+        curve_png = _png_base64(fig)
+    arms_fig = figure([report_run(workspace, a["run"]) for a in s["arms"].values()])
+    arms_png = _png_base64(arms_fig)
+    key = f"mean_{cfg.metric}_last"
+    e = html.escape
+
+    def pct(x: Any) -> str:
+        return "–" if x is None else f"{x:.3f}"
+
+    rows = "".join(
+        f"<tr><td>{e(label)}{' <b>(diagnostic)</b>' if a['diagnostic'] else ''}</td><td>{a['tasks']}</td>"
+        f"<td>{' / '.join(f'{v:.1%}' for v in a['success_per_trial'])}</td>"
+        f"<td>{' / '.join(f'{v:.3f}' for v in (a['f1_per_trial'] or a['score_per_trial']))}</td>"
+        f"<td>{a[key]:.3f}</td><td>{pct((a['sensitivity'] or {}).get('changed_share'))}</td>"
+        f"<td>{pct((a['sensitivity'] or {}).get('score_change_after_reflection'))}</td></tr>"
+        for label, a in s["arms"].items())
+    comp = "".join(
+        f"<tr><td>{e(label)} − frozen</td><td>{c['mean_' + cfg.metric]['difference']:+.3f}</td>"
+        f"<td>[{c['mean_' + cfg.metric]['ci_low']:+.3f}, {c['mean_' + cfg.metric]['ci_high']:+.3f}]</td>"
+        f"<td>{c['mean_' + cfg.metric].get('won', 0)} / {c['mean_' + cfg.metric].get('lost', 0)}</td>"
+        + "".join(f"<td>{p['difference']:+.1%} [{p['ci_low']:+.1%}, {p['ci_high']:+.1%}] p={p['p_value']:.2f}</td>"
+                  for p in c["success_per_trial"]) + "</tr>"
+        for label, c in s["comparisons"].items())
+    v = s["verdict"]
+    levers = "".join(f"<li>{e(x)}</li>" for x in v["levers"]) or "<li>none</li>"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Does training help? {e(cfg.name)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
+<h1>Does training help? ({e(s['env'])}, {e(cfg.name)})</h1>
+<p>Actor <code>{e(s['actor'])}</code>; {s['train_tasks']} train-split tasks, {s['eval_tasks']} held-out eval-split tasks,
+{s['eval_trials']} trials; {s['steps']} GRPO steps with reward Δ{e(s['reward_metric'])}. Compared metric: mean
+{e(cfg.metric)} at trial {s['eval_trials']}.</p>
+<h2>Verdict</h2><p><b>trained − frozen = {pct(s['trained_minus_frozen'])}</b>, 95% interval
+[{pct(s['ci_low'])}, {pct(s['ci_high'])}]: target {'met' if v['target_met'] else 'not met'}.
+Oracle headroom (oracle − none): tuned actor {pct(v['headroom_tuned'])}, base actor {pct(v['headroom_base'])}.</p>
+<p>Levers that failed:</p><ul>{levers}</ul>
+<h2>Arms (held-out tasks)</h2><table><tr><th>arm</th><th>tasks</th><th>success per trial</th><th>{e(cfg.metric)} per trial</th>
+<th>mean {e(cfg.metric)} at last trial</th><th>changed after reflection</th><th>score change after reflection</th></tr>{rows}</table>
+<h2>Paired comparisons against frozen</h2><table><tr><th>arm</th><th>Δ mean {e(cfg.metric)}</th><th>95% bootstrap CI</th>
+<th>tasks won / lost</th>{''.join(f'<th>Δ success trial {j}</th>' for j in range(1, s['eval_trials'] + 1))}</tr>{comp}</table>
+<h2>Success per trial</h2><img src="data:image/png;base64,{arms_png}" alt="success per trial">
+<h2>Learning curve (PPO)</h2>{f'<img src="data:image/png;base64,{curve_png}" alt="learning curve">' if curve_png else '<p>no PPO metrics</p>'}
+<h2>Stage timings (s)</h2><pre>{e(json.dumps(s.get('timings_s', {}), indent=1))}</pre>
+<h2>Reflector training data</h2><pre>{e(json.dumps(s['reflector_data'], indent=1))}</pre>
+</body></html>"""
+    path = out_dir / "learning.html"
+    path.write_text(page, encoding="utf-8")
+    return path
