@@ -136,5 +136,6 @@ class Workspace:
                 "reflector": ((m.get("models") or {}).get("reflector") or {}).get("model_id"),
                 "started_at": m.get("started_at"), "finished_at": m.get("finished_at"),
                 "imported_from": (m.get("imported") or {}).get("format"),
+                "diagnostic": m.get("diagnostic"),  # an oracle reflector: not a method, never training data
             })
         return rows

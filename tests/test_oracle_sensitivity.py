@@ -149,6 +149,7 @@ def test_collect_with_oracle_reflector_writes_the_hint_into_trial_2(workspace):
     manifest = workspace.read_manifest("orc")
     assert manifest["diagnostic"] == "oracle"
     assert manifest["models"]["reflector"]["diagnostic"] == "oracle"
+    assert [r["diagnostic"] for r in workspace.list_runs()] == ["oracle"]  # `runs` labels it too
     assert manifest["models"]["reflector"]["backend"] == "oracle"
 
     data = evaluate.run(workspace, ["orc"])

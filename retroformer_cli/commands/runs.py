@@ -37,7 +37,9 @@ def runs_(ctx: typer.Context) -> None:
         table.add_column(col)
     for r in rows:
         table.add_row(r["run"], str(r["env"]), str(r["status"]), str(r["trials_written"]), console.short_model_id(r["actor"]) or "-",
-                      console.short_model_id(r["reflector"]) or "none", str(r["started_at"] or "imported"))
+                      (console.short_model_id(r["reflector"]) or "none")
+                      + (f" (diagnostic: {r['diagnostic']})" if r.get("diagnostic") else ""),
+                      str(r["started_at"] or "imported"))
     console.stdout.print(table)
 
 
