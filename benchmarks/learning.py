@@ -44,7 +44,9 @@ def main() -> None:
     overrides.update(data=data, **({"name": args.name} if args.name else {}),
                      actor_import_reflexion=[str(ROOT.parent / "shared" / "data" / "hotpotqa" / "reflexion_logs" / "trials.jsonl")])
     cfg = build_config(LearningConfig, args.config, overrides)
-    s = run(cfg, Workspace.open(args.workspace))
+    from retroformer_cli import console
+
+    s = run(cfg, Workspace.open(args.workspace), progress=console.RichProgress())
     for label, arm in s["arms"].items():
         print(f"{label:>18}: success/trial {['%.3f' % v for v in arm['success_per_trial']]}, "
               f"mean {s['metric']} at trial {s['eval_trials']} {arm['mean_' + s['metric'] + '_last']:.3f}", file=sys.stderr)

@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             load_yaml(args.config)  # one clear error for a missing or malformed file
         cfg = build_config(LearningConfig, args.config, overrides)
-        summary = run(cfg, Workspace.open(args.workspace))
+        from retroformer_cli import console
+
+        summary = run(cfg, Workspace.open(args.workspace), progress=console.RichProgress())
     except RetroformerError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)

@@ -80,3 +80,11 @@ def test_bad_arms_are_refused(workspace):
         run(LearningConfig(arms=["ppo"]), workspace)
     with pytest.raises(UsageError, match="Unknown arm"):
         run(LearningConfig(arms=["frozen", "magic"]), workspace)
+
+
+def test_a_lever_experiment_reuses_what_does_not_depend_on_the_reflector(workspace):
+    st = _Stages(LearningConfig(name="lever2", reuse="base"), workspace, None)
+    assert st.actor_spec == "workspace:sft/base-actor"
+    assert st.shared("train-frozen") == "base-train-frozen" and st.shared("ratings") == "base-ratings"
+    assert st.eval_run("frozen") == "base-eval-frozen" and st.eval_run("oracle") == "base-eval-oracle"
+    assert st.eval_run("ppo") == "lever2-eval-ppo" and st.reflector_spec("ppo") == "workspace:ppo/lever2-ppo"

@@ -46,6 +46,9 @@ class LearningConfig:
     env: str = field(default="hotpotqa", metadata={"help": "environment"})
     data: str | None = field(default=None, metadata={"help": "the env's data (as for collect)"})
     name: str = field(default="learning", metadata={"help": "prefix of every run, dataset and checkpoint it writes"})
+    reuse: str | None = field(default=None, metadata={
+        "help": "an earlier experiment's name: reuse its tuned actor, training run, ratings and the arms that do not "
+                "depend on the trained reflector (a lever that only changes the reflector's training)"})
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
     threads: int | None = field(default=None, metadata={"help": "torch threads of every stage"})
     concurrency: int = field(default=8, metadata={"help": "episodes at once (collect and online replays)"})
@@ -141,9 +144,15 @@ class _Stages:
         self.say(f"{label} done in {self.timings[label]:.0f} s")
         return out
 
-    # names
+    # names: this experiment's own outputs, and those shared with the one it reuses
     def n(self, suffix: str) -> str:
         return f"{self.cfg.name}-{suffix}"
+
+    def shared(self, suffix: str) -> str:
+        return f"{self.cfg.reuse or self.cfg.name}-{suffix}"
+
+    def eval_run(self, arm: str) -> str:
+        return self.n(f"eval-{arm}") if arm in ("sft", "ppo") else self.shared(f"eval-{arm}")
 
     @property
     def tuned(self) -> bool:
@@ -151,7 +160,7 @@ class _Stages:
 
     @property
     def actor_spec(self) -> str:
-        return f"workspace:sft/{self.n('actor')}" if self.tuned else self.cfg.actor_base
+        return f"workspace:sft/{self.shared('actor')}" if self.tuned else self.cfg.actor_base
 
     def reflector_spec(self, arm: str) -> str:
         return {"none": "none", "frozen": self.cfg.reflector_base, "sft": f"workspace:sft/{self.n('reflector')}",
@@ -162,22 +171,22 @@ class _Stages:
 
     # 1
     def actor(self) -> None:
-        if not self.tuned or self.done("sft", self.n("actor")):
+        if not self.tuned or self.done("sft", self.shared("actor")):
             return
         from retroformer_cli.stages import actor_data, sft
         from retroformer_cli.stages.train_common import LoraSettings
 
         c = self.cfg
-        if not (self.ws.datasets_dir / self.n("actor") / "manifest.json").is_file():
+        if not (self.ws.datasets_dir / self.shared("actor") / "manifest.json").is_file():
             self.timed("actor data", actor_data.build, actor_data.ActorDataConfig(
-                env=c.env, data=c.data, name=self.n("actor"), import_reflexion=list(c.actor_import_reflexion),
+                env=c.env, data=c.data, name=self.shared("actor"), import_reflexion=list(c.actor_import_reflexion),
                 expert=c.actor_expert, expert_reflection_share=c.actor_expert_reflection_share, seed=c.seed), self.ws)
         self.timed("actor sft", sft.run, sft.SFTStageConfig(
-            dataset=self.n("actor"), role="actor", base=c.actor_base, name=self.n("actor"), max_steps=c.actor_sft_steps,
+            dataset=self.shared("actor"), role="actor", base=c.actor_base, name=self.shared("actor"), max_steps=c.actor_sft_steps,
             batch_size=c.actor_sft_batch_size, learning_rate=c.actor_sft_learning_rate, max_length=2048,
             threads=c.threads, seed=c.seed, eval=False, save_steps=max(10, c.actor_sft_steps),
             lora=LoraSettings(r=c.actor_lora_r, alpha=2 * c.actor_lora_r, target_modules=list(c.actor_lora_targets))),
-            self.ws, resume=self.ws.checkpoints_dir.joinpath("sft", f".work-{self.n('actor')}").is_dir(),
+            self.ws, resume=self.ws.checkpoints_dir.joinpath("sft", f".work-{self.shared('actor')}").is_dir(),
             progress=self.progress)
 
     # 2 and 4
@@ -202,9 +211,9 @@ class _Stages:
 
         c = self.cfg
         info: dict[str, Any] = {}
-        ratings = self.n("ratings")
+        ratings = self.shared("ratings")
         if not (self.ws.datasets_dir / ratings / "manifest.json").is_file():
-            self.timed("ratings", datasets.build, datasets.DatasetConfig(name=ratings, runs=[self.n("train-frozen")]),
+            self.timed("ratings", datasets.build, datasets.DatasetConfig(name=ratings, runs=[self.shared("train-frozen")]),
                        self.ws)
         counts = datasets.read_manifest(self.ws, ratings).get("counts", {})
         info["ratings"] = {k: counts.get(k) for k in ("ratings", "positive", "zero", "negative", "sft.train",
@@ -249,14 +258,14 @@ def run(cfg: LearningConfig, workspace: Workspace, progress: Any = None) -> dict
     st = _Stages(cfg, workspace, progress)
     t0 = time.perf_counter()
     st.actor()
-    st.collect(st.n("train-frozen"), cfg.reflector_base, "train", cfg.train_tasks, cfg.train_trials, st.tuned)
+    st.collect(st.shared("train-frozen"), cfg.reflector_base, "train", cfg.train_tasks, cfg.train_trials, st.tuned)
     reflector_info = st.reflector()
     arms = [a for a in cfg.arms if a != "sft" or reflector_info["reflector_sft"]]
     for arm in arms:
-        st.collect(st.n(f"eval-{arm}"), st.reflector_spec(arm), "eval", cfg.eval_tasks, cfg.eval_trials, st.tuned)
+        st.collect(st.eval_run(arm), st.reflector_spec(arm), "eval", cfg.eval_tasks, cfg.eval_trials, st.tuned)
     base_arms = list(cfg.base_arms) if st.tuned else []
     for arm in base_arms:
-        st.collect(st.n(f"base-{arm}"), st.reflector_spec(arm), "eval", cfg.eval_tasks, cfg.eval_trials, False)
+        st.collect(st.shared(f"base-{arm}"), st.reflector_spec(arm), "eval", cfg.eval_tasks, cfg.eval_trials, False)
     summary = summarize(cfg, workspace, st, arms, base_arms, reflector_info)
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     summary["timings_s"] = st.timings
@@ -284,7 +293,7 @@ def summarize(cfg: LearningConfig, workspace: Workspace, st: _Stages, arms: list
 
     k = cfg.eval_trials
     per_arm: dict[str, dict[str, Any]] = {}
-    runs = {a: st.n(f"eval-{a}") for a in arms} | {f"base-{a}": st.n(f"base-{a}") for a in base_arms}
+    runs = {a: st.eval_run(a) for a in arms} | {f"base-{a}": st.shared(f"base-{a}") for a in base_arms}
     data = {label: _arm_values(workspace, run) for label, run in runs.items()}
     for label, run in runs.items():
         rep = report_run(workspace, run)
@@ -319,7 +328,7 @@ def summarize(cfg: LearningConfig, workspace: Workspace, st: _Stages, arms: list
     main = comparisons.get(trained, {}).get("mean_" + cfg.metric, {}) if trained else {}
     summary = {
         "env": cfg.env, "created_at": now_iso(), "metric": cfg.metric, "reward_metric": cfg.reward_metric,
-        "train_tasks": _tasks(workspace, st.n("train-frozen")), "eval_tasks": per_arm["frozen"]["tasks"],
+        "train_tasks": _tasks(workspace, st.shared("train-frozen")), "eval_tasks": per_arm["frozen"]["tasks"],
         "eval_trials": k, "steps": len([r for r in curve if "reward" in r]), "actor": st.actor_spec,
         "trained_minus_frozen": main.get("difference"), "ci_low": main.get("ci_low"), "ci_high": main.get("ci_high"),
         "oracle_headroom": {"tuned": headroom(""), "base": headroom("base-")},
