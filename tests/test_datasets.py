@@ -227,3 +227,16 @@ def test_shared_reflexion_logs_text_and_jsonl_agree():
     b, _ = importers.import_reflexion(root / "original")
     assert len(a) == len(b) > 100
     assert {(r["trial"], r["reflection"], r["rating"]) for r in a} == {(r["trial"], r["reflection"], r["rating"]) for r in b}
+
+
+def test_sft_on_rating_f1_keeps_reflections_whose_f1_improved(workspace):
+    write_run(workspace, "r1", hand_built())
+    D.build(D.DatasetConfig(runs=["r1"], val_fraction=0.0, name="f1", sft_on="rating_f1"), workspace)
+    sft = D.read_split(workspace, "f1", "sft", "train")
+    # "Plan A." (EM 0 -> 0, F1 0 -> 0.5) improves only by F1; "Plan B." (F1 0.5 -> 0.2) does not
+    assert "Plan A." in {r["completion"][0]["content"] for r in sft}
+    assert "Plan B." not in {r["completion"][0]["content"] for r in sft}
+    D.build(D.DatasetConfig(runs=["r1"], val_fraction=0.0, name="em"), workspace)
+    assert "Plan A." not in {r["completion"][0]["content"] for r in D.read_split(workspace, "em", "sft", "train")}
+    with pytest.raises(UsageError, match="sft_on"):
+        D.build(D.DatasetConfig(runs=["r1"], name="bad", sft_on="bogus"), workspace)

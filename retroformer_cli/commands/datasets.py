@@ -16,7 +16,7 @@ app = command_app(no_args_is_help=True)
 DATASET_FLAGS = (
     Flag("runs", ("-r",), name="--run"), Flag("import_tsv", cli_type=List[Path]),
     Flag("import_reflexion", cli_type=List[Path]), Flag("name"), Flag("val_fraction"), Flag("pair_scope"),
-    Flag("max_pairs_per_task"), Flag("min_rating_gap"), Flag("pair_on"),
+    Flag("max_pairs_per_task"), Flag("min_rating_gap"), Flag("pair_on"), Flag("sft_on"),
 )
 
 

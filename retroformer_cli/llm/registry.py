@@ -61,6 +61,8 @@ class BackendSpec:
 
 BUILTIN: tuple[BackendSpec, ...] = (
     BackendSpec("none", "none", f"{_HERE}:resolve_none", f"{_HERE}:no_client", order=0, usage="none"),
+    BackendSpec("rule", "rule", f"{_HERE}:resolve_rule", f"{_HERE}:rule_client", order=6,
+                usage="rule (reflector only: plans searches from the failed trial, no model)"),
     BackendSpec("oracle", "oracle", f"{_HERE}:resolve_oracle", f"{_HERE}:oracle_client", order=5,
                 usage="oracle | oracle-leak (reflector only, diagnostics)"),
     BackendSpec("embedded", "hf", f"{_HERE}:resolve_embedded", f"{_HERE}:hf_client", order=10, in_process=True,
@@ -132,6 +134,21 @@ def resolve_oracle(text: str, cfg: Any, workspace: Any, option: str) -> str | No
         raise UsageError(f"'{text}' ({option}) is a diagnostic reflector that writes from the gold data; "
                          "it can only be the reflector (--reflector).")
     return name
+
+
+def resolve_rule(text: str, cfg: Any, workspace: Any, option: str) -> str | None:
+    """``rule``: the model-free reflector of :mod:`retroformer_cli.agents.rule_reflector`."""
+    if text.lower() != "rule":
+        return None
+    if option != "--reflector":
+        raise UsageError(f"'{text}' ({option}) is a model-free reflector; it can only be the reflector (--reflector).")
+    return "rule"
+
+
+def rule_client(target: str, cfg: Any, workspace: Any, option: str) -> "LLMClient":
+    from retroformer_cli.agents.rule_reflector import RuleReflector
+
+    return RuleReflector()  # type: ignore[return-value]
 
 
 def oracle_client(target: str, cfg: Any, workspace: Any, option: str) -> "LLMClient":

@@ -73,6 +73,9 @@ class DatasetConfig:
     min_rating_gap: float = field(default=0.0, metadata={"help": "pairs need |rating difference| > this"})
     pair_on: str = field(default="rating", metadata={
         "help": "rating | rating_f1: the value that orders a pair (rating_f1 falls back to rating where it is null)"})
+    sft_on: str = field(default="rating", metadata={
+        "help": "rating | rating_f1: SFT keeps reflections whose value is above 0 (rating_f1 falls back to rating "
+                "where it is null)"})
     seed: int = 0
 
 
@@ -110,10 +113,16 @@ def rate_trials(trials: Iterable[Any], source: str) -> tuple[list[dict[str, Any]
 
 
 # --- derived sets --------------------------------------------------------------------------------------------
-def _sft_rows(ratings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _value(r: dict[str, Any], key: str) -> float:
+    """A rating row's ``rating`` or ``rating_f1`` (the latter falls back to ``rating`` where it is null)."""
+    v = r.get(key)
+    return float(r["rating"] if v is None else v)
+
+
+def _sft_rows(ratings: list[dict[str, Any]], on: str = "rating") -> list[dict[str, Any]]:
     return [{"prompt": strip_prefill(r["prompt"]), "completion": completion(r["reflection"]),
-             "task_id": r["task_id"], "rating": r["rating"], "split": r["split"]}
-            for r in ratings if r["rating"] > 0]
+             "task_id": r["task_id"], "rating": _value(r, on), "split": r["split"]}
+            for r in ratings if _value(r, on) > 0]
 
 
 def _pair_rows(ratings: list[dict[str, Any]], cfg: DatasetConfig) -> list[dict[str, Any]]:
@@ -124,8 +133,7 @@ def _pair_rows(ratings: list[dict[str, Any]], cfg: DatasetConfig) -> list[dict[s
     rng = random.Random(cfg.seed)
 
     def value(r: dict[str, Any]) -> float:
-        v = r.get(cfg.pair_on)
-        return float(r["rating"] if v is None else v)
+        return _value(r, cfg.pair_on)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in ratings:
         key = (r["split"], r["env"], r["task_id"]) if cfg.pair_scope == "task" else (r["split"], r["env"], r["source"])
@@ -229,7 +237,9 @@ def build(cfg: DatasetConfig, workspace: Workspace) -> DatasetResult:
     for r in ratings:
         r["split"] = split_of(r["task_id"], cfg.val_fraction, salt=SPLIT_SALT, names=SPLIT_NAMES)
         r.setdefault("rating_metric", "score")  # files say what `rating` measures (ppo --reward-metric's names)
-    sets = {"sft": _sft_rows(ratings), "pairs": _pair_rows(ratings, cfg), "prompts": _prompt_rows(ratings)}
+    if cfg.sft_on not in ("rating", "rating_f1"):
+        raise UsageError(f"sft_on must be 'rating' or 'rating_f1', not '{cfg.sft_on}' (--sft-on).")
+    sets = {"sft": _sft_rows(ratings, cfg.sft_on), "pairs": _pair_rows(ratings, cfg), "prompts": _prompt_rows(ratings)}
 
     dest = workspace.datasets_dir / cfg.name
     counts: dict[str, Any] = {}

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 from retroformer_cli.errors import UsageError
 from retroformer_cli.workspace import Workspace, now_iso
 
-ARMS = ("none", "frozen", "sft", "ppo", "oracle", "oracle-leak")
+ARMS = ("none", "frozen", "rule", "sft", "ppo", "oracle", "oracle-leak")
 BASE_ARMS = ("none", "oracle", "oracle-leak")
 METRICS = ("score", "f1")
 
@@ -73,6 +73,9 @@ class LearningConfig:
     # 3. the reflector
     reflector_base: str = field(default="embedded", metadata={"help": "the reflector's base (frozen arm and training)"})
     reflector_sft_steps: int = field(default=10, metadata={"help": "reflector SFT steps on improving reflections (0: skip)"})
+    warm_start: str = field(default="none", metadata={
+        "help": "none: the reflector's SFT data are the frozen reflector's improving reflections | rule: the model-free "
+                "rule reflector also plays the train split, and its reflections whose F1 improved are the SFT data"})
     ppo_steps: int = field(default=12, metadata={"help": "GRPO steps with the online reward"})
     num_generations: int = field(default=4, metadata={"help": "reflections per prompt (the GRPO group)"})
     prompts_per_step: int = field(default=2, metadata={"help": "prompts per GRPO step"})
@@ -163,7 +166,7 @@ class _Stages:
         return f"workspace:sft/{self.shared('actor')}" if self.tuned else self.cfg.actor_base
 
     def reflector_spec(self, arm: str) -> str:
-        return {"none": "none", "frozen": self.cfg.reflector_base, "sft": f"workspace:sft/{self.n('reflector')}",
+        return {"none": "none", "frozen": self.cfg.reflector_base, "sft": f"workspace:sft/{self.n('reflector')}", "rule": "rule",
                 "ppo": f"workspace:ppo/{self.n('ppo')}", "oracle": "oracle", "oracle-leak": "oracle-leak"}[arm]
 
     def done(self, stage: str, name: str) -> bool:
@@ -215,13 +218,22 @@ class _Stages:
         if not (self.ws.datasets_dir / ratings / "manifest.json").is_file():
             self.timed("ratings", datasets.build, datasets.DatasetConfig(name=ratings, runs=[self.shared("train-frozen")]),
                        self.ws)
+        sft_data = ratings
+        if c.warm_start == "rule":  # improving reflections of the model-free rule reflector on train tasks
+            self.collect(self.shared("train-rule"), "rule", "train", c.train_tasks, c.train_trials, self.tuned)
+            sft_data = self.shared("ratings-rule")
+            if not (self.ws.datasets_dir / sft_data / "manifest.json").is_file():
+                self.timed("ratings (rule)", datasets.build, datasets.DatasetConfig(
+                    name=sft_data, runs=[self.shared("train-rule")], sft_on="rating_f1", val_fraction=0.0), self.ws)
         counts = datasets.read_manifest(self.ws, ratings).get("counts", {})
         info["ratings"] = {k: counts.get(k) for k in ("ratings", "positive", "zero", "negative", "sft.train",
                                                        "prompts.train")}
-        sft_ok = c.reflector_sft_steps > 0 and (counts.get("sft.train") or 0) > 0
+        sft_counts = datasets.read_manifest(self.ws, sft_data).get("counts", {})
+        info["sft_data"] = {"dataset": sft_data, "rows": sft_counts.get("sft.train")}
+        sft_ok = c.reflector_sft_steps > 0 and (sft_counts.get("sft.train") or 0) > 0
         if sft_ok and not self.done("sft", self.n("reflector")):
             self.timed("reflector sft", sft.run, sft.SFTStageConfig(
-                dataset=ratings, base=c.reflector_base, name=self.n("reflector"), max_steps=c.reflector_sft_steps,
+                dataset=sft_data, base=c.reflector_base, name=self.n("reflector"), max_steps=c.reflector_sft_steps,
                 threads=c.threads, seed=c.seed, eval=False), self.ws, progress=self.progress)
         info["reflector_sft"] = sft_ok
         if not self.done("ppo", self.n("ppo")):
@@ -243,6 +255,8 @@ def _check(cfg: LearningConfig) -> None:
             raise UsageError(f"Unknown arm '{arm}': choose from {', '.join(ARMS)} (arms / base_arms).")
     if "frozen" not in cfg.arms:
         raise UsageError("The arms must include 'frozen': every comparison is against it (arms).")
+    if cfg.warm_start not in ("none", "rule"):
+        raise UsageError(f"Unknown warm_start '{cfg.warm_start}': choose none or rule (warm_start).")
     if cfg.metric not in METRICS:
         raise UsageError(f"Unknown metric '{cfg.metric}' (metric): choose score or f1.")
     if cfg.eval_trials < 2 or cfg.train_trials < 2:
