@@ -88,3 +88,13 @@ def test_a_lever_experiment_reuses_what_does_not_depend_on_the_reflector(workspa
     assert st.shared("train-frozen") == "base-train-frozen" and st.shared("ratings") == "base-ratings"
     assert st.eval_run("frozen") == "base-eval-frozen" and st.eval_run("oracle") == "base-eval-oracle"
     assert st.eval_run("ppo") == "lever2-eval-ppo" and st.reflector_spec("ppo") == "workspace:ppo/lever2-ppo"
+
+
+def test_a_stage_in_its_own_process_returns_its_result_and_raises_its_errors():
+    import math
+
+    from retroformer_cli.stages.learning import _in_child
+
+    assert _in_child(math.sqrt, (16.0,), {}, None) == 4.0
+    with pytest.raises(ValueError):
+        _in_child(math.sqrt, (-1.0,), {}, None)

@@ -52,6 +52,7 @@ class LearningConfig:
     seed: int = field(default=0, metadata={"help": "seed of every stage"})
     threads: int | None = field(default=None, metadata={"help": "torch threads of every stage"})
     concurrency: int = field(default=8, metadata={"help": "episodes at once (collect and online replays)"})
+    isolate: bool = field(default=True, metadata={"help": "run each stage that loads a model in its own process"})
     # 1. the actor
     actor_base: str = field(default="embedded", metadata={"help": "the actor's base model"})
     actor_sft_steps: int = field(default=80, metadata={"help": "actor SFT steps (0: use the base actor with few-shot prompts)"})
@@ -131,6 +132,33 @@ def solved_by(trials_by_k: dict[int, Any], k: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ the stages
+def _child_main(fn: Any, args: tuple, kwargs: dict, rich: bool) -> Any:
+    from retroformer_cli.stages.train_common import quiet_transformers
+
+    quiet_transformers()  # a fresh process: no load bars or deprecation notices on stderr
+    if "progress" in kwargs:
+        from retroformer_cli.stages.common.progress import NullProgress
+
+        if rich:
+            from retroformer_cli import console
+
+            kwargs["progress"] = console.RichProgress()
+        else:
+            kwargs["progress"] = NullProgress()
+    return fn(*args, **kwargs)
+
+
+def _in_child(fn: Any, args: tuple, kwargs: dict, progress: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a spawned process (its result and exceptions come back pickled)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    rich = type(progress).__name__ == "RichProgress"
+    kwargs = {k: (None if k == "progress" else v) for k, v in kwargs.items()}
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_child_main, fn, args, kwargs, rich).result()
+
+
 class _Stages:
     def __init__(self, cfg: LearningConfig, workspace: Workspace, progress: Any):
         self.cfg, self.ws, self.progress = cfg, workspace, progress
@@ -139,10 +167,12 @@ class _Stages:
     def say(self, msg: str) -> None:
         print(f"[learning {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    def timed(self, label: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def timed(self, label: str, fn: Any, *args: Any, isolate: bool = False, **kwargs: Any) -> Any:
+        """Run one stage; ``isolate`` runs it in a fresh process (stages that load models: memory a trainer held
+        goes back to the system when the stage ends, instead of piling up over the experiment)."""
         t0 = time.perf_counter()
         self.say(f"{label} ...")
-        out = fn(*args, **kwargs)
+        out = _in_child(fn, args, kwargs, self.progress) if isolate and self.cfg.isolate else fn(*args, **kwargs)
         self.timings[label] = round(time.perf_counter() - t0, 1) + self.timings.get(label, 0.0)
         self.say(f"{label} done in {self.timings[label]:.0f} s")
         return out
@@ -190,7 +220,7 @@ class _Stages:
             threads=c.threads, seed=c.seed, eval=False, save_steps=max(10, c.actor_sft_steps),
             lora=LoraSettings(r=c.actor_lora_r, alpha=2 * c.actor_lora_r, target_modules=list(c.actor_lora_targets))),
             self.ws, resume=self.ws.checkpoints_dir.joinpath("sft", f".work-{self.shared('actor')}").is_dir(),
-            progress=self.progress)
+            progress=self.progress, isolate=True)
 
     # 2 and 4
     def collect(self, run: str, reflector: str, split: str, tasks: int | None, trials: int, tuned: bool) -> None:
@@ -206,7 +236,7 @@ class _Stages:
                             actor=ModelConfig(model=self.actor_spec if tuned else c.actor_base,
                                               max_tokens=c.actor_max_tokens, threads=c.threads),
                             reflector=ModelConfig(model=reflector, max_tokens=128, threads=c.threads))
-        self.timed(f"collect {run}", collect.run, cfg, self.ws, resume=exists, progress=self.progress)
+        self.timed(f"collect {run}", collect.run, cfg, self.ws, resume=exists, progress=self.progress, isolate=True)
 
     # 3
     def reflector(self) -> dict[str, Any]:
@@ -234,7 +264,7 @@ class _Stages:
         if sft_ok and not self.done("sft", self.n("reflector")):
             self.timed("reflector sft", sft.run, sft.SFTStageConfig(
                 dataset=sft_data, base=c.reflector_base, name=self.n("reflector"), max_steps=c.reflector_sft_steps,
-                threads=c.threads, seed=c.seed, eval=False), self.ws, progress=self.progress)
+                threads=c.threads, seed=c.seed, eval=False), self.ws, progress=self.progress, isolate=True)
         info["reflector_sft"] = sft_ok
         if not self.done("ppo", self.n("ppo")):
             work = self.ws.checkpoints_dir / "ppo" / f".work-{self.n('ppo')}"
@@ -245,7 +275,7 @@ class _Stages:
                 temperature=c.temperature, max_completion_length=c.max_completion_length,
                 reward_metric=c.reward_metric, threads=c.threads, seed=c.seed, online_concurrency=c.concurrency,
                 save_steps=max(2, c.ppo_steps // 3)),
-                self.ws, progress=self.progress, resume=work.is_dir() and any(work.glob("checkpoint-*")))
+                self.ws, progress=self.progress, resume=work.is_dir() and any(work.glob("checkpoint-*")), isolate=True)
         return info
 
 
