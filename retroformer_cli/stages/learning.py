@@ -85,6 +85,9 @@ class LearningConfig:
     beta: float = field(default=0.04, metadata={"help": "KL penalty"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the reflections in GRPO"})
     max_completion_length: int = field(default=64, metadata={"help": "max tokens of a sampled reflection"})
+    ppo_max_prompt_tokens: int = field(default=1024, metadata={
+        "help": "reflection prompts longer than this are left out of GRPO (CPU attention memory grows with its square)"})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "GRPO recomputes activations (less memory)"})
     # 4. evaluation
     eval_tasks: int | None = field(default=None, metadata={"help": "eval-split tasks (all when unset)"})
     eval_trials: int = field(default=2, metadata={"help": "trials per eval task"})
@@ -224,6 +227,14 @@ class _Stages:
 
     # 2 and 4
     def collect(self, run: str, reflector: str, split: str, tasks: int | None, trials: int, tuned: bool) -> None:
+        import fcntl
+
+        self.ws.runs_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.ws.runs_dir / f".{run}.lock", "w") as lock:  # experiments sharing a run take turns
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._collect(run, reflector, split, tasks, trials, tuned)
+
+    def _collect(self, run: str, reflector: str, split: str, tasks: int | None, trials: int, tuned: bool) -> None:
         from retroformer_cli.config import CollectConfig, ModelConfig
         from retroformer_cli.stages import collect
 
@@ -274,6 +285,7 @@ class _Stages:
                 prompts_per_step=c.prompts_per_step, learning_rate=c.ppo_learning_rate, beta=c.beta,
                 temperature=c.temperature, max_completion_length=c.max_completion_length,
                 reward_metric=c.reward_metric, threads=c.threads, seed=c.seed, online_concurrency=c.concurrency,
+                max_prompt_tokens=c.ppo_max_prompt_tokens, gradient_checkpointing=c.gradient_checkpointing,
                 save_steps=max(2, c.ppo_steps // 3)),
                 self.ws, progress=self.progress, resume=work.is_dir() and any(work.glob("checkpoint-*")), isolate=True)
         return info
