@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Does training help? Runs the learning recipe (``retroformer_cli.stages.learning``) at a size chosen by flags and
-prints its figures; the last line is JSON with env, train_tasks, eval_tasks, steps, wall_s, trained_minus_frozen,
+prints its figures; the last line is JSON with env, train_tasks, eval_tasks, steps, wall_s (this invocation),
+stages_s (every stage's time, across resumes), trained_minus_frozen,
 ci_low, ci_high, oracle_headroom (base and tuned actor), sensitivity.
 
     python benchmarks/learning.py                                   # configs/learning.yaml as is (~90 min, 2 cores)
@@ -51,7 +52,7 @@ def main() -> None:
         print(f"{label:>18}: success/trial {['%.3f' % v for v in arm['success_per_trial']]}, "
               f"mean {s['metric']} at trial {s['eval_trials']} {arm['mean_' + s['metric'] + '_last']:.3f}", file=sys.stderr)
     print(f"report: {s['report']}", file=sys.stderr)
-    keys = ("env", "train_tasks", "eval_tasks", "steps", "wall_s", "trained_minus_frozen", "ci_low", "ci_high",
+    keys = ("env", "train_tasks", "eval_tasks", "steps", "wall_s", "stages_s", "trained_minus_frozen", "ci_low", "ci_high",
             "oracle_headroom", "sensitivity", "metric", "reward_metric", "verdict")
     print(json.dumps({k: s.get(k) for k in keys}))
 

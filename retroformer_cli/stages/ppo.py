@@ -296,7 +296,11 @@ def _save(cfg: PPOStageConfig, trainer: Any, tokenizer: Any, result: PPOResult, 
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
 
     def write(tmp: Path) -> None:
-        peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
+        import warnings
+
+        with warnings.catch_warnings():  # peft cannot read a config of the base 'embedded' (a name, not a folder)
+            warnings.filterwarnings("ignore", message=".*Could not find a config file.*", category=UserWarning)
+            peft_model.save_pretrained(str(tmp), selected_adapters=["default"])
         tc.fix_adapter_base(tmp, base)
         tokenizer.save_pretrained(str(tmp))
         tc.write_metrics_jsonl(tmp, trainer.state.log_history)
