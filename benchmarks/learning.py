@@ -34,7 +34,7 @@ SIZES = ("train_tasks", "eval_tasks", "ppo_steps", "actor_sft_steps", "reflector
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "learning.yaml")
-    p.add_argument("--workspace", type=Path, default=ROOT / "bench-workspace" / "learning")
+    p.add_argument("--workspace", type=Path, default=ROOT / "retroformer-workspace")
     p.add_argument("--name", default=None, help="experiment name (prefix of its runs and checkpoints)")
     p.add_argument("--data", default=None, help="env data (default: the config's, relative to the repository)")
     for key in SIZES:
