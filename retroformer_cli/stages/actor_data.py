@@ -95,9 +95,12 @@ def reflexion_episodes(path: str | Path, memory_size: int) -> list[Episode]:
     p = Path(path)
     if not p.exists():
         raise DataError(f"Reflexion log '{p}' does not exist (--import-reflexion).")
-    files = sorted(p.glob("*.jsonl")) + sorted(p.glob("original/ReAct*.txt")) if p.is_dir() else [p]
+    if p.is_dir():  # the shared folder layout: the trials.jsonl conversion, else the ReAct text logs
+        files = sorted(p.glob("*.jsonl"))[:1] or sorted(p.glob("original/ReAct*.txt"))
+    else:
+        files = [p]
     records: list[dict[str, Any]] = []
-    for f in files[:1] if p.is_dir() and any(x.suffix == ".jsonl" for x in files) else files:
+    for f in files:
         records += read_trials_jsonl(f, ("trial", "is_correct", "reflections")) if f.suffix == ".jsonl" \
             else parse_hotpotqa_log(f)
     out, seen = [], set()
@@ -203,7 +206,7 @@ def build(cfg: ActorDataConfig, workspace: Workspace) -> ActorDataResult:
     if cfg.expert:
         ids = train_ids[: cfg.max_tasks] if cfg.max_tasks else train_ids
         episodes += expert_episodes(env, cfg.env, ids, cfg.expert_reflection_share, cfg.memory_size, rng)
-    allowed = set(train_ids)
+    allowed, known_ids = set(train_ids), set(known)
     stats: dict[str, dict[str, int]] = {}
     rows: list[dict[str, Any]] = []
     per_source_tasks: dict[str, set[str]] = {}
@@ -211,7 +214,7 @@ def build(cfg: ActorDataConfig, workspace: Workspace) -> ActorDataResult:
         s = stats.setdefault(ep.source.split(":")[0], {"episodes": 0, "eval_split_skipped": 0, "unknown_task": 0,
                                                        "failed_replay": 0, "kept": 0, "rows": 0})
         s["episodes"] += 1
-        if ep.task_id not in set(known):
+        if ep.task_id not in known_ids:
             s["unknown_task"] += 1
             continue
         if ep.task_id not in allowed:

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # a type only: the experiment module imports this one
-    from retroformer_cli.stages.learning import LearningConfig
-    from retroformer_cli.workspace import Workspace
+from typing import Any
 
 
 def _png_base64(fig: Any) -> str:
@@ -40,7 +36,9 @@ def curve_figure(curve: list[dict[str, Any]]) -> Any:
     return fig
 
 
-def write_report(cfg: "LearningConfig", workspace: "Workspace", s: dict[str, Any]) -> Path:
+def write_report(cfg: Any, workspace: Any, s: dict[str, Any]) -> Path:
+    """``cfg`` is the experiment's LearningConfig and ``workspace`` its Workspace (untyped here: this module sits
+    below :mod:`retroformer_cli.stages.learning` and imports nothing from it)."""
     """``reports/<name>/learning.html`` (self-contained) and ``learning_curve.png`` beside it."""
     import html
 
