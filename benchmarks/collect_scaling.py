@@ -72,7 +72,7 @@ def write_questions(path: Path, n: int) -> None:
 
 
 def start_server(delay: float) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "retroformer_cli.llm.fake_server", "--port", "0", "--delay", str(delay),
+    cmd = [sys.executable, "-m", "retroformer_cli.testing.fake_openai_server", "--port", "0", "--delay", str(delay),
            "--reply", REPLY]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)

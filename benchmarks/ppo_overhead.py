@@ -109,7 +109,7 @@ def worker(variant: str, root: Path, base: str, args: argparse.Namespace) -> dic
         from trl import GRPOTrainer
 
         from retroformer_cli.stages import sft as sft_stage
-        from retroformer_cli.stages import train_common as tc
+        from retroformer_cli.stages.common import training as tc
         from retroformer_cli.stages.datasets import read_split
         from retroformer_cli.stages.ppo import grpo_args
 

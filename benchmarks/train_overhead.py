@@ -51,7 +51,7 @@ def timer_callback(times: list[float]):
 
 def variant(kind: str, who: str, ws_dir: str, base: str, steps: int, batch: int, max_length: int) -> dict:
     from retroformer_cli.stages import reward, sft
-    from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.stages.common import training as tc
     from retroformer_cli.workspace import Workspace
 
     ws = Workspace.open(ws_dir)

@@ -2,7 +2,7 @@
 
 The root holds the global options (``--workspace``, ``--config``, ``--json``, ``--version``) and loads ``.env``.
 Command modules are imported only when their command runs or shows its help, so ``retroformer --help`` pays for
-Typer and this file alone. Commands import ``commands/_common.py`` (state, error handler), never this module.
+Typer and this file alone. Commands import ``commands/context.py`` (state, error handler), never this module.
 Errors a user can cause become one red line on stderr (plus a hint) and a non-zero exit; set RETROFORMER_DEBUG=1
 to see tracebacks.
 """
@@ -18,7 +18,7 @@ import typer
 import typer.core
 
 from retroformer_cli import __version__
-from retroformer_cli.commands._common import state
+from retroformer_cli.commands.context import state
 
 # name -> (module under retroformer_cli/commands/, its Typer app attribute, the line `retroformer --help` shows).
 COMMANDS: dict[str, tuple[str, str, str]] = {

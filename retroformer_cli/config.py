@@ -11,62 +11,81 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from retroformer_cli.errors import ConfigError
 
 ENV_VARS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "DATA_DIR", "CKPT_DIR")
 
 
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A config field with its help text (``--help``, YAML docs): ``setting(8001, "TCP port")``, or
+    ``setting(help=..., factory=list)`` for a mutable default."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
 @dataclass
 class ModelConfig:
     """One model endpoint, for the actor or the reflector."""
 
-    model: str = field(default="embedded", metadata={"help": "embedded | none | openai:NAME | hf:PATH | PATH | workspace:STAGE/NAME"})
-    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible base URL (env OPENAI_BASE_URL)"})
-    api_key: str | None = field(default=None, metadata={"help": "API key (env OPENAI_API_KEY); never written to disk"})
-    api: str = field(default="chat", metadata={"help": "chat | completions"})
-    max_tokens: int = field(default=96, metadata={"help": "max new tokens per call (an actor step, a reflection)"})
-    temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0: greedy)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: keep the most likely tokens up to this mass"})
-    concurrency: int | None = field(default=None, metadata={"help": "requests in flight to an endpoint [default: collect's --concurrency]"})
-    timeout_s: float = field(default=60.0, metadata={"help": "seconds before a request to an endpoint times out"})
-    max_retries: int = field(default=6, metadata={"help": "retries of a failed request (backing off) before giving up"})
-    threads: int | None = field(default=None, metadata={"help": "torch threads for a local model (default: 1 on up to 2 cores, else cores - 1, at most 8)"})
-    max_batch_size: int = field(default=8, metadata={"help": "local models: sequences decoding together"})
-    dtype: str = field(default="auto", metadata={"help": "local models: auto (float32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16"})
-    prefix_reuse: bool = field(default=True, metadata={"help": "local models: reuse the computed keys/values of a known prompt prefix"})
-    prefix_cache_mb: int = field(default=512, metadata={"help": "local models: memory bound of the prefix cache (LRU beyond it)"})
-    price_in_per_m: float | None = field(default=None, metadata={"help": "USD per million prompt tokens (eval's cost estimate)"})
-    price_out_per_m: float | None = field(default=None, metadata={"help": "USD per million completion tokens (eval's cost estimate)"})
+    model: str = setting("embedded", "embedded | none | openai:NAME | hf:PATH | PATH | workspace:STAGE/NAME")
+    base_url: str | None = setting(None, "OpenAI-compatible base URL (env OPENAI_BASE_URL)")
+    api_key: str | None = setting(None, "API key (env OPENAI_API_KEY); never written to disk")
+    api: str = setting("chat", "chat | completions")
+    # sampling, for every backend
+    max_tokens: int = setting(96, "max new tokens per call (an actor step, a reflection)")
+    temperature: float = setting(0.0, "sampling temperature (0: greedy)")
+    top_p: float = setting(1.0, "nucleus sampling: keep the most likely tokens up to this mass")
+    # endpoints (openai:)
+    concurrency: int | None = setting(None, "requests in flight to an endpoint [default: collect's --concurrency]")
+    timeout_s: float = setting(60.0, "seconds before a request to an endpoint times out")
+    max_retries: int = setting(6, "retries of a failed request (backing off) before giving up")
+    # local models (the engine)
+    threads: int | None = setting(None, "torch threads for a local model (default: 1 on up to 2 cores, else cores - 1, at most 8)")
+    max_batch_size: int = setting(8, "local models: sequences decoding together")
+    dtype: str = setting("auto", "local models: auto (float32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16")
+    prefix_reuse: bool = setting(True, "local models: reuse the computed keys/values of a known prompt prefix")
+    prefix_cache_mb: int = setting(512, "local models: memory bound of the prefix cache (LRU beyond it)")
+    # what a token costs, for eval's estimate
+    price_in_per_m: float | None = setting(None, "USD per million prompt tokens (eval's cost estimate)")
+    price_out_per_m: float | None = setting(None, "USD per million completion tokens (eval's cost estimate)")
 
 
 @dataclass
-class CollectConfig:
+class EnvSelection:
+    """Which env to build and how (what ``envs.make_for`` reads), for collect, eval and `env serve` alike."""
+
+    env: str = setting("hotpotqa", "environment: hotpotqa | webshop | alfworld, or an installed plugin env")
+    data: str | None = setting(None, "data file or folder in the env's real format; default: sample data (collect, eval: env DATA_DIR)")
+    max_steps: int | None = setting(None, "per-episode step limit (env default when unset)")
+    env_options: dict[str, Any] = setting(help="extra env argument KEY=VALUE, repeatable (YAML: a mapping), e.g. wording=react for ALFWorld", factory=dict)
+
+
+@dataclass
+class CollectConfig(EnvSelection):
     """`retroformer collect`: run the actor (and reflector) over tasks for several trials."""
 
-    env: str = field(default="hotpotqa", metadata={"help": "environment: hotpotqa | webshop | alfworld, or an installed plugin env"})
-    data: str | None = field(default=None, metadata={"help": "data file or folder in the env's real format (env DATA_DIR); default: sample data"})
-    split: str = field(default="all", metadata={"help": "all | train | eval (deterministic by task id)"})
-    tasks: int | None = field(default=None, metadata={"help": "first N tasks of the split"})
-    task_ids: list[str] | None = field(default=None, metadata={"help": "task ids to run: comma-separated, or @FILE with one id per line"})
-    trials: int = field(default=3, metadata={"help": "trials per task"})
-    max_steps: int | None = field(default=None, metadata={"help": "per-episode step limit (env default when unset)"})
-    env_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra env argument KEY=VALUE, repeatable (YAML: a mapping), e.g. wording=react for ALFWorld"})
-    memory_size: int = field(default=3, metadata={"help": "how many of the latest reflections go into the prompt"})
-    few_shot: bool = field(default=True, metadata={
-        "help": "show the actor the prompt's few-shot examples; a fine-tuned actor (sft --role actor) needs none"})
-    concurrency: int = field(default=8, metadata={"help": "tasks run at once"})
-    workers: int | None = field(default=None, metadata={"help": "environment instances / worker processes (default: concurrency)"})
-    env_step_timeout_s: float = field(default=120.0, metadata={"help": "an env reset or step that takes longer is a hung env: its worker is replaced"})
-    env_retries: int = field(default=2, metadata={"help": "an episode whose env fails (crash, hang, exception) is replayed from reset this many times, then recorded as an env error"})
-    run: str | None = field(default=None, metadata={"help": "run name (default: ENV-TIMESTAMP)"})
-    seed: int = field(default=0, metadata={"help": "seed recorded in the manifest and passed to env.reset"})
-    actor: ModelConfig = field(default_factory=ModelConfig, metadata={
-        "help": "actor model: embedded | openai:NAME | hf:PATH | PATH | workspace:STAGE/NAME"})
-    reflector: ModelConfig = field(default_factory=lambda: ModelConfig(max_tokens=128), metadata={
-        "help": "reflector model (writes a reflection after a failed trial): none (ReAct) | embedded | openai:NAME | "
-                "hf:PATH | PATH | workspace:STAGE/NAME"})
+    # which tasks, how many trials, what the actor sees
+    split: str = setting("all", "all | train | eval (deterministic by task id)")
+    tasks: int | None = setting(None, "first N tasks of the split")
+    task_ids: list[str] | None = setting(None, "task ids to run: comma-separated, or @FILE with one id per line")
+    trials: int = setting(3, "trials per task")
+    memory_size: int = setting(3, "how many of the latest reflections go into the prompt")
+    few_shot: bool = setting(True, "show the actor the prompt's few-shot examples; a fine-tuned actor (sft --role actor) needs none")
+    # how the run is played
+    concurrency: int = setting(8, "tasks run at once")
+    workers: int | None = setting(None, "environment instances / worker processes (default: concurrency)")
+    env_step_timeout_s: float = setting(120.0, "an env reset or step that takes longer is a hung env: its worker is replaced")
+    env_retries: int = setting(2, "an episode whose env fails (crash, hang, exception) is replayed from reset this many times, then recorded as an env error")
+    # the run and its models
+    run: str | None = setting(None, "run name (default: ENV-TIMESTAMP)")
+    seed: int = setting(0, "seed recorded in the manifest and passed to env.reset")
+    actor: ModelConfig = setting(help="actor model: embedded | openai:NAME | hf:PATH | PATH | workspace:STAGE/NAME", factory=ModelConfig)
+    reflector: ModelConfig = setting(
+        help="reflector model (writes a reflection after a failed trial): none (ReAct) | embedded | openai:NAME | "
+        "hf:PATH | PATH | workspace:STAGE/NAME", factory=lambda: ModelConfig(max_tokens=128))
 
 
 def to_dict(cfg: Any, *, redact: bool = True) -> dict[str, Any]:

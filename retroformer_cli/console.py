@@ -216,3 +216,10 @@ def task_view(run: str, task: str, trials: Sequence[Any]) -> Any:
         parts.append(Panel(Group(*body), title=title, title_align="left",
                            border_style="green" if t.success else "red"))
     return Group(*parts)
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr; the message prints as written (brackets in it are not markup)."""
+    from rich.markup import escape
+
+    stderr.print(f"[yellow]warning[/]: {escape(message)}", soft_wrap=True)

@@ -45,10 +45,6 @@ class Flag:
         return self.long.lstrip("-").replace("-", "_")
 
 
-def flags_except(group: Sequence[Flag], *paths: str) -> tuple[Flag, ...]:
-    return tuple(f for f in group if f.path not in paths)
-
-
 @functools.lru_cache(maxsize=None)
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)

@@ -47,7 +47,7 @@ def test_prompts_match_what_collect_sends(workspace):
     from retroformer_cli.agents.prompts.base import get_prompts
     from retroformer_cli.envs.hotpotqa import HotPotQAEnv
     from retroformer_cli.llm.base import GenerationConfig
-    from retroformer_cli.llm.fake import FakeLLM
+    from retroformer_cli.testing.fake_llm import FakeLLM
 
     res, data = _build(workspace, expert_reflection_share=1.0)
     rows = _rows(res)

@@ -84,13 +84,13 @@ def test_serve_loads_adapters_with_dotted_names_and_paths(tmp_path, tiny):
     import shutil
 
     from retroformer_cli.llm.engine.types import Sampling
-    from retroformer_cli.serve.engine import TransformersEngine
+    from retroformer_cli.serve.backend import TransformersBackend
 
     folder = tmp_path / ".cache" / "exp v1.2" / "lora.a"
     shutil.copytree(tiny["a"], folder)
 
     async def go():
-        engine = TransformersEngine(str(tiny["base"]), served_name="base", cache_dir=tmp_path / "cache", threads=1,
+        engine = TransformersBackend(str(tiny["base"]), served_name="base", cache_dir=tmp_path / "cache", threads=1,
                                     max_batch_size=2, max_tokens_limit=8, adapters={"reflector-v1.2": str(folder)})
         await engine.start()
         try:

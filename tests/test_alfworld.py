@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from retroformer_cli.envs.alfworld.engine import missing_dependency
+from retroformer_cli.envs.alfworld.worker import missing_dependency
 from retroformer_cli.envs.alfworld.games import SHORT_TASK_TYPES, discover_games, task_type_from_goal, task_type_of
 from retroformer_cli.envs.alfworld.wording import commands_in, first_observation, observation_in, to_native
 from retroformer_cli.errors import DataError, UsageError
@@ -341,7 +341,7 @@ def test_old_grammar_games_play_in_both_wordings(tmp_path):
 
 def test_collect_and_eval_on_two_games(envs, workspace):
     from retroformer_cli.config import CollectConfig
-    from retroformer_cli.llm.fake import FakeLLM
+    from retroformer_cli.testing.fake_llm import FakeLLM
     from retroformer_cli.stages import collect, evaluate
     from retroformer_cli.stages.collect import load_trials
 

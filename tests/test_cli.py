@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from retroformer_cli.cli import app
-from retroformer_cli.llm.fake_server import FakeOpenAIServer
+from retroformer_cli.testing.fake_openai_server import FakeOpenAIServer
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "trl", "peft", "datasets", "openai", "matplotlib")
@@ -107,7 +107,7 @@ def test_help_runs_and_imports_nothing_heavy(tmp_path):
         "        codes.append(e.code)\n"
         "    if after_root is None:\n"
         "        after_root = sorted(m for m in sys.modules if m.startswith('retroformer_cli.commands.') "
-        "and m != 'retroformer_cli.commands._common')\n"
+        "and m != 'retroformer_cli.commands.context')\n"
         f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
         "sys.stderr.write(json.dumps({'codes': codes, 'heavy': heavy, 'after_root': after_root}) + '\\n')\n"
     )

@@ -6,7 +6,7 @@ import pytest
 
 from retroformer_cli.config import CollectConfig
 from retroformer_cli.errors import UsageError
-from retroformer_cli.llm.fake import FakeLLM
+from retroformer_cli.testing.fake_llm import FakeLLM
 from retroformer_cli.stages import collect, evaluate
 from retroformer_cli.stages.collect import load_trials, split_of
 

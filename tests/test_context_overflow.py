@@ -13,7 +13,7 @@ import pytest
 from retroformer_cli.config import CollectConfig
 from retroformer_cli.errors import BackendError, ContextTooLong
 from retroformer_cli.llm.base import GenerationConfig, Message
-from retroformer_cli.llm.fake import FakeLLM
+from retroformer_cli.testing.fake_llm import FakeLLM
 from retroformer_cli.stages import collect
 from retroformer_cli.stages.collect import load_trials
 

@@ -263,10 +263,10 @@ def test_serve_and_collect_run_the_same_engine(tiny, tmp_path):
 
     from retroformer_cli.llm import hf_local
     from retroformer_cli.llm.base import GenerationConfig, Message
-    from retroformer_cli.serve import engine as serve_engine
+    from retroformer_cli.serve import backend as serve_engine
 
     client = hf_local.HFLocalClient(str(tiny["base"]), cache_dir=tmp_path, threads=1)
-    served = serve_engine.TransformersEngine(str(tiny["base"]), cache_dir=tmp_path, threads=1)
+    served = serve_engine.TransformersBackend(str(tiny["base"]), cache_dir=tmp_path, threads=1)
 
     async def serve_once():
         await served.start()

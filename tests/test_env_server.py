@@ -368,7 +368,7 @@ def test_cli_serves_until_sigterm(tmp_path):
 
 
 def test_alfworld_walkthroughs_win_over_http_in_parallel_engine_processes():
-    from retroformer_cli.envs.alfworld.engine import missing_dependency
+    from retroformer_cli.envs.alfworld.worker import missing_dependency
 
     data = shared_data("alfworld")
     if missing_dependency() is not None:

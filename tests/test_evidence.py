@@ -17,9 +17,10 @@ from conftest import shared_data
 from retroformer_cli.cli import app
 from retroformer_cli.config import CollectConfig, ModelConfig
 from retroformer_cli.errors import UsageError
-from retroformer_cli.llm.fake import FakeLLM
-from retroformer_cli.stages import collect, evaluate, report, run_import, show
-from retroformer_cli.stages.stats import mcnemar_exact_p, paired, wilson
+from retroformer_cli.testing.fake_llm import FakeLLM
+from retroformer_cli.stages import collect, evaluate, run_import
+from retroformer_cli.analysis import report, show
+from retroformer_cli.analysis.stats import mcnemar_exact_p, paired, wilson
 
 FIX = Path(__file__).parent / "fixtures"
 runner = CliRunner()

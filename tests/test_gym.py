@@ -70,7 +70,7 @@ def test_unicode_text_space_accepts_any_text_and_samples_printable():
 
 @pytest.mark.shared_data
 def test_alfworld_make_and_check_env():
-    from retroformer_cli.envs.alfworld.engine import missing_dependency
+    from retroformer_cli.envs.alfworld.worker import missing_dependency
 
     data = shared_data("alfworld")
     if missing_dependency() is not None:

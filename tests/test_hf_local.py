@@ -206,10 +206,8 @@ def test_bad_paths_fail_with_one_sentence(tmp_path):
     adapter = tmp_path / "orphan"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
-    client = HFLocalClient(str(adapter), cache_dir=tmp_path)
-    with pytest.raises(BackendError, match="base model .* does not exist"):
-        client.generate(msgs("hi"), GenerationConfig(max_tokens=1))
-    client.close()
+    with pytest.raises(BackendError, match="base model .* does not exist"):  # when the client is made, not mid-run
+        HFLocalClient(str(adapter), cache_dir=tmp_path)
 
 
 def test_missing_wheel_names_the_install_command(monkeypatch):

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from retroformer_cli.config import CollectConfig, ModelConfig
-from retroformer_cli.llm.fake import FakeLLM
+from retroformer_cli.testing.fake_llm import FakeLLM
 from retroformer_cli.stages import collect
 from retroformer_cli.stages.learning import LearningConfig, _Stages, summarize, verdict
-from retroformer_cli.stages.learning_report import write_report
+from retroformer_cli.analysis.learning_report import write_report
 
 SAMPLE = [json.loads(line) for line in open("sample_data/hotpotqa/questions.jsonl", encoding="utf-8")]
 GOLD = {q["id"]: q["answer"] for q in SAMPLE}

@@ -14,8 +14,8 @@ import pytest
 
 from retroformer_cli.errors import BackendError
 from retroformer_cli.llm.base import GenerationConfig, LLMClient, Message, messages_to_prompt
-from retroformer_cli.llm.fake import FakeLLM
-from retroformer_cli.llm.fake_server import FakeOpenAIServer
+from retroformer_cli.testing.fake_llm import FakeLLM
+from retroformer_cli.testing.fake_openai_server import FakeOpenAIServer
 from retroformer_cli.llm.openai_compat import OpenAICompatClient, _retry_after_s
 
 FAST = dict(backoff_base_s=0.01, backoff_max_s=0.05)
@@ -182,7 +182,7 @@ def test_describe_has_no_key():
 
 
 def test_fake_server_runs_as_a_module():
-    proc = subprocess.Popen([sys.executable, "-m", "retroformer_cli.llm.fake_server", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "retroformer_cli.testing.fake_openai_server", "--port", "0"],
                             stdout=subprocess.PIPE, text=True)
     try:
         base_url = proc.stdout.readline().strip()

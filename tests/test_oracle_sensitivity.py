@@ -18,7 +18,7 @@ from retroformer_cli.envs.hotpotqa_metrics import normalize_answer
 from retroformer_cli.envs.hotpotqa_oracle import contains_answer, hints_for
 from retroformer_cli.errors import UsageError
 from retroformer_cli.llm import make_client
-from retroformer_cli.llm.fake import FakeLLM
+from retroformer_cli.testing.fake_llm import FakeLLM
 from retroformer_cli.records import Reflection, Step, Trial
 from retroformer_cli.stages import collect, evaluate
 from retroformer_cli.stages.collect import load_trials
@@ -103,7 +103,7 @@ def test_webshop_oracle_from_sample_data():
 
 
 def test_alfworld_oracle_from_shared_games():
-    from retroformer_cli.envs.alfworld.engine import missing_dependency
+    from retroformer_cli.envs.alfworld.worker import missing_dependency
 
     if missing_dependency() is not None:
         pytest.skip("the alfworld extra is not installed (pip install '.[alfworld]')")
@@ -167,7 +167,7 @@ def test_collect_with_oracle_reflector_writes_the_hint_into_trial_2(workspace):
     text = out.export_text()
     assert "(diagnostic: oracle)" in text and "changed 0.0%" in text
 
-    from retroformer_cli.stages import report
+    from retroformer_cli.analysis import report
 
     page = report.build(workspace, ["orc"])
     assert "<span class=diagnostic>diagnostic: oracle</span>" in page

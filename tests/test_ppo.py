@@ -27,10 +27,11 @@ pytest.importorskip("peft")
 
 from retroformer_cli.config import CollectConfig, ModelConfig  # noqa: E402
 from retroformer_cli.llm import model_cache  # noqa: E402
-from retroformer_cli.llm.fake import FakeLLM  # noqa: E402
+from retroformer_cli.testing.fake_llm import FakeLLM  # noqa: E402
 from retroformer_cli.stages import collect  # noqa: E402
 from retroformer_cli.stages.common.checkpoints import latest_trainer_checkpoint as last_checkpoint  # noqa: E402
-from retroformer_cli.stages.ppo import MANIFEST, PPOInterrupted, PPOStageConfig, run_ppo  # noqa: E402
+from retroformer_cli.stages.common.training import CHECKPOINT_MANIFEST as MANIFEST  # noqa: E402
+from retroformer_cli.stages.ppo import PPOInterrupted, PPOStageConfig, run_ppo  # noqa: E402
 from retroformer_cli.stages.ppo_rewards import OnlineReward, clean_reflection  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

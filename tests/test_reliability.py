@@ -21,7 +21,7 @@ from conftest import shared_data
 from retroformer_cli import envs
 from retroformer_cli.config import CollectConfig
 from retroformer_cli.envs.hotpotqa import HotPotQAEnv
-from retroformer_cli.llm.fake import FakeLLM
+from retroformer_cli.testing.fake_llm import FakeLLM
 from retroformer_cli.stages import collect, evaluate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from retroformer_cli.llm.fake_server import FakeOpenAIServer
+from retroformer_cli.testing.fake_openai_server import FakeOpenAIServer
 
 REPO = Path(__file__).resolve().parents[1]
 TRIALS = 3

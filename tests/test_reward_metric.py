@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from retroformer_cli.config import CollectConfig
 from retroformer_cli.errors import UsageError
-from retroformer_cli.llm.fake import FakeLLM
+from retroformer_cli.testing.fake_llm import FakeLLM
 from retroformer_cli.stages import collect
 from retroformer_cli.stages.ppo_rewards import OnlineReward, metric_value, outcome
 

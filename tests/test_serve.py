@@ -26,8 +26,8 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from retroformer_cli.serve.app import create_app  # noqa: E402
-from retroformer_cli.serve.engine import TransformersEngine  # noqa: E402
-from retroformer_cli.serve.runner import ServerThread  # noqa: E402
+from retroformer_cli.serve.backend import TransformersBackend  # noqa: E402
+from retroformer_cli.httpserver.runner import ServerThread  # noqa: E402
 
 KEY = "test-key-123"
 BASE = "tiny"
@@ -43,7 +43,7 @@ def make_server(tiny, **kw) -> ServerThread:
     opts = dict(served_name=BASE, adapters={"a": str(tiny["a"]), "b": str(tiny["b"])}, cache_dir=tiny["base"].parent / "cache",
                 threads=1, max_batch_size=8, max_queue=128, max_tokens_limit=64)
     opts.update(kw)
-    engine = TransformersEngine(str(tiny["base"]), **opts)
+    engine = TransformersBackend(str(tiny["base"]), **opts)
     srv = ServerThread(create_app(engine, api_key=api_key, max_request_bytes=max_request_bytes))
     srv.engine = engine
     return srv.start()

@@ -15,15 +15,15 @@ pytest.importorskip("torch")
 httpx = pytest.importorskip("httpx")
 
 from retroformer_cli.serve.app import create_app  # noqa: E402
-from retroformer_cli.serve.engine import TransformersEngine  # noqa: E402
-from retroformer_cli.serve.runner import ServerThread  # noqa: E402
+from retroformer_cli.serve.backend import TransformersBackend  # noqa: E402
+from retroformer_cli.httpserver.runner import ServerThread  # noqa: E402
 
 BASE = "tiny"
 
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    engine = TransformersEngine(str(tiny["base"]), served_name=BASE, cache_dir=tiny["base"].parent / "cache",
+    engine = TransformersBackend(str(tiny["base"]), served_name=BASE, cache_dir=tiny["base"].parent / "cache",
                                 threads=1, max_batch_size=8, max_queue=64, max_tokens_limit=4000)
     srv = ServerThread(create_app(engine, body_timeout_s=2.0), idle_timeout_s=2.0, shutdown_grace_s=5.0)
     srv.engine = engine
@@ -179,7 +179,7 @@ def test_a_wrong_content_type_gets_415(server):
 
 
 def test_shutdown_cancels_what_the_grace_period_does_not_cover(tiny):
-    engine = TransformersEngine(str(tiny["base"]), served_name=BASE, cache_dir=tiny["base"].parent / "cache",
+    engine = TransformersBackend(str(tiny["base"]), served_name=BASE, cache_dir=tiny["base"].parent / "cache",
                                 threads=1, max_tokens_limit=4000)
     srv = ServerThread(create_app(engine), shutdown_grace_s=1.0).start()
     results: list = []

@@ -149,7 +149,7 @@ def test_stages_import_no_rich():
 
 def test_collect_reports_through_the_protocol(workspace):
     from retroformer_cli.config import CollectConfig
-    from retroformer_cli.llm.fake import FakeLLM
+    from retroformer_cli.testing.fake_llm import FakeLLM
     from retroformer_cli.stages import collect
 
     rec = Recorder()

@@ -12,6 +12,7 @@ implicit import of parent packages is not an edge (every submodule would otherwi
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = "retroformer_cli"
@@ -246,3 +247,246 @@ def test_checks_on_a_package_on_disk(tmp_path):
         f"pkg/d.py:1: long() has {MAX_FUNCTION_LINES + 1} lines (limit {MAX_FUNCTION_LINES})",
         f"pkg/e.py: module has {MAX_MODULE_LINES + 1} lines (limit {MAX_MODULE_LINES})",
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names and homes (issue #22): no private name crosses a module boundary, "engine" and "common" each name one
+# package, nothing public goes unused, and the README's layout is the tree.
+
+ROOT_NAMES = ("engine", "common")  # words that must name one module or package each
+REPO = ROOT.parent
+USERS = (ROOT, REPO / "benchmarks", REPO / "recipes")  # code whose use of a name counts (tests' use does not)
+# Decorators that register a function with a framework (Typer commands, FastAPI routes, pydantic validators): the
+# framework calls it, so it needs no caller of ours.
+REGISTERING_DECORATORS = frozenset({"command", "callback", "config_command", "get", "post", "put", "delete", "websocket", "middleware",
+                                    "exception_handler", "on_event", "model_validator", "field_validator"})
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_imports(root: Path = ROOT) -> list[str]:
+    """``from x import _y``, imports of a private module (``x._y``), and ``mod._y`` on an imported module of ours,
+    where the importer is another module."""
+    mods = _modules(root)
+    known = set(mods)
+    pkg = root.name
+    out = []
+    for module, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        rel = path.relative_to(root.parent).as_posix()
+        module_aliases: set[str] = set()
+        for node in _import_nodes(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = _base(module, path, node)
+                if not (base == pkg or base.startswith(pkg + ".")):
+                    continue
+                if any(_private(part) for part in base.split(".")):
+                    out.append(f"{rel}:{node.lineno}: imports the private module {base}")
+                for alias in node.names:
+                    if f"{base}.{alias.name}" in known:
+                        module_aliases.add(alias.asname or alias.name)
+                        if _private(alias.name):
+                            out.append(f"{rel}:{node.lineno}: imports the private module {base}.{alias.name}")
+                    elif _private(alias.name):
+                        out.append(f"{rel}:{node.lineno}: imports the private name {alias.name} from {base}")
+            else:
+                for alias in node.names:
+                    if alias.name.split(".")[0] == pkg and any(_private(p) for p in alias.name.split(".")):
+                        out.append(f"{rel}:{node.lineno}: imports the private module {alias.name}")
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and _private(node.attr) and isinstance(node.value, ast.Name)
+                    and node.value.id in module_aliases):
+                out.append(f"{rel}:{node.lineno}: uses the private name {node.value.id}.{node.attr}")
+    return out
+
+
+def word_homes(root: Path = ROOT, words: tuple[str, ...] = ROOT_NAMES) -> dict[str, set[str]]:
+    """For each word, the distinct modules or packages whose own name holds it (a package's submodules live in
+    their package's home)."""
+    homes: dict[str, set[str]] = {w: set() for w in words}
+    for module in _modules(root):
+        parts = module.split(".")
+        for word in words:
+            for i, part in enumerate(parts[1:], start=1):
+                if word in part:
+                    homes[word].add(".".join(parts[: i + 1]))
+                    break
+    return homes
+
+
+def _defined_names(tree: ast.Module) -> list[tuple[str, ast.AST]]:
+    """Public top-level functions and classes, and public methods of public classes (Protocol members and
+    methods registered by decorators aside: their callers are the protocol's users and the framework)."""
+    out: list[tuple[str, ast.AST]] = []
+
+    def registered(fn: ast.AST) -> bool:
+        for dec in getattr(fn, "decorator_list", []):
+            target = dec.func if isinstance(dec, ast.Call) else dec
+            name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
+            if name in REGISTERING_DECORATORS:
+                return True
+        return False
+
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not _private(node.name):
+            if not registered(node):
+                out.append((node.name, node))
+        elif isinstance(node, ast.ClassDef) and not _private(node.name):
+            out.append((node.name, node))
+            if any(getattr(b, "id", getattr(b, "attr", "")) == "Protocol" for b in node.bases):
+                continue
+            for sub in node.body:
+                if (isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)) and not sub.name.startswith("_")
+                        and not registered(sub)):
+                    out.append((f"{node.name}.{sub.name}", sub))
+    return out
+
+
+def _used_names(paths: list[Path]) -> set[str]:
+    """Every identifier read, imported or named in a string (``"module:Class"`` entry points, spawn targets)."""
+    used: set[str] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.Name):
+                used.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                used.add(node.attr)
+            elif isinstance(node, ast.alias):
+                used.add(node.name.rpartition(".")[2])
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                used.update(re.findall(r"[A-Za-z_]\w*", node.value))
+    return used
+
+
+def documented_names() -> set[str]:
+    """Names in the code spans of README.md and docs/*.md: the documented API."""
+    texts = [p.read_text(encoding="utf-8") for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+             if p.is_file()]
+    return {name for text in texts for span in re.findall(r"`([^`\n]+)`", text)
+            for name in re.findall(r"[A-Za-z_]\w*", span)}
+
+
+def unused_definitions(root: Path = ROOT, users: tuple[Path, ...] = USERS,
+                       documented: set[str] | None = None) -> list[str]:
+    paths = sorted(p for u in users if u.exists() for p in (u.rglob("*.py") if u.is_dir() else [u]))
+    used = _used_names(paths) | (documented_names() if documented is None else documented)
+    out = []
+    for path in _modules(root).values():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for qualname, node in _defined_names(tree):
+            if qualname.rpartition(".")[2] not in used:
+                out.append(f"{path.relative_to(root.parent).as_posix()}:{node.lineno}: {qualname}")
+    return out
+
+
+LAYOUT_DOCS = ("README.md", "docs/contributing.md")
+
+
+def layout_block() -> tuple[str, str]:
+    """The fenced block that starts with ``retroformer_cli/`` in the README or the contributing page."""
+    for name in LAYOUT_DOCS:
+        path = REPO / name
+        if not path.is_file():
+            continue
+        for block in re.findall(r"```\n(retroformer_cli/\n.*?)```", path.read_text(encoding="utf-8"), re.S):
+            return name, block
+    raise AssertionError(f"no layout block (a fenced block starting with 'retroformer_cli/') in {LAYOUT_DOCS}")
+
+
+def layout_of_block(block: str) -> dict[str, set[str]]:
+    """``{package path: modules named}`` from a block whose entries start at two spaces: ``pkg/sub/  text`` opens
+    a package (its ``x.py`` words, on its lines, are its modules); ``x.py  text`` is a top-level module."""
+    layout: dict[str, set[str]] = {"": set()}
+    current = ""
+    for line in block.splitlines()[1:]:
+        entry = re.match(r"^  (\S+)", line)
+        if entry:
+            head = entry.group(1)
+            if head.endswith("/"):
+                current = head.rstrip("/")
+                layout.setdefault(current, set())
+                words = line[entry.end():]
+            else:
+                current = ""
+                words = head
+        elif line.startswith("   "):
+            words = line
+        else:
+            current = None  # a line outside the package tree (recipes/, tests/ ...)
+            continue
+        if current is not None:
+            layout[current].update(w[:-3] for w in re.findall(r"\b[a-z_][a-z0-9_]*\.py\b", words))
+    return layout
+
+
+def layout_of_tree(root: Path = ROOT) -> dict[str, set[str]]:
+    layout: dict[str, set[str]] = {}
+    for init in sorted(root.rglob("__init__.py")):
+        pkg = init.parent.relative_to(root).as_posix()
+        layout["" if pkg == "." else pkg] = {p.stem for p in init.parent.glob("*.py") if p.stem != "__init__"}
+    return layout
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    offenders = private_imports()
+    assert not offenders, "private names used from another module (make them public or move them):\n" + "\n".join(
+        offenders)
+
+
+def test_engine_and_common_each_name_one_package():
+    homes = word_homes()
+    assert homes["engine"] == {f"{PACKAGE}.llm.engine"}, homes["engine"]
+    assert homes["common"] == {f"{PACKAGE}.stages.common"}, homes["common"]
+
+
+def test_nothing_public_is_unused():
+    offenders = unused_definitions()
+    assert not offenders, ("public functions, classes or methods nothing in retroformer_cli/, benchmarks/, recipes/ "
+                           "or the docs uses (delete them, or document them as API):\n" + "\n".join(offenders))
+
+
+def test_layout_section_matches_the_tree():
+    doc, block = layout_block()
+    described, actual = layout_of_block(block), layout_of_tree()
+    problems = [f"package {p or '(top level)'}/ is not in {doc}'s layout" for p in sorted(set(actual) - set(described))]
+    problems += [f"{doc}'s layout names a package {p}/ that does not exist" for p in sorted(set(described) - set(actual))]
+    for pkg in sorted(set(actual) & set(described)):
+        where = f"{pkg}/" if pkg else ""
+        problems += [f"{where}{m}.py is not in {doc}'s layout" for m in sorted(actual[pkg] - described[pkg])]
+        problems += [f"{doc}'s layout names {where}{m}.py, which does not exist"
+                     for m in sorted(described[pkg] - actual[pkg])]
+    assert not problems, "\n".join(problems)
+
+
+# The new checks catch what they claim to catch.
+
+
+def test_name_checks_on_a_package_on_disk(tmp_path):
+    pkg = tmp_path / "retroformer_cli"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def _helper():\n    pass\n\n\ndef used():\n    pass\n\n\ndef unused():\n    pass\n\n\n"
+                              "class Thing:\n    def run(self):\n        pass\n\n    def never(self):\n        pass\n")
+    (pkg / "b.py").write_text("from retroformer_cli.a import _helper, used\nfrom retroformer_cli import a\n"
+                              "from . import a as mod\nx = mod._helper\ny = a.Thing().run\nz = 'retroformer_cli.a:used'\n")
+    (pkg / "sub" / "_hidden.py").write_text("")
+    (pkg / "sub" / "engine_room.py").write_text("from retroformer_cli.sub._hidden import *\n")
+    (pkg / "engine.py").write_text("")
+    assert private_imports(pkg) == [
+        "retroformer_cli/b.py:1: imports the private name _helper from retroformer_cli.a",
+        "retroformer_cli/b.py:4: uses the private name mod._helper",
+        "retroformer_cli/sub/engine_room.py:1: imports the private module retroformer_cli.sub._hidden",
+    ]
+    assert word_homes(pkg, ("engine",)) == {"engine": {"retroformer_cli.engine", "retroformer_cli.sub.engine_room"}}
+    assert unused_definitions(pkg, (pkg,), documented=set()) == [
+        "retroformer_cli/a.py:9: unused", "retroformer_cli/a.py:17: Thing.never"]
+    assert unused_definitions(pkg, (pkg,), documented={"never", "unused"}) == []
+
+
+def test_layout_parser_reads_packages_and_modules():
+    block = ("retroformer_cli/\n  cli.py     the root\n  envs/      registry, gym.py\n             hotpotqa.py\n"
+             "  envs/webshop/  env.py\n  options.py  flags\nrecipes/   grpo_actor.py\n")
+    assert layout_of_block(block) == {"": {"cli", "options"}, "envs": {"gym", "hotpotqa"}, "envs/webshop": {"env"}}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from retroformer_cli.errors import UsageError
-from retroformer_cli.stages import train_common as tc
+from retroformer_cli.stages.common import training as tc
 
 FIX = Path(__file__).parent / "fixtures"
 INTEGRATION_MODULES = {"tensorboard", "tensorboardX", "wandb", "trackio", "mlflow"}
@@ -166,10 +166,11 @@ def test_ppo_checkpoint_has_metrics_jsonl(workspace, tiny):
     pytest.importorskip("trl")
     from retroformer_cli.config import CollectConfig
     from retroformer_cli.envs.hotpotqa import HotPotQAEnv
-    from retroformer_cli.llm.fake import FakeLLM
+    from retroformer_cli.testing.fake_llm import FakeLLM
     from retroformer_cli.stages import collect
     from retroformer_cli.stages.datasets import DatasetConfig, build
-    from retroformer_cli.stages.ppo import MANIFEST, PPOStageConfig, run_ppo
+    from retroformer_cli.stages.common.training import CHECKPOINT_MANIFEST as MANIFEST
+    from retroformer_cli.stages.ppo import PPOStageConfig, run_ppo
 
     env = HotPotQAEnv()
     ids = [t for t in env.task_ids() if len(env.get_question(t).answer.split()) == 1

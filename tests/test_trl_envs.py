@@ -114,7 +114,7 @@ def test_webshop_scripted_purchase():
 
 
 def test_alfworld_scripted_walkthrough_wins():
-    from retroformer_cli.envs.alfworld.engine import missing_dependency
+    from retroformer_cli.envs.alfworld.worker import missing_dependency
 
     if missing_dependency() is not None:
         pytest.skip("alfworld is not installed")
@@ -157,7 +157,7 @@ PLAIN_CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + 
 def test_tool_template_replaces_a_template_without_tools():
     from trl.chat_template_utils import is_chat_template_prefix_preserving, parse_response, supports_tool_calling
 
-    from retroformer_cli.stages.tool_chat import install
+    from retroformer_cli.llm.tool_chat import install
 
     tok = tiny_tokenizer(PLAIN_CHATML)
     assert not supports_tool_calling(tok)
@@ -273,7 +273,7 @@ def test_grpo_trainer_without_a_dataset_plays_one_task_per_group(tmp_path):
 
     from trl import GRPOConfig, GRPOTrainer
 
-    from retroformer_cli.stages.tool_chat import install
+    from retroformer_cli.llm.tool_chat import install
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     cases = _answerable()[:2]
@@ -349,7 +349,7 @@ def test_embedded_model_trains_through_our_tool_template(workspace, embedded_cac
     assert math.isfinite(result.metrics["train_loss"])
     from transformers import AutoTokenizer
 
-    from retroformer_cli.stages.tool_chat import TOOL_CHAT_TEMPLATE
+    from retroformer_cli.llm.tool_chat import TOOL_CHAT_TEMPLATE
 
     assert AutoTokenizer.from_pretrained(str(result.path)).chat_template == TOOL_CHAT_TEMPLATE
     assert json.loads((result.path / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded"

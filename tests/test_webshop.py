@@ -325,7 +325,7 @@ def test_reward_agreement_floor():
 @needs_spacy
 def test_collect_with_fake_llm(workspace):
     from retroformer_cli.config import CollectConfig
-    from retroformer_cli.llm.fake import FakeLLM
+    from retroformer_cli.testing.fake_llm import FakeLLM
     from retroformer_cli.stages import collect
     from retroformer_cli.stages.collect import load_trials
 

@@ -130,14 +130,16 @@ def _overflowed(end_info: dict[str, Any], exc: ContextTooLong, task_id: str, n: 
 
 @dataclass
 class EpisodeResult:
+    """One episode as the actor played it: its steps and outcome, and what the reflector needs after a failure."""
+
     steps: list[Step]
     success: bool
-    score: float
-    terminated: bool
-    truncated: bool
+    score: float  # info["score"] at the end (HotPotQA: exact match; WebShop: the purchase reward; ALFWorld: 0 or 1)
+    terminated: bool  # the episode ended in the env (an answer, a purchase, a win)
+    truncated: bool  # the step limit, or a prompt past the context (info["truncated_reason"])
     instruction: str
     first_observation: str
-    scratchpad: str
+    scratchpad: str  # the trajectory as the actor saw it: the reflector's input
     info: dict[str, Any]
     actor_prompt: list[dict[str, str]]
     usage: Usage = field(default_factory=Usage)

@@ -10,10 +10,10 @@ from typing import Any, List
 
 import typer
 
-from retroformer_cli.commands._common import build, command_app, handle_errors, state, workspace
+from retroformer_cli.commands.context import build, command_app, config_command, done, examples, workspace
 from retroformer_cli.config import CollectConfig
 from retroformer_cli.errors import UsageError
-from retroformer_cli.options import Flag, config_options
+from retroformer_cli.options import Flag
 
 
 def parse_task_ids(value: str) -> list[str]:
@@ -95,21 +95,17 @@ def run_collect(cfg, ws, resume: bool, label: str = "collect"):
     return collect.run(cfg, ws, resume=resume, progress=RichProgress(label=label))
 
 
-@app.command("collect", epilog="Examples:\n\n  retroformer collect --env hotpotqa --tasks 2 --trials 2\n\n"
-                               "  retroformer collect --env hotpotqa --data ../data/hotpotqa/dev.jsonl --actor openai:gpt-4o-mini\n\n"
-                               "  retroformer collect --run my-run --resume")
-@handle_errors
-@config_options(CollectConfig, TASK_FLAGS, RUN_FLAG, MODEL_FLAGS)
+@config_command(app.command("collect", epilog=examples(
+    "retroformer collect --env hotpotqa --tasks 2 --trials 2",
+    "retroformer collect --env hotpotqa --data ../data/hotpotqa/dev.jsonl --actor openai:gpt-4o-mini",
+    "retroformer collect --run my-run --resume")),
+                CollectConfig, TASK_FLAGS, RUN_FLAG, MODEL_FLAGS)
 def collect(
     overrides: dict,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (needs --run)."),
 ) -> None:
     """Run the actor (and the reflector after failed trials) over tasks for several trials."""
-    from retroformer_cli import console
-
     cfg, ws = build_collect_config(overrides, resume)
     result = run_collect(cfg, ws, resume)
-    if state.json:
-        console.print_json(result.to_json())
-    console.stderr.print(f"[green]done[/]: run {result.run}: {result.solved}/{result.tasks} task(s) solved, "
-                         f"{result.trials_written} trial(s) written to {result.trials_path}")
+    done(result, f"run {result.run}: {result.solved}/{result.tasks} task(s) solved, {result.trials_written} trial(s) "
+                 f"written to {result.trials_path}")

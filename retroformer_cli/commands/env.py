@@ -9,10 +9,10 @@ from typing import List, Optional
 
 import typer
 
-from retroformer_cli.commands._common import build, command_app, handle_errors, workspace
+from retroformer_cli.commands.context import build, config_command, examples, group_app, workspace
 from retroformer_cli.envserver.config import EnvServerConfig
 from retroformer_cli.errors import UsageError
-from retroformer_cli.options import Flag, config_options
+from retroformer_cli.options import Flag
 
 
 def _env_options(items: list[str]) -> dict:
@@ -28,19 +28,14 @@ SERVE_FLAGS = (
     Flag("body_timeout_s"), Flag("idle_timeout_s"), Flag("max_connections"),
 )
 
-app = command_app(no_args_is_help=True)
+app = group_app("Environments over HTTP: `retroformer env serve`.")
 
 
-@app.callback()
-def env() -> None:
-    """Environments over HTTP: `retroformer env serve`."""
-
-
-@app.command("serve", epilog="Examples:\n\n  retroformer env serve --env webshop --data ../shared/data/webshop\n\n"
-                             "  retroformer env serve --env alfworld --env-option wording=react --api-key secret\n\n"
-                             "  curl -s -X POST http://127.0.0.1:8001/sessions -H 'Content-Type: application/json' -d '{}'")
-@handle_errors
-@config_options(EnvServerConfig, SERVE_FLAGS)
+@config_command(app.command("serve", epilog=examples(
+    "retroformer env serve --env webshop --data ../shared/data/webshop",
+    "retroformer env serve --env alfworld --env-option wording=react --api-key secret",
+    "curl -s -X POST http://127.0.0.1:8001/sessions -H 'Content-Type: application/json' -d '{}'")),
+                EnvServerConfig, SERVE_FLAGS)
 def serve(
     overrides: dict,
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RETROFORMER_ENV_API_KEY",
@@ -48,7 +43,7 @@ def serve(
 ) -> None:
     """Serve an environment over HTTP: create a session, then reset, step, state and close it."""
     from retroformer_cli import console
-    from retroformer_cli.commands.serve import _is_loopback
+    from retroformer_cli.httpserver.exposure import open_server_warning
 
     cfg = build(EnvServerConfig, overrides).validate()
     if cfg.port == 0:
@@ -58,9 +53,9 @@ def serve(
         import uvicorn  # noqa: F401
     except ImportError:
         raise UsageError("retroformer env serve needs FastAPI and uvicorn: pip install 'retroformer-cli[serve]'.") from None
-    if not _is_loopback(cfg.host) and not api_key:
-        console.stderr.print(f"[yellow]warning[/]: serving on {cfg.host} without --api-key: anyone who can reach "
-                             "this port can step the environment.")
+    warning = open_server_warning(cfg.host, api_key, "step the environment")
+    if warning:
+        console.warn(warning)
     from retroformer_cli.envserver import serve as serve_env
 
     console.stderr.print(f"[bold]env serve[/] loading {cfg.env} ...")

@@ -8,12 +8,11 @@ from typing import List, Optional
 
 import typer
 
-from retroformer_cli.commands._common import (CompareOpt, PriceInOpt, PriceOutOpt, command_app, handle_errors, state,
-                                              workspace)
+from retroformer_cli.commands.context import (CompareOpt, PriceInOpt, PriceOutOpt, command_app, config_command, examples,
+                                              state, workspace)
 from retroformer_cli.commands.collect import MODEL_FLAGS, TASK_FLAGS, build_collect_config, run_collect
 from retroformer_cli.config import CollectConfig
 from retroformer_cli.errors import UsageError
-from retroformer_cli.options import config_options
 
 app = command_app()
 
@@ -30,11 +29,11 @@ def _protocol_run(overrides: dict) -> tuple[str, object]:
     return run_collect(cfg, ws, resume=False, label="eval").run, ws
 
 
-@app.command("eval", epilog="Examples:\n\n  retroformer eval --run react --run reflexion\n\n"
-                            "  retroformer eval --env hotpotqa --tasks 5 --trials 3   (collect on the eval split, then report)\n\n"
-                            "  retroformer --json eval --run my-run | jq '.runs[0].success_per_trial'")
-@handle_errors
-@config_options(CollectConfig, TASK_FLAGS, MODEL_FLAGS)
+@config_command(app.command("eval", epilog=examples(
+    "retroformer eval --run react --run reflexion",
+    "retroformer eval --env hotpotqa --tasks 5 --trials 3   (collect on the eval split, then report)",
+    "retroformer --json eval --run my-run | jq '.runs[0].success_per_trial'")),
+                CollectConfig, TASK_FLAGS, MODEL_FLAGS)
 def eval_(
     runs: Optional[List[str]] = typer.Option(None, "--run", "-r", help="Run(s) to report; repeat to compare."),
     compare: CompareOpt = None,

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 
-from retroformer_cli.commands._common import TRAIN_FLAGS, ResumeOpt, build, command_app, handle_errors, state, workspace
-from retroformer_cli.options import Flag, config_options
+from retroformer_cli.commands.context import TRAIN_FLAGS, ResumeOpt, build, command_app, config_command, done, examples, workspace
+from retroformer_cli.options import Flag
 from retroformer_cli.stages.ppo import PPOStageConfig
 
 PPO_FLAGS = (
@@ -19,16 +19,14 @@ PPO_FLAGS = (
 app = command_app()
 
 
-@app.command("ppo", epilog=(
-    "Examples:\n\n"
-    "  retroformer ppo --reward-model default --max-steps 20   (offline: the reward model's score)\n\n"
-    "  retroformer ppo --mode online --actor embedded --name online   (the replayed G(k+1) - G(k))\n\n"
-    "  retroformer ppo --mode online --reward-metric f1 --name online-f1   (HotPotQA: the answer F1 difference)\n\n"
-    "  retroformer ppo --name online --mode online --resume\n\n"
-    "  accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m retroformer_cli ppo --config configs/ppo.yaml\n\n"
-    "  retroformer collect --reflector workspace:ppo/default --run retroformer"))
-@handle_errors
-@config_options(PPOStageConfig, TRAIN_FLAGS, PPO_FLAGS)
+@config_command(app.command("ppo", epilog=examples(
+    "retroformer ppo --reward-model default --max-steps 20   (offline: the reward model's score)",
+    "retroformer ppo --mode online --actor embedded --name online   (the replayed G(k+1) - G(k))",
+    "retroformer ppo --mode online --reward-metric f1 --name online-f1   (HotPotQA: the answer F1 difference)",
+    "retroformer ppo --name online --mode online --resume",
+    "accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m retroformer_cli ppo --config configs/ppo.yaml",
+    "retroformer collect --reflector workspace:ppo/default --run retroformer")),
+                PPOStageConfig, TRAIN_FLAGS, PPO_FLAGS)
 def ppo(overrides: dict, resume: ResumeOpt = False) -> None:
     """Fine-tune the reflector with GRPO (clipped PPO surrogate, group-relative advantages, KL to the reference)."""
     from retroformer_cli import console
@@ -44,9 +42,7 @@ def ppo(overrides: dict, resume: ResumeOpt = False) -> None:
     result = run_ppo(cfg, ws, console.RichProgress() if main else None, resume=resume)
     if not main:
         return
-    if state.json:
-        console.print_json(result.to_json())
     m = result.metrics
-    console.stderr.print(f"[green]done[/]: ppo '{result.name}' ({result.mode}) {result.steps} step(s), reward "
-                         f"{m.get('reward_first')} -> {m.get('reward_last')}; checkpoint {result.path}\n"
-                         f"[dim]use it: retroformer collect --reflector workspace:ppo/{result.name}[/]")
+    done(result, f"ppo '{result.name}' ({result.mode}) {result.steps} step(s), reward {m.get('reward_first')} -> "
+                 f"{m.get('reward_last')}; checkpoint {result.path}",
+         use=f"retroformer collect --reflector workspace:ppo/{result.name}")

@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from retroformer_cli.commands._common import CompareOpt, PriceInOpt, PriceOutOpt, command_app, handle_errors, state
-from retroformer_cli.commands._common import workspace as _workspace
+from retroformer_cli.commands.context import CompareOpt, PriceInOpt, PriceOutOpt, command_app, handle_errors, state
+from retroformer_cli.commands.context import workspace as _workspace
 
 app = command_app()
 
@@ -26,7 +26,7 @@ def report(
 ) -> None:
     """Write one self-contained HTML report: success plot with intervals, sortable task table, trials side by side."""
     from retroformer_cli import console
-    from retroformer_cli.stages import report as report_stage
+    from retroformer_cli.analysis import report as report_stage
     from retroformer_cli.stages.evaluate import Prices
 
     pairs = [tuple(compare)] if compare else []

@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from retroformer_cli.commands._common import command_app, handle_errors, state
-from retroformer_cli.commands._common import workspace as _workspace
+from retroformer_cli.commands.context import command_app, handle_errors, state
+from retroformer_cli.commands.context import workspace as _workspace
 
 app = command_app(help="List the runs in the workspace (and their status), or import runs.",
                   invoke_without_command=True, no_args_is_help=False)

@@ -3,26 +3,16 @@ checkpoints, with LoRA adapters selectable by model name. FastAPI, uvicorn and t
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
-from retroformer_cli.commands._common import command_app, handle_errors
-from retroformer_cli.commands._common import workspace as _workspace
+from retroformer_cli.commands.context import command_app, handle_errors
+from retroformer_cli.commands.context import workspace as _workspace
 from retroformer_cli.errors import BackendError, RetroformerError, UsageError
+from retroformer_cli.httpserver.exposure import open_server_warning
 
-LOOPBACK = {"localhost", "127.0.0.1", "::1"}
-
-
-def _is_loopback(host: str) -> bool:
-    if host in LOOPBACK:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _resolve_model(spec: str, ws, option: str) -> str:
@@ -72,12 +62,12 @@ def _check_values(engine: str, port: int, threads: Optional[int], counts: dict[s
 def _make_engine(engine: str, target: str, common: dict, *, tensor_parallel_size: int, **local: object):
     """The vllm engine (GPU) or the in-process transformers engine; ``local`` only concerns the latter."""
     if engine == "vllm":
-        from retroformer_cli.serve.vllm_engine import VLLMEngine
+        from retroformer_cli.serve.vllm_backend import VLLMBackend
 
-        return VLLMEngine(target, tensor_parallel_size=tensor_parallel_size, **common)
-    from retroformer_cli.serve.engine import TransformersEngine
+        return VLLMBackend(target, tensor_parallel_size=tensor_parallel_size, **common)
+    from retroformer_cli.serve.backend import TransformersBackend
 
-    return TransformersEngine(target, **local, **common)
+    return TransformersBackend(target, **local, **common)
 
 
 app = command_app()
@@ -128,9 +118,9 @@ def serve(
     name = served_model_name or model
     if name in adapters:
         raise UsageError(f"--adapter name '{name}' is also the base model's name; pick another.")
-    if not _is_loopback(host) and not api_key:
-        console.stderr.print(f"[yellow]warning[/]: serving on {host} without --api-key: anyone who can reach this "
-                             "port can use the model (and load adapters).")
+    warning = open_server_warning(host, api_key, "use the model (and load adapters)")
+    if warning:
+        console.warn(warning)
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -158,7 +148,7 @@ def _run_server(app_: Any, eng: Any, what: str, host: str, port: int, *, auth: b
                 **limits: Any) -> None:
     """Serve in the foreground until Ctrl-C/SIGTERM; start-up failures become one error line."""
     from retroformer_cli import console
-    from retroformer_cli.serve.runner import serve_foreground
+    from retroformer_cli.httpserver.runner import serve_foreground
 
     def ready(url: str) -> None:
         models = ", ".join(eng.model_names())

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from retroformer_cli.commands._common import command_app, handle_errors, state
-from retroformer_cli.commands._common import workspace as _workspace
+from retroformer_cli.commands.context import command_app, handle_errors, state
+from retroformer_cli.commands.context import workspace as _workspace
 
 app = command_app()
 
@@ -22,7 +22,7 @@ def show(
 ) -> None:
     """Show one task's trials: steps, the reflections in the prompt and the reflection written after each trial."""
     from retroformer_cli import console
-    from retroformer_cli.stages import show as show_stage
+    from retroformer_cli.analysis import show as show_stage
 
     ws = _workspace()
     if task is None:

@@ -10,9 +10,10 @@ from typing import Any, List, Optional
 
 import typer
 
-from retroformer_cli.commands._common import TRAIN_FLAGS, ResumeOpt, build, command_app, handle_errors, state, workspace
+from retroformer_cli.commands.context import (TRAIN_FLAGS, ResumeOpt, build, command_app, config_command, done, examples,
+                                              handle_errors, state, workspace)
 from retroformer_cli.errors import UsageError
-from retroformer_cli.options import Flag, config_options
+from retroformer_cli.options import Flag
 from retroformer_cli.stages.reward import RewardStageConfig
 from retroformer_cli.stages.sft import SFTStageConfig
 
@@ -34,18 +35,16 @@ def _train(stage: Any, cls: type, overrides: dict, resume: bool, keys: tuple[str
     console.stderr.print(f"[bold]{stage.__name__.rsplit('.', 1)[-1]}[/] dataset={cfg.dataset} base={cfg.base} "
                          f"name={cfg.name} max_steps={cfg.max_steps}")
     res = stage.run(cfg, workspace(), resume=resume, progress=console.RichProgress())
-    if state.json:
-        console.print_json(res.to_json())
     shown = ", ".join(f"{k} {res.metrics[k]:.4g}" if isinstance(res.metrics.get(k), float) else f"{k} {res.metrics.get(k)}"
                       for k in keys if k in res.metrics)
-    console.stderr.print(f"[green]done[/]: {res.stage} checkpoint {res.name} at {res.path} ({shown})")
+    done(res, f"{res.stage} checkpoint {res.name} at {res.path} ({shown})")
 
 
-@sft_app.command("sft", epilog="Examples:\n\n  retroformer sft --dataset ratings --max-steps 20 --threads 1\n\n"
-                               "  retroformer sft --base path/to/hf-model --name big --merge\n\n"
-                               "  retroformer sft --name big --resume")
-@handle_errors
-@config_options(SFTStageConfig, TRAIN_FLAGS, FINETUNE_FLAGS, (Flag("merge"), Flag("role")))
+@config_command(sft_app.command("sft", epilog=examples(
+    "retroformer sft --dataset ratings --max-steps 20 --threads 1",
+    "retroformer sft --base path/to/hf-model --name big --merge",
+    "retroformer sft --name big --resume")),
+                SFTStageConfig, TRAIN_FLAGS, FINETUNE_FLAGS, (Flag("merge"), Flag("role")))
 def sft_cmd(overrides: dict, resume: ResumeOpt = False) -> None:
     """Supervised fine-tuning (LoRA) of the reflector on reflections followed by an improvement, or with
     --role actor of the actor on successful trajectories (`datasets actor`)."""
@@ -54,10 +53,10 @@ def sft_cmd(overrides: dict, resume: ResumeOpt = False) -> None:
     _train(sft, SFTStageConfig, overrides, resume, ("global_step", "train_loss", "eval_loss"))
 
 
-@reward_app.callback(epilog="Examples:\n\n  retroformer reward --dataset ratings --max-steps 50 --threads 1\n\n"
-                            "  retroformer reward score --checkpoint default --prompt-file prompt.json --reflection 'I ...'")
-@handle_errors
-@config_options(RewardStageConfig, TRAIN_FLAGS, FINETUNE_FLAGS)
+@config_command(reward_app.callback(epilog=examples(
+    "retroformer reward --dataset ratings --max-steps 50 --threads 1",
+    "retroformer reward score --checkpoint default --prompt-file prompt.json --reflection 'I ...'")),
+                RewardStageConfig, TRAIN_FLAGS, FINETUNE_FLAGS)
 def reward_cmd(overrides: dict, ctx: typer.Context, resume: ResumeOpt = False) -> None:
     """Train a reward model (sequence classification + LoRA) on the preference pairs; report validation
     pairwise accuracy and the correlation of its score with the true rating."""

@@ -18,7 +18,7 @@ from retroformer_cli.envs.spec import EnvSpec
 from retroformer_cli.errors import UsageError, did_you_mean
 from retroformer_cli.plugins import ENV_GROUP, Registry, load_ref
 
-__all__ = ["EnvSpec", "canonical_name", "get_spec", "list_envs", "make", "prompts_for", "protocol_split",
+__all__ = ["EnvSpec", "canonical_name", "get_spec", "list_envs", "make", "make_for", "prompts_for", "protocol_split",
            "register", "spec_of", "specs"]
 
 _DECLARES_SPEC = re.compile(r"^SPEC\s*(?::\s*EnvSpec\s*)?=\s*EnvSpec\(", re.MULTILINE)
@@ -90,11 +90,36 @@ def prompts_for(name: str) -> Any:
     return load_ref(spec.prompts, f"prompt set of the {spec.name} environment")
 
 
-def make(name: str, **kwargs: Any) -> Any:
-    """Build the env (``data=``, ``max_steps=`` and its ``options``) and check it keeps its spec's contract."""
+def make(name: str, *, data: Any = None, max_steps: int | None = None, cache_dir: Any = None,
+         options: dict[str, Any] | None = None, **more_options: Any) -> Any:
+    """The one env factory: build ``name`` with its ``data``, step limit and spec ``options`` (a dict, or
+    keywords), check that every option is one the spec declares, and check the built env keeps its contract.
+
+    ``cache_dir`` reaches only envs whose spec keeps indexes there (``EnvSpec.cache_dir``); others ignore it.
+    ``collect``, ``eval --env``, ``ppo``'s replays, the env server, Gymnasium and TRL all build envs here.
+    """
     from retroformer_cli.envs.base import check_contract
 
     spec = get_spec(name)
+    given = {**(options or {}), **more_options}
+    unknown = sorted(k for k in given if k not in spec.options)
+    if unknown:
+        takes = ", ".join(sorted(spec.options)) or "none"
+        raise UsageError(f"The {spec.name} environment has no option '{unknown[0]}' (--env-option / "
+                         f"env_options; its options: {takes}).")
+    kwargs: dict[str, Any] = dict(given)
+    if data is not None:  # unset: the factory's default (its sample data)
+        kwargs["data"] = data
+    if max_steps is not None:
+        kwargs["max_steps"] = max_steps
+    if cache_dir is not None and spec.cache_dir:  # envs with indexes cache them in the workspace
+        kwargs["cache_dir"] = cache_dir
     env = load_ref(spec.entry_point, f"entry point of the {spec.name} environment")(**kwargs)
     check_contract(env, spec)
     return env
+
+
+def make_for(cfg: Any, cache_dir: Any = None) -> Any:
+    """:func:`make` with a run config's env fields (``env``, ``data``, ``max_steps``, ``env_options``)."""
+    return make(cfg.env, data=cfg.data, max_steps=cfg.max_steps, cache_dir=cache_dir,
+                options=dict(cfg.env_options or {}))

@@ -59,6 +59,14 @@ class AsyncTextEnv(TextEnv, Protocol):
     async def astep(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]: ...
 
 
+def check_can_step(started: bool, done: bool) -> None:
+    """What every env's ``step`` checks first: an episode has been reset and has not ended."""
+    if not started:
+        raise RuntimeError("no episode has started; call reset()")
+    if done:
+        raise RuntimeError("episode is over; call reset()")
+
+
 def _missing(env: Any, protocol: type) -> list[str]:
     members = [m for m in protocol.__dict__.get("__annotations__", {})] + \
               [m for m, v in protocol.__dict__.items() if callable(v) and not m.startswith("_")]
@@ -73,7 +81,7 @@ def check_contract(env: Any, spec: "EnvSpec") -> None:
     if spec.spawn and not isinstance(env, SpawningTextEnv):
         problems.append("declares spawn=True but has no spawn()")
     if spec.asynchronous:
-        for name in ("areset", "astep"):
+        for name in [m for m, v in vars(AsyncTextEnv).items() if inspect.iscoroutinefunction(v)]:
             if not inspect.iscoroutinefunction(getattr(env, name, None)):
                 problems.append(f"declares asynchronous=True but {name}() is not a coroutine function")
     if problems:

@@ -57,12 +57,7 @@ class TextGymEnv(gymnasium.Env):
         if render_mode not in (None, "ansi"):
             raise UsageError(f"render_mode must be None or 'ansi', got {render_mode!r}.")
         self.env_spec = get_spec(env)
-        allowed = {"data", "max_steps", *self.env_spec.options, *(("cache_dir",) if self.env_spec.cache_dir else ())}
-        unknown = sorted(set(kwargs) - allowed)
-        if unknown:
-            raise UsageError(f"The {self.env_spec.name} environment has no option '{unknown[0]}' "
-                             f"(it takes: {', '.join(sorted(allowed))}).")
-        self.text_env = make(self.env_spec.name, **kwargs)
+        self.text_env = make(self.env_spec.name, **kwargs)  # checks the options against the spec
         self.render_mode = render_mode
         self.observation_space = UnicodeText(MAX_OBSERVATION_CHARS)
         self.action_space = UnicodeText(MAX_ACTION_CHARS, min_length=1)

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from retroformer_cli.envs.hotpotqa_metrics import exact_match, f1_score
 from retroformer_cli.envs.spec import EnvSpec
-from retroformer_cli.envs.base import data_or_sample
+from retroformer_cli.envs.base import check_can_step, data_or_sample
 from retroformer_cli.errors import DataError, UsageError
 
 SPEC = EnvSpec(
@@ -357,10 +357,7 @@ class HotPotQAEnv:
         return "Question: " + self._q.question.strip(), self._base_info(None)
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
-        if self._q is None:
-            raise RuntimeError("no episode has started; call reset()")
-        if self._done:
-            raise RuntimeError("episode is over; call reset()")
+        check_can_step(self._q is not None, self._done)
         self._steps += 1
         parsed = parse_action(action)
         if parsed is not None and parsed[0] != "finish" and not parsed[1]:

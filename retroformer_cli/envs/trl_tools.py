@@ -3,7 +3,8 @@
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
     from retroformer_cli.envs.trl_tools import HotPotQATools
-    from retroformer_cli.stages import actor_grpo, tool_chat
+    from retroformer_cli.stages import actor_grpo
+    from retroformer_cli.llm import tool_chat
     tool_chat.install(tokenizer)  # the model's own tool template when TRL can use it, else ours (ChatML)
     trainer = GRPOTrainer(model=model, processing_class=tokenizer, args=GRPOConfig(...),
                           train_dataset=Dataset.from_list(actor_grpo.rows(HotPotQATools, task_ids)),

@@ -12,7 +12,7 @@ Nothing here imports FastAPI, uvicorn or httpx at module level.
 
 from __future__ import annotations
 
-import types
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,18 +23,16 @@ __all__ = ["EnvServerConfig", "build_app", "build_env", "serve", "server_thread"
 
 def build_env(cfg: EnvServerConfig, cache_dir: str | Path | None = None) -> Any:
     """The env every session spawns from, made as ``retroformer collect`` makes it (same options, same data)."""
-    from retroformer_cli.config import CollectConfig
-    from retroformer_cli.envs import canonical_name
+    from retroformer_cli.envs import canonical_name, make_for
     from retroformer_cli.errors import UsageError
-    from retroformer_cli.stages.collect import make_env
 
     name = canonical_name(cfg.env)
-    ccfg = CollectConfig(env=name, data=cfg.data, max_steps=cfg.max_steps, env_options=dict(cfg.env_options))
+    cfg = dataclasses.replace(cfg, env=name)
     if cfg.processes:
         from retroformer_cli.envserver.procpool import ProcessPoolEnv
 
-        return ProcessPoolEnv(ccfg, cfg.processes, cache_dir)
-    env = make_env(ccfg, types.SimpleNamespace(cache_dir=Path(cache_dir)) if cache_dir is not None else None)
+        return ProcessPoolEnv(cfg, cfg.processes, cache_dir)
+    env = make_for(cfg, Path(cache_dir) if cache_dir is not None else None)
     if not hasattr(env, "spawn"):
         raise UsageError(f"The {name} environment cannot be served: it has no spawn() for one env per session.")
     return env
@@ -61,7 +59,7 @@ def server_thread(cfg: EnvServerConfig, env: Any | None = None, api_key: str | N
                   cache_dir: str | Path | None = None) -> Any:
     """A started server in a background thread on ``cfg.host`` and ``cfg.port`` (0: a free port); ``.url`` is
     its address, ``.stop()`` ends it. For tests, benchmarks and trainers that host the env themselves."""
-    from retroformer_cli.serve.runner import ServerThread
+    from retroformer_cli.httpserver.runner import ServerThread
 
     cfg.validate()
     app = build_app(cfg, env if env is not None else build_env(cfg, cache_dir), api_key)
@@ -74,7 +72,7 @@ def server_thread(cfg: EnvServerConfig, env: Any | None = None, api_key: str | N
 def serve(cfg: EnvServerConfig, api_key: str | None = None, cache_dir: str | Path | None = None,
           on_ready: Callable[[str], None] | None = None) -> None:
     """Serve in the foreground until Ctrl-C or SIGTERM (open requests get 10 s to finish)."""
-    from retroformer_cli.serve.runner import serve_foreground
+    from retroformer_cli.httpserver.runner import serve_foreground
 
     cfg.validate()
     _check_port(cfg.host, cfg.port)  # before loading the env, and without uvicorn's log line and exit

@@ -16,7 +16,7 @@ reset and step answer ``{"observation": {"text"}, "reward", "done", "terminated"
 Every error is JSON ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for anything a client
 can cause; an action the env does not understand is an observation saying so (200), never an error.
 The API key, body size, body deadline, content type and UTF-8 are checked before any handler
-(:class:`retroformer_cli.serve.guard.GuardMiddleware`, shared with ``retroformer serve``).
+(:class:`retroformer_cli.httpserver.guard.GuardMiddleware`, shared with ``retroformer serve``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retroformer_cli import __version__
 from retroformer_cli.envserver.sessions import EnvServerError, SessionManager
-from retroformer_cli.serve.guard import GuardMiddleware, error_body
-from retroformer_cli.serve.schemas import validation_message
+from retroformer_cli.httpserver.errors import error_body, validation_message
+from retroformer_cli.httpserver.guard import GuardMiddleware
 
 PROTOCOL_VERSION = "1"
 

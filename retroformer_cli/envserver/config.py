@@ -3,31 +3,30 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
+from retroformer_cli.config import EnvSelection, setting
 from retroformer_cli.errors import UsageError
 
 
 @dataclass
-class EnvServerConfig:
+class EnvServerConfig(EnvSelection):
     """An HTTP server stepping one environment for clients in other processes (and languages)."""
 
-    env: str = field(default="hotpotqa", metadata={"help": "environment: hotpotqa | webshop | alfworld, or an installed plugin env"})
-    data: str | None = field(default=None, metadata={"help": "data file or folder in the env's real format; default: sample data"})
-    max_steps: int | None = field(default=None, metadata={"help": "per-episode step limit (env default when unset)"})
-    env_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra env argument KEY=VALUE, repeatable (YAML: a mapping), e.g. wording=react for ALFWorld"})
-    host: str = field(default="127.0.0.1", metadata={"help": "interface to bind (0.0.0.0 exposes the server to the network)"})
-    port: int = field(default=8001, metadata={"help": "TCP port"})
-    max_sessions: int = field(default=64, metadata={"help": "open sessions at most; creating one more gets HTTP 503"})
-    session_ttl_s: float = field(default=300.0, metadata={"help": "a session idle this many seconds is closed (its id then gets 404 session_expired)"})
-    workers: int | None = field(default=None, metadata={"help": "threads stepping in-process envs (WebShop, HotPotQA); for ALFWorld, idle engine processes kept for the next sessions [default: min(8, max_sessions)]"})
-    processes: int = field(default=0, metadata={"help": "step in-process envs (WebShop, HotPotQA) in this many worker processes, each loading the env once, instead of threads sharing one GIL; 0: threads"})
-    step_timeout_s: float = field(default=120.0, metadata={"help": "a reset or step taking longer gets HTTP 504 and its session is closed"})
-    max_body_bytes: int = field(default=65536, metadata={"help": "largest request body (HTTP 413 above)"})
-    body_timeout_s: float = field(default=10.0, metadata={"help": "a request body must arrive within this many seconds (HTTP 408 after)"})
-    idle_timeout_s: float = field(default=10.0, metadata={"help": "a connection must send its first request within this many seconds (closed after)"})
-    max_connections: int = field(default=512, metadata={"help": "open connections before new ones get HTTP 503"})
+    # where it listens, and its sessions
+    host: str = setting("127.0.0.1", "interface to bind (0.0.0.0 exposes the server to the network)")
+    port: int = setting(8001, "TCP port")
+    max_sessions: int = setting(64, "open sessions at most; creating one more gets HTTP 503")
+    session_ttl_s: float = setting(300.0, "a session idle this many seconds is closed (its id then gets 404 session_expired)")
+    # who steps the envs
+    workers: int | None = setting(None, "threads stepping in-process envs (WebShop, HotPotQA); for ALFWorld, idle engine processes kept for the next sessions [default: min(8, max_sessions)]")
+    processes: int = setting(0, "step in-process envs (WebShop, HotPotQA) in this many worker processes, each loading the env once, instead of threads sharing one GIL; 0: threads")
+    step_timeout_s: float = setting(120.0, "a reset or step taking longer gets HTTP 504 and its session is closed")
+    # HTTP limits against slow or abusive clients
+    max_body_bytes: int = setting(65536, "largest request body (HTTP 413 above)")
+    body_timeout_s: float = setting(10.0, "a request body must arrive within this many seconds (HTTP 408 after)")
+    idle_timeout_s: float = setting(10.0, "a connection must send its first request within this many seconds (closed after)")
+    max_connections: int = setting(512, "open connections before new ones get HTTP 503")
 
     def thread_count(self) -> int:
         return self.workers if self.workers is not None else min(8, self.max_sessions)

@@ -22,13 +22,11 @@ class WorkerError(RetroformerError):
     """An env worker process failed or exited."""
 
 
-def _worker_main(conn: Any, collect_cfg: Any, cache_dir: str | None) -> None:
-    import types
-
-    from retroformer_cli.stages.collect import make_env
+def _worker_main(conn: Any, env_cfg: Any, cache_dir: str | None) -> None:
+    from retroformer_cli.envs import make_for
 
     try:
-        base = make_env(collect_cfg, types.SimpleNamespace(cache_dir=Path(cache_dir)) if cache_dir else None)
+        base = make_for(env_cfg, Path(cache_dir) if cache_dir else None)
     except Exception as exc:  # reported to the server's start-up as one line
         conn.send(("usage" if isinstance(exc, UsageError) else "error", f"{exc}"))
         return
@@ -57,19 +55,19 @@ def _worker_main(conn: Any, collect_cfg: Any, cache_dir: str | None) -> None:
 
 
 class _Worker:
-    def __init__(self, collect_cfg: Any, cache_dir: str | None):
-        self.args, self.lock, self.sessions, self.generation = (collect_cfg, cache_dir), threading.Lock(), 0, 0
+    def __init__(self, env_cfg: Any, cache_dir: str | None):
+        self.args, self.lock, self.sessions, self.generation = (env_cfg, cache_dir), threading.Lock(), 0, 0
         self.conn: Any = None
         self.proc: Any = None
 
     def start(self) -> dict[str, Any]:
-        from retroformer_cli.envs.alfworld.env import _main_module_hidden
+        from retroformer_cli.spawning import main_module_hidden
 
         ctx = mp.get_context("spawn")
         self.generation += 1
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker_main, args=(child, *self.args), daemon=True, name="env-worker")
-        with _main_module_hidden():
+        with main_module_hidden():
             self.proc.start()
         child.close()
         try:
@@ -123,15 +121,15 @@ class ProcessPoolEnv:
 
     process = True
 
-    def __init__(self, collect_cfg: Any, processes: int, cache_dir: str | Path | None = None):
-        self._workers = [_Worker(collect_cfg, str(cache_dir) if cache_dir else None) for _ in range(processes)]
+    def __init__(self, env_cfg: Any, processes: int, cache_dir: str | Path | None = None):
+        self._workers = [_Worker(env_cfg, str(cache_dir) if cache_dir else None) for _ in range(processes)]
         self._threads = ThreadPoolExecutor(2 * processes, thread_name_prefix="env-pipe")
         with ThreadPoolExecutor(processes) as starting:
             infos = list(starting.map(lambda w: w.start(), self._workers))
         info = infos[0]
         if info["asynchronous"]:
             self.close()
-            raise UsageError(f"--processes is for in-process envs: {collect_cfg.env} sessions already step in "
+            raise UsageError(f"--processes is for in-process envs: {env_cfg.env} sessions already step in "
                              "their own engine processes.")
         self._task_ids, self.max_steps, self.env_id = info["task_ids"], info["max_steps"], info["env_id"]
         self.__doc__ = info["doc"]

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from retroformer_cli.errors import ContextTooLong, UsageError
+from retroformer_cli.errors import ContextTooLong
 from retroformer_cli.llm.base import Generation, GenerationConfig, Message, Usage
-from retroformer_cli.llm.engine.types import DTYPES, EngineConfig, Result, Sampling, default_threads
+from retroformer_cli.llm.engine.adapters import adapter_name_for
+from retroformer_cli.llm.engine.types import EngineConfig, Result, Sampling
 from retroformer_cli.llm.engine.types import ContextTooLong as EngineContextTooLong
 from retroformer_cli.llm.model_cache import (
     EMBEDDED,
@@ -33,7 +34,6 @@ from retroformer_cli.llm.model_cache import (
     is_adapter_dir,
     read_adapter_base,
     resolve_local_model,
-    split_model_spec,
 )
 
 __all__ = ["EMBEDDED_MODEL_ID", "HFLocalClient", "embedded_gguf_path", "resolve_local_model"]
@@ -75,28 +75,20 @@ class HFLocalClient:
         max_step_tokens: int = 512,
         prefill_chunk: int = 256,
     ):
-        if max_batch_size < 1:
-            raise UsageError(f"--max-batch-size must be at least 1, got {max_batch_size}.")
-        if threads is not None and threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {threads}.")
-        if dtype not in DTYPES:
-            raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got '{dtype}'.")
         self.model_spec = str(model)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        if self.model_spec != EMBEDDED:
-            resolve_local_model(self.model_spec, self.cache_dir)  # a bad path fails now, not mid-run
         self.model_id = local_model_id(self.model_spec)
-        self.engine_config = EngineConfig(
-            model=EMBEDDED, cache_dir=str(self.cache_dir), device=device, dtype=dtype,
-            threads=threads if threads is not None else default_threads(), max_batch_size=max_batch_size,
-            max_step_tokens=max(max_step_tokens, max_batch_size), prefill_chunk=prefill_chunk,
+        # a bad path or setting fails now, not mid-run
+        self.engine_config, adapter_path = EngineConfig.for_model(
+            self.model_spec, self.cache_dir, device=device, dtype=dtype, threads=threads,
+            max_batch_size=max_batch_size, max_step_tokens=max_step_tokens, prefill_chunk=prefill_chunk,
             prefix_reuse=prefix_reuse, prefix_cache_mb=prefix_cache_mb)
-        self.engine_config.validate()
         self.threads = self.engine_config.threads
         self.max_batch_size = max_batch_size
         self._engine: Any = None
-        self._adapter: str | None = None  # the engine's (peft's) name of the adapter: adapter_name_for(folder)
-        self._adapter_path: str | None = None  # the adapter folder (what describe() reports)
+        self._adapter_path = adapter_path  # the adapter folder (what describe() reports)
+        # the engine's (peft's) name of the adapter
+        self._adapter = adapter_name_for(adapter_path) if adapter_path is not None else None
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- engine
@@ -108,12 +100,6 @@ class HFLocalClient:
             if self._engine is None or self._engine.closing:
                 from retroformer_cli.llm.engine.shared import shared_engine
 
-                from retroformer_cli.llm.engine.adapters import adapter_name_for
-
-                base, path = split_model_spec(self.model_spec, self.cache_dir)
-                self.engine_config.model = base
-                self._adapter_path = path
-                self._adapter = adapter_name_for(path) if path is not None else None
                 self._engine = shared_engine(self.engine_config)
             engine, adapter, path = self._engine, self._adapter, self._adapter_path
         engine.wait_ready()
@@ -216,8 +202,6 @@ class HFLocalClient:
             device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
             path = str(embedded_cache_path(self.cache_dir)) if self.model_spec == EMBEDDED else self.model_spec
             desc.update(path=path, device=device, dtype=dtype)
-            if self.model_spec != EMBEDDED and is_adapter_dir(Path(path).expanduser()):
-                from retroformer_cli.llm.engine.adapters import adapter_name_for
-
-                desc.update(adapter=path, adapter_name=adapter_name_for(path))
+            if self._adapter_path is not None:
+                desc.update(adapter=self._adapter_path, adapter_name=self._adapter)
         return desc

@@ -21,8 +21,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retroformer_cli.serve.completions import chat_completion, text_completion
-from retroformer_cli.serve.engine import ServeError
-from retroformer_cli.serve.guard import JSON_TYPES, OPEN_PATHS, GuardMiddleware, error_body
+from retroformer_cli.serve.backend import ServeError
+from retroformer_cli.httpserver.errors import error_body, validation_message
+from retroformer_cli.httpserver.guard import JSON_TYPES, OPEN_PATHS, GuardMiddleware
 from retroformer_cli.serve.schemas import (
     IGNORED_FIELDS,
     MAX_N,
@@ -32,7 +33,6 @@ from retroformer_cli.serve.schemas import (
     CompletionRequest,
     LoadAdapterRequest,
     UnloadAdapterRequest,
-    validation_message,
 )
 
 # Names other modules import from here.

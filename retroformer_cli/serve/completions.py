@@ -13,9 +13,9 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
 
-from retroformer_cli.serve.engine import Sampling, ServeError
-from retroformer_cli.serve.guard import error_body
-from retroformer_cli.serve.schemas import MAX_STOP, ChatRequest, CompletionRequest, _Params, _TextPart
+from retroformer_cli.serve.backend import Sampling, ServeError
+from retroformer_cli.httpserver.errors import error_body
+from retroformer_cli.serve.schemas import MAX_STOP, ChatRequest, CompletionRequest, SamplingParams, TextPart
 
 
 def _stops(value: str | list[str] | None) -> tuple[str, ...]:
@@ -25,7 +25,7 @@ def _stops(value: str | list[str] | None) -> tuple[str, ...]:
     return tuple(s for s in stops if s)
 
 
-def _sampling(engine: Any, body: _Params, prompt_len: int) -> Sampling:
+def _sampling(engine: Any, body: SamplingParams, prompt_len: int) -> Sampling:
     if body.logprobs:
         raise ServeError("logprobs are not supported by this server.", param="logprobs")
     max_tokens = body.max_completion_tokens or body.max_tokens or engine.default_max_tokens(prompt_len)
@@ -34,7 +34,7 @@ def _sampling(engine: Any, body: _Params, prompt_len: int) -> Sampling:
                     stop=_stops(body.stop), seed=body.seed, n=body.n)
 
 
-def _text(content: str | list[_TextPart] | None) -> str:
+def _text(content: str | list[TextPart] | None) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
@@ -127,7 +127,7 @@ class _Chunks:
         return _sse(data)
 
 
-def _stream_answer(engine: Any, body: _Params, prompt_ids: list[int], sampling: Sampling, chunk: _Chunks,
+def _stream_answer(engine: Any, body: SamplingParams, prompt_ids: list[int], sampling: Sampling, chunk: _Chunks,
                    first: list[str], content: Callable[[str | None], dict[str, Any]]) -> StreamingResponse:
     """Submit the request now and stream it: ``first``, a chunk per text delta (``content(text)``), a final
     chunk per choice (``content(None)`` with its finish reason), the usage chunk if asked for, ``[DONE]``."""

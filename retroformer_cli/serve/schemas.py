@@ -6,15 +6,12 @@ the parameters in :data:`IGNORED_FIELDS`, which clients send routinely.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal, Optional, Union
 
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 MAX_N = 16
 MAX_STOP = 16
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list", "_TextPart"})
 
 # OpenAI parameters this server accepts and ignores (clients send them routinely); any other unknown field is
 # refused with 400, as OpenAI's API does ("Unrecognized request argument supplied").
@@ -25,11 +22,11 @@ IGNORED_FIELDS = frozenset({
 })
 
 
-class _Params(BaseModel):
+class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="allow")  # extras are checked in _refuse_unknown
 
     @model_validator(mode="after")
-    def _refuse_unknown(self) -> "_Params":
+    def _refuse_unknown(self) -> "SamplingParams":
         unknown = sorted(set(self.model_extra or {}) - IGNORED_FIELDS)
         if unknown:
             raise ValueError(f"Unrecognized request argument supplied: {', '.join(unknown)}")
@@ -48,7 +45,7 @@ class _Params(BaseModel):
     logprobs: Optional[Any] = None
 
 
-class _TextPart(BaseModel):
+class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
     text: StrictStr
@@ -57,14 +54,14 @@ class _TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[StrictStr, list[_TextPart], None] = None
+    content: Union[StrictStr, list[TextPart], None] = None
 
 
-class ChatRequest(_Params):
+class ChatRequest(SamplingParams):
     messages: list[ChatMessage] = Field(..., min_length=1)
 
 
-class CompletionRequest(_Params):
+class CompletionRequest(SamplingParams):
     prompt: Union[StrictStr, list[StrictStr]]
     echo: StrictBool = False
     suffix: Optional[StrictStr] = None
@@ -78,27 +75,3 @@ class LoadAdapterRequest(BaseModel):
 class UnloadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     lora_name: StrictStr = Field(..., min_length=1)
-
-
-def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The first problem of an invalid body as one sentence, and the parameter it concerns."""
-    errors = exc.errors()
-    if not errors:
-        return "The request is invalid.", None
-    first = errors[0]
-    unknown = re.search(r"Unrecognized request argument supplied: ([\w, ]+)", str(first.get("msg", "")))
-    if unknown:
-        return f"Unrecognized request argument supplied: {unknown.group(1)}.", unknown.group(1).split(",")[0].strip()
-    if first.get("type") == "json_invalid":
-        return f"The request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')}).", None
-    loc: list[str] = []
-    for part in first.get("loc", ())[1:] if first.get("loc", ())[:1] == ("body",) else first.get("loc", ()):
-        text = str(part)
-        if text in _TYPE_TAGS or "[" in text or "-" in text:  # a union member's tag, not a field
-            break
-        loc.append(text)
-    param = ".".join(loc) or None
-    if first.get("type") == "missing":
-        return f"Missing required parameter: '{param}'.", param
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return f"Invalid value for '{param}': {first.get('msg')}{more}.", param

@@ -29,11 +29,12 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from retroformer_cli import __version__
+from retroformer_cli.config import setting
 from retroformer_cli.errors import DataError, UsageError
 from retroformer_cli.stages.common.names import check_name
 from retroformer_cli.stages.common.splits import split_of
@@ -47,21 +48,18 @@ VAL_SALT = "actor-sft"  # validation rows: a salted split of the train tasks (ne
 class ActorDataConfig:
     """`retroformer datasets actor`: step-level SFT rows for the actor from successful trajectories."""
 
-    env: str = field(default="hotpotqa", metadata={"help": "environment the trajectories are replayed in"})
-    data: str | None = field(default=None, metadata={"help": "the env's data (as for collect); default: sample data"})
-    name: str = field(default="actor", metadata={"help": "dataset folder under <workspace>/datasets/"})
-    runs: list[str] = field(default_factory=list, metadata={"help": "runs of this workspace: their successful trials"})
-    import_reflexion: list[str] = field(default_factory=list, metadata={
-        "help": "Reflexion HotPotQA logs (trials.jsonl or text logs): their successful trajectories"})
-    expert: bool = field(default=True, metadata={"help": "add the env's expert trajectories (from its gold data)"})
-    expert_reflection_share: float = field(default=0.5, metadata={
-        "help": "share of expert trajectories shown with the env's oracle hint as a reflection"})
-    memory_size: int = field(default=3, metadata={"help": "reflections kept in memory (as collect's --memory-size)"})
-    few_shot: bool = field(default=False, metadata={
-        "help": "prompts with the few-shot examples; collect the tuned actor with the same setting (--no-few-shot)"})
-    max_tasks: int | None = field(default=None, metadata={"help": "at most this many train-split tasks per source"})
-    val_fraction: float = field(default=0.1, metadata={"help": "share of train tasks held out as validation rows"})
-    seed: int = field(default=0, metadata={"help": "seed of the expert/reflection assignment"})
+    env: str = setting("hotpotqa", "environment the trajectories are replayed in")
+    data: str | None = setting(None, "the env's data (as for collect); default: sample data")
+    name: str = setting("actor", "dataset folder under <workspace>/datasets/")
+    runs: list[str] = setting(help="runs of this workspace: their successful trials", factory=list)
+    import_reflexion: list[str] = setting(help="Reflexion HotPotQA logs (trials.jsonl or text logs): their successful trajectories", factory=list)
+    expert: bool = setting(True, "add the env's expert trajectories (from its gold data)")
+    expert_reflection_share: float = setting(0.5, "share of expert trajectories shown with the env's oracle hint as a reflection")
+    memory_size: int = setting(3, "reflections kept in memory (as collect's --memory-size)")
+    few_shot: bool = setting(False, "prompts with the few-shot examples; collect the tuned actor with the same setting (--no-few-shot)")
+    max_tasks: int | None = setting(None, "at most this many train-split tasks per source")
+    val_fraction: float = setting(0.1, "share of train tasks held out as validation rows")
+    seed: int = setting(0, "seed of the expert/reflection assignment")
 
 
 @dataclass
@@ -185,15 +183,14 @@ def replay(env: Any, prompts: Any, episode: Episode) -> list[dict[str, Any]] | N
 def build(cfg: ActorDataConfig, workspace: Workspace) -> ActorDataResult:
     """Replay every source's episodes and write the dataset folder atomically."""
     from retroformer_cli.agents.prompts.base import get_prompts
-    from retroformer_cli.config import CollectConfig
-    from retroformer_cli.stages.collect import make_env
+    from retroformer_cli.envs import make
 
     check_name(cfg.name)
     if not (0.0 <= cfg.val_fraction < 1.0):
         raise UsageError(f"val_fraction must be in [0, 1), got {cfg.val_fraction} (--val-fraction).")
     if not (cfg.runs or cfg.import_reflexion or cfg.expert):
         raise UsageError("Nothing to build from: pass --run NAME, --import-reflexion PATH or --expert.")
-    env = make_env(CollectConfig(env=cfg.env, data=cfg.data), workspace)
+    env = make(cfg.env, data=cfg.data, cache_dir=workspace.cache_dir)
     prompts = get_prompts(cfg.env, cfg.few_shot)
     known = list(env.task_ids())
     train_ids = [t for t in known if split_of(t) == "train"]

@@ -19,15 +19,15 @@ warm start (SFT on successful tool-call episodes) or a larger, tool-tuned model.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retroformer_cli.config import CollectConfig, to_dict
+from retroformer_cli.config import CollectConfig, setting, to_dict
 from retroformer_cli.errors import DataError, UsageError
 from retroformer_cli.stages.common.progress import NullProgress, Progress, trainer_callback
 from retroformer_cli.stages.common.results import ActorGRPOResult
-from retroformer_cli.stages.train_common import LoraSettings
+from retroformer_cli.stages.common.training import LoraSettings
 from retroformer_cli.workspace import Workspace, git_revision
 
 STAGE = "actor-grpo"
@@ -37,39 +37,39 @@ STAGE = "actor-grpo"
 class ActorGRPOConfig:
     """Settings of the actor GRPO recipe."""
 
-    env: str = field(default="hotpotqa", metadata={"help": "environment: hotpotqa | webshop | alfworld, or an installed plugin env"})
-    data: str | None = field(default=None, metadata={"help": "env data file or folder; default: the env's sample data (ALFWorld: $ALFWORLD_DATA)"})
-    env_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "extra env constructor arguments"})
-    max_env_steps: int | None = field(default=None, metadata={"help": "per-episode step limit (env default when unset)"})
-    split: str = field(default="train", metadata={"help": "all | train | eval (deterministic by task id)"})
-    tasks: int | None = field(default=None, metadata={"help": "first N tasks of the split"})
-    task_ids: list[str] | None = field(default=None, metadata={"help": "exactly these tasks"})
-    model: str = field(default="embedded", metadata={"help": "embedded | a local transformers model folder"})
-    chat_template: str = field(default="auto", metadata={"help": "auto | model | tools (ours, for ChatML models without tool support)"})
-    reward: str = field(default="em", metadata={"help": "HotPotQA only: em | f1"})
-    name: str = field(default="default", metadata={"help": "checkpoint name under checkpoints/actor-grpo/"})
-    max_steps: int = field(default=10, metadata={"help": "optimizer steps"})
-    num_generations: int = field(default=4, metadata={"help": "episodes per task in a GRPO group"})
-    prompts_per_step: int = field(default=1, metadata={"help": "tasks per device per optimizer step"})
+    env: str = setting("hotpotqa", "environment: hotpotqa | webshop | alfworld, or an installed plugin env")
+    data: str | None = setting(None, "env data file or folder; default: the env's sample data (ALFWorld: $ALFWORLD_DATA)")
+    env_options: dict[str, Any] = setting(help="extra env constructor arguments", factory=dict)
+    max_env_steps: int | None = setting(None, "per-episode step limit (env default when unset)")
+    split: str = setting("train", "all | train | eval (deterministic by task id)")
+    tasks: int | None = setting(None, "first N tasks of the split")
+    task_ids: list[str] | None = setting(None, "exactly these tasks")
+    model: str = setting("embedded", "embedded | a local transformers model folder")
+    chat_template: str = setting("auto", "auto | model | tools (ours, for ChatML models without tool support)")
+    reward: str = setting("em", "HotPotQA only: em | f1")
+    name: str = setting("default", "checkpoint name under checkpoints/actor-grpo/")
+    max_steps: int = setting(10, "optimizer steps")
+    num_generations: int = setting(4, "episodes per task in a GRPO group")
+    prompts_per_step: int = setting(1, "tasks per device per optimizer step")
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-5
-    beta: float = field(default=0.0, metadata={"help": "KL penalty to the base (adapter disabled)"})
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range"})
-    loss_type: str = field(default="dapo", metadata={"help": "GRPO loss aggregation: dapo | grpo | dr_grpo | bnpo ..."})
+    beta: float = setting(0.0, "KL penalty to the base (adapter disabled)")
+    epsilon: float = setting(0.2, "PPO clip range")
+    loss_type: str = setting("dapo", "GRPO loss aggregation: dapo | grpo | dr_grpo | bnpo ...")
     temperature: float = 1.0
     top_p: float = 1.0
-    max_completion_length: int = field(default=512, metadata={"help": "tokens of one episode: model turns plus tool results"})
-    max_tool_calls: int | None = field(default=None, metadata={"help": "tool-calling turns per episode [default: the env step limit]"})
+    max_completion_length: int = setting(512, "tokens of one episode: model turns plus tool results")
+    max_tool_calls: int | None = setting(None, "tool-calling turns per episode [default: the env step limit]")
     logging_steps: int = 1
     seed: int = 0
-    threads: int | None = field(default=None, metadata={"help": "torch threads on CPU [default: min(2, cores)]"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (large models)"})
-    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "the trained adapter"})
+    threads: int | None = setting(None, "torch threads on CPU [default: min(2, cores)]")
+    gradient_checkpointing: bool = setting(False, "trade compute for memory (large models)")
+    lora: LoraSettings = setting(help="the trained adapter", factory=LoraSettings)
 
 
 def _validate(cfg: ActorGRPOConfig) -> None:
     from retroformer_cli.stages.common.names import check_name
-    from retroformer_cli.stages.tool_chat import CHAT_TEMPLATE_MODES
+    from retroformer_cli.llm.tool_chat import CHAT_TEMPLATE_MODES
 
     check_name(cfg.name)
     for key in ("max_steps", "num_generations", "prompts_per_step", "gradient_accumulation_steps",
@@ -88,14 +88,14 @@ def _validate(cfg: ActorGRPOConfig) -> None:
 
 def build_env_and_tasks(cfg: ActorGRPOConfig, workspace: Workspace | None = None) -> tuple[Any, list[str]]:
     """The env (data loaded once, shared by every adapter) and the task ids to train on."""
-    from retroformer_cli.envs import canonical_name
-    from retroformer_cli.stages.collect import make_env, select_tasks
+    from retroformer_cli.envs import canonical_name, make_for
+    from retroformer_cli.stages.collect import select_tasks
 
     ccfg = CollectConfig(env=canonical_name(cfg.env), data=cfg.data, split=cfg.split, tasks=cfg.tasks,
                          task_ids=cfg.task_ids, max_steps=cfg.max_env_steps, env_options=dict(cfg.env_options))
     if ccfg.env == "alfworld":
         ccfg.env_options.setdefault("process", False)  # TRL calls tools one at a time: no worker per instance
-    env = make_env(ccfg, workspace)
+    env = make_for(ccfg, workspace.cache_dir if workspace is not None else None)
     return env, select_tasks([str(t) for t in env.task_ids()], ccfg)
 
 
@@ -111,7 +111,7 @@ def load_model(cfg: ActorGRPOConfig, workspace: Workspace) -> tuple[Any, Any, st
     """(model, tokenizer, base label) of ``cfg.model`` (``embedded`` is converted once into the workspace cache)."""
     from retroformer_cli.llm.model_cache import set_offline
     from retroformer_cli.stages import sft as sft_stage
-    from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.stages.common import training as tc
 
     set_offline()
     label, path = tc.resolve_base(cfg.model, workspace)
@@ -122,7 +122,7 @@ def load_model(cfg: ActorGRPOConfig, workspace: Workspace) -> tuple[Any, Any, st
 def grpo_args(cfg: ActorGRPOConfig, output_dir: Path, max_tool_calls: int) -> Any:
     from trl import GRPOConfig
 
-    from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.stages.common import training as tc
 
     return GRPOConfig(
         output_dir=str(output_dir), max_steps=cfg.max_steps,
@@ -169,8 +169,8 @@ def run(cfg: ActorGRPOConfig, workspace: Workspace, *, model: Any = None, tokeni
     """Train a LoRA adapter on the actor with GRPO over tool-calling episodes; ``model``/``tokenizer`` replace
     loading ``cfg.model`` and ``environment_factory`` the adapter's own factory (tests)."""
     from retroformer_cli.envs.trl_tools import adapter_for
-    from retroformer_cli.stages import tool_chat
-    from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.llm import tool_chat
+    from retroformer_cli.stages.common import training as tc
 
     _validate(cfg)
     adapter = adapter_for(cfg.env)
@@ -205,7 +205,7 @@ def _train(cfg: ActorGRPOConfig, workspace: Workspace, model: Any, tokenizer: An
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.stages.common import training as tc
 
     if not data:
         raise DataError("No tasks to train on: check --split, --tasks and --task-ids.")

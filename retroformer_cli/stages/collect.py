@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable
 
 from retroformer_cli import __version__
 from retroformer_cli.config import CollectConfig, to_dict
+from retroformer_cli.envs import make_for
 from retroformer_cli.errors import RetroformerError, UsageError
 from retroformer_cli.llm.base import GenerationConfig, LLMClient
 from retroformer_cli.records import Trial
@@ -56,21 +57,6 @@ def select_tasks(all_ids: list[str], cfg: CollectConfig) -> list[str]:
     if not ids:
         raise UsageError("No tasks selected: check --split, --tasks and --task-ids.")
     return ids
-
-
-def make_env(cfg: CollectConfig, workspace: Workspace | None = None) -> Any:
-    from retroformer_cli.envs import get_spec, make
-
-    spec = get_spec(cfg.env)  # what the env declares: options, capabilities (no probing of env objects)
-    kwargs: dict[str, Any] = {**cfg.env_options, "data": cfg.data}
-    if cfg.max_steps is not None:
-        kwargs["max_steps"] = cfg.max_steps
-    if workspace is not None and spec.cache_dir:  # envs with indexes cache them in the workspace
-        kwargs["cache_dir"] = workspace.cache_dir
-    for key in cfg.env_options:
-        if key not in spec.options:
-            raise UsageError(f"The {cfg.env} environment has no option '{key}' (--env-option / env_options).")
-    return make(cfg.env, **kwargs)
 
 
 def generation_config(m, stop: tuple[str, ...]) -> GenerationConfig:
@@ -207,7 +193,7 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     """Collect trajectories. ``actor``/``reflector`` may be passed in (tests); else built from ``cfg``."""
     progress = CollectReport(progress or NullProgress())
     run_name = _check_run(cfg, workspace, resume)
-    env = make_env(cfg, workspace)
+    env = make_for(cfg, workspace.cache_dir)
     task_ids = select_tasks(list(env.task_ids()), cfg)
 
     from retroformer_cli.agents.prompts.base import get_prompts
@@ -307,7 +293,7 @@ async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: An
 
     async def acquire_env() -> Any:
         if pool.empty() and len(created) < n_envs:
-            env = first_env.spawn() if env_spec.spawn else make_env(cfg, workspace)
+            env = first_env.spawn() if env_spec.spawn else make_for(cfg, workspace.cache_dir)
             created.append(env)
             return env
         return await pool.get()

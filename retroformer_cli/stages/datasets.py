@@ -22,7 +22,7 @@ Files under ``<workspace>/datasets/<name>/`` (JSONL, ``datasets.load_dataset("js
 **The prefill rule** (one rule, applied here so every consumer sees the same thing): our reflector prompts end
 with an assistant prefill ``{"role": "assistant", "content": "Reflection:"}``. ``ratings.jsonl`` keeps the
 prompt exactly as seen. In every training set (sft, pairs, prompts) the trailing assistant message is removed
-from ``prompt`` (``rating_rules.strip_prefill``) and the completion is the bare reflection text, without a leading
+from ``prompt`` (``stages.common.ratings.strip_prefill``) and the completion is the bare reflection text, without a leading
 ``Reflection:`` (``stages.common.reflections.clean_reflection``). Scorers and trainers apply the same two functions to their inputs.
 
 **The split** is by task, never by row: a task is in validation when its place under the salt
@@ -37,11 +37,12 @@ import itertools
 import json
 import random
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from retroformer_cli import __version__
+from retroformer_cli.config import setting
 from retroformer_cli.errors import DataError, UsageError
 from retroformer_cli.store import write_dir_atomic
 from retroformer_cli.workspace import Workspace, now_iso
@@ -49,7 +50,7 @@ from retroformer_cli.stages.common.names import check_name
 from retroformer_cli.stages.common.reflections import clean_reflection
 from retroformer_cli.stages.common.splits import describe as describe_split
 from retroformer_cli.stages.common.splits import split_of
-from retroformer_cli.stages.rating_rules import completion, strip_prefill
+from retroformer_cli.stages.common.ratings import completion, strip_prefill
 
 SPLIT_SALT = "retroformer-split:"  # validation tasks are drawn independently of collect's eval split
 SPLIT_NAMES = ("validation", "train")
@@ -61,21 +62,20 @@ SPLITS = ("train", "validation")
 class DatasetConfig:
     """`retroformer datasets build`: rating, SFT, preference and prompt sets from runs and imported logs."""
 
-    name: str = field(default="ratings", metadata={"help": "dataset folder under <workspace>/datasets/"})
-    runs: list[str] = field(default_factory=list, metadata={"help": "runs of this workspace to read"})
-    import_tsv: list[str] = field(default_factory=list, metadata={"help": "original Retroformer rating TSV files"})
-    import_reflexion: list[str] = field(default_factory=list, metadata={
-        "help": "Reflexion logs: HotPotQA .txt logs (or a folder of them), the trials.jsonl conversion, or an "
-                "ALFWorld folder of env_results_trial_N.json"})
-    val_fraction: float = field(default=0.15, metadata={"help": "share of tasks (not rows) held out for validation"})
-    pair_scope: str = field(default="task", metadata={"help": "task | env: which reflections may form a preference pair"})
-    max_pairs_per_task: int = field(default=32, metadata={"help": "cap on pairs whose chosen reflection is from one task"})
-    min_rating_gap: float = field(default=0.0, metadata={"help": "pairs need |rating difference| > this"})
-    pair_on: str = field(default="rating", metadata={
-        "help": "rating | rating_f1: the value that orders a pair (rating_f1 falls back to rating where it is null)"})
-    sft_on: str = field(default="rating", metadata={
-        "help": "rating | rating_f1: SFT keeps reflections whose value is above 0 (rating_f1 falls back to rating "
-                "where it is null)"})
+    name: str = setting("ratings", "dataset folder under <workspace>/datasets/")
+    runs: list[str] = setting(help="runs of this workspace to read", factory=list)
+    import_tsv: list[str] = setting(help="original Retroformer rating TSV files", factory=list)
+    import_reflexion: list[str] = setting(
+        help="Reflexion logs: HotPotQA .txt logs (or a folder of them), the trials.jsonl conversion, or an "
+        "ALFWorld folder of env_results_trial_N.json", factory=list)
+    val_fraction: float = setting(0.15, "share of tasks (not rows) held out for validation")
+    pair_scope: str = setting("task", "task | env: which reflections may form a preference pair")
+    max_pairs_per_task: int = setting(32, "cap on pairs whose chosen reflection is from one task")
+    min_rating_gap: float = setting(0.0, "pairs need |rating difference| > this")
+    pair_on: str = setting("rating", "rating | rating_f1: the value that orders a pair (rating_f1 falls back to rating where it is null)")
+    sft_on: str = setting(
+        "rating", "rating | rating_f1: SFT keeps reflections whose value is above 0 (rating_f1 falls back to rating "
+        "where it is null)")
     seed: int = 0
 
 

@@ -5,7 +5,7 @@ Success at trial k is cumulative, as in the Reflexion and Retroformer papers: th
 solved at any trial <= k (a solved task stops, so its success carries forward). Mean score at trial k
 uses each task's latest trial <= k. Intervals are Wilson score intervals over the run's tasks; a paired
 comparison reports, per trial, the difference A - B, its Bonett-Price 95% interval, the tasks won and lost and
-the exact McNemar p-value (:mod:`retroformer_cli.stages.stats`).
+the exact McNemar p-value (:mod:`retroformer_cli.analysis.stats`).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def report_run(workspace: Workspace, run: str, trials: Sequence[Trial] | None = 
                prices: Prices | None = None) -> RunReport:
     from retroformer_cli.agents.oracle import diagnostic_of, diagnostic_trials
     from retroformer_cli.stages.collect import load_trials
-    from retroformer_cli.stages.stats import wilson
+    from retroformer_cli.analysis.stats import wilson
 
     manifest = workspace.read_manifest(run)
     trials = list(trials) if trials is not None else load_trials(workspace, run)
@@ -190,7 +190,7 @@ def report_run(workspace: Workspace, run: str, trials: Sequence[Trial] | None = 
 
 def compare(workspace: Workspace, run_a: str, run_b: str) -> dict[str, Any]:
     """Paired comparison of two runs on the tasks both have, per trial, plus warnings about what differs."""
-    from retroformer_cli.stages.stats import paired
+    from retroformer_cli.analysis.stats import paired
 
     (ma, ta), (mb, tb) = outcomes(workspace, run_a), outcomes(workspace, run_b)
     ids_a = list(ma.get("task_ids") or sorted(ta))

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from retroformer_cli.errors import DataError
-from retroformer_cli.stages.rating_rules import rows_from_sequences
+from retroformer_cli.stages.common.ratings import rows_from_sequences
 
 
 def _sha(text: str, n: int = 12) -> str:

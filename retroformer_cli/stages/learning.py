@@ -27,10 +27,11 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from retroformer_cli.config import setting
 from retroformer_cli.errors import UsageError
 from retroformer_cli.workspace import Workspace, now_iso
 
@@ -43,59 +44,54 @@ METRICS = ("score", "f1")
 class LearningConfig:
     """The experiment's settings (``configs/learning.yaml``); sizes here fit about 90 minutes on a 2-core CPU."""
 
-    env: str = field(default="hotpotqa", metadata={"help": "environment"})
-    data: str | None = field(default=None, metadata={"help": "the env's data (as for collect)"})
-    name: str = field(default="learning", metadata={"help": "prefix of every run, dataset and checkpoint it writes"})
-    reuse: str | None = field(default=None, metadata={
-        "help": "an earlier experiment's name: reuse its tuned actor, training run, ratings and the arms that do not "
-                "depend on the trained reflector (a lever that only changes the reflector's training)"})
-    seed: int = field(default=0, metadata={"help": "seed of every stage"})
-    threads: int | None = field(default=None, metadata={"help": "torch threads of every stage"})
-    concurrency: int = field(default=8, metadata={"help": "episodes at once (collect and online replays)"})
-    isolate: bool = field(default=True, metadata={"help": "run each stage that loads a model in its own process"})
+    env: str = setting("hotpotqa", "environment")
+    data: str | None = setting(None, "the env's data (as for collect)")
+    name: str = setting("learning", "prefix of every run, dataset and checkpoint it writes")
+    reuse: str | None = setting(
+        None, "an earlier experiment's name: reuse its tuned actor, training run, ratings and the arms that do not "
+        "depend on the trained reflector (a lever that only changes the reflector's training)")
+    seed: int = setting(0, "seed of every stage")
+    threads: int | None = setting(None, "torch threads of every stage")
+    concurrency: int = setting(8, "episodes at once (collect and online replays)")
+    isolate: bool = setting(True, "run each stage that loads a model in its own process")
     # 1. the actor
-    actor_base: str = field(default="embedded", metadata={"help": "the actor's base model"})
-    actor_sft_steps: int = field(default=80, metadata={"help": "actor SFT steps (0: use the base actor with few-shot prompts)"})
-    actor_sft_batch_size: int = field(default=4, metadata={"help": "actor SFT batch size"})
-    actor_sft_learning_rate: float = field(default=2e-4, metadata={"help": "actor SFT learning rate"})
-    actor_import_reflexion: list[str] = field(default_factory=list, metadata={
-        "help": "Reflexion HotPotQA logs whose successful trajectories join the actor's SFT data"})
-    actor_expert: bool = field(default=True, metadata={"help": "the env's expert trajectories join the actor's SFT data"})
-    actor_expert_reflection_share: float = field(default=0.5, metadata={
-        "help": "share of expert trajectories shown with the oracle hint as a reflection"})
-    actor_max_tokens: int = field(default=64, metadata={"help": "max new tokens per actor step"})
-    actor_lora_r: int = field(default=16, metadata={"help": "LoRA rank of the actor (a new prompt format needs more than r=2)"})
-    actor_lora_targets: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], metadata={
-        "help": "modules that get the actor's adapter"})
+    actor_base: str = setting("embedded", "the actor's base model")
+    actor_sft_steps: int = setting(80, "actor SFT steps (0: use the base actor with few-shot prompts)")
+    actor_sft_batch_size: int = setting(4, "actor SFT batch size")
+    actor_sft_learning_rate: float = setting(2e-4, "actor SFT learning rate")
+    actor_import_reflexion: list[str] = setting(help="Reflexion HotPotQA logs whose successful trajectories join the actor's SFT data", factory=list)
+    actor_expert: bool = setting(True, "the env's expert trajectories join the actor's SFT data")
+    actor_expert_reflection_share: float = setting(0.5, "share of expert trajectories shown with the oracle hint as a reflection")
+    actor_max_tokens: int = setting(64, "max new tokens per actor step")
+    actor_lora_r: int = setting(16, "LoRA rank of the actor (a new prompt format needs more than r=2)")
+    actor_lora_targets: list[str] = setting(help="modules that get the actor's adapter", factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     # 2. training episodes
-    train_tasks: int | None = field(default=48, metadata={"help": "train-split tasks collected with the frozen reflector"})
-    train_trials: int = field(default=2, metadata={"help": "trials per train task"})
+    train_tasks: int | None = setting(48, "train-split tasks collected with the frozen reflector")
+    train_trials: int = setting(2, "trials per train task")
     # 3. the reflector
-    reflector_base: str = field(default="embedded", metadata={"help": "the reflector's base (frozen arm and training)"})
-    reflector_sft_steps: int = field(default=10, metadata={"help": "reflector SFT steps on improving reflections (0: skip)"})
-    warm_start: str = field(default="none", metadata={
-        "help": "none: the reflector's SFT data are the frozen reflector's improving reflections | rule: the model-free "
-                "rule reflector also plays the train split, and its reflections whose F1 improved are the SFT data"})
-    ppo_steps: int = field(default=12, metadata={"help": "GRPO steps with the online reward"})
-    num_generations: int = field(default=4, metadata={"help": "reflections per prompt (the GRPO group)"})
-    prompts_per_step: int = field(default=2, metadata={"help": "prompts per GRPO step"})
-    reward_metric: str = field(default="f1", metadata={"help": "online reward: score | success | f1"})
-    ppo_learning_rate: float = field(default=5e-5, metadata={"help": "GRPO learning rate"})
-    beta: float = field(default=0.04, metadata={"help": "KL penalty"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the reflections in GRPO"})
-    max_completion_length: int = field(default=64, metadata={"help": "max tokens of a sampled reflection"})
-    ppo_max_prompt_tokens: int = field(default=1024, metadata={
-        "help": "reflection prompts longer than this are left out of GRPO (CPU attention memory grows with its square)"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "GRPO recomputes activations (less memory)"})
+    reflector_base: str = setting("embedded", "the reflector's base (frozen arm and training)")
+    reflector_sft_steps: int = setting(10, "reflector SFT steps on improving reflections (0: skip)")
+    warm_start: str = setting(
+        "none", "none: the reflector's SFT data are the frozen reflector's improving reflections | rule: the model-free "
+        "rule reflector also plays the train split, and its reflections whose F1 improved are the SFT data")
+    ppo_steps: int = setting(12, "GRPO steps with the online reward")
+    num_generations: int = setting(4, "reflections per prompt (the GRPO group)")
+    prompts_per_step: int = setting(2, "prompts per GRPO step")
+    reward_metric: str = setting("f1", "online reward: score | success | f1")
+    ppo_learning_rate: float = setting(5e-5, "GRPO learning rate")
+    beta: float = setting(0.04, "KL penalty")
+    temperature: float = setting(1.0, "sampling temperature of the reflections in GRPO")
+    max_completion_length: int = setting(64, "max tokens of a sampled reflection")
+    ppo_max_prompt_tokens: int = setting(1024, "reflection prompts longer than this are left out of GRPO (CPU attention memory grows with its square)")
+    gradient_checkpointing: bool = setting(True, "GRPO recomputes activations (less memory)")
     # 4. evaluation
-    eval_tasks: int | None = field(default=None, metadata={"help": "eval-split tasks (all when unset)"})
-    eval_trials: int = field(default=2, metadata={"help": "trials per eval task"})
-    arms: list[str] = field(default_factory=lambda: list(ARMS), metadata={"help": "reflectors evaluated with the tuned actor"})
-    base_arms: list[str] = field(default_factory=lambda: list(BASE_ARMS), metadata={
-        "help": "reflectors evaluated with the base actor (headroom before tuning); empty to skip"})
-    metric: str = field(default="f1", metadata={"help": "the compared metric at the last trial: score | f1"})
-    bootstrap: int = field(default=10000, metadata={"help": "bootstrap resamples of the paired interval"})
+    eval_tasks: int | None = setting(None, "eval-split tasks (all when unset)")
+    eval_trials: int = setting(2, "trials per eval task")
+    arms: list[str] = setting(help="reflectors evaluated with the tuned actor", factory=lambda: list(ARMS))
+    base_arms: list[str] = setting(help="reflectors evaluated with the base actor (headroom before tuning); empty to skip", factory=lambda: list(BASE_ARMS))
+    metric: str = setting("f1", "the compared metric at the last trial: score | f1")
+    bootstrap: int = setting(10000, "bootstrap resamples of the paired interval")
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -136,7 +132,7 @@ def solved_by(trials_by_k: dict[int, Any], k: int) -> bool:
 
 # ------------------------------------------------------------------------------------------------ the stages
 def _child_main(fn: Any, args: tuple, kwargs: dict, rich: bool) -> Any:
-    from retroformer_cli.stages.train_common import quiet_transformers
+    from retroformer_cli.stages.common.training import quiet_transformers
 
     quiet_transformers()  # a fresh process: no load bars or deprecation notices on stderr
     if "progress" in kwargs:
@@ -210,7 +206,7 @@ class _Stages:
         if not self.tuned or self.done("sft", self.shared("actor")):
             return
         from retroformer_cli.stages import actor_data, sft
-        from retroformer_cli.stages.train_common import LoraSettings
+        from retroformer_cli.stages.common.training import LoraSettings
 
         c = self.cfg
         if not (self.ws.datasets_dir / self.shared("actor") / "manifest.json").is_file():
@@ -328,7 +324,7 @@ def run(cfg: LearningConfig, workspace: Workspace, progress: Any = None) -> dict
     earlier = json.loads(previous.read_text(encoding="utf-8")).get("timings_s", {}) if previous.is_file() else {}
     summary["timings_s"] = {**earlier, **st.timings}  # every stage's time, whichever invocation ran it
     summary["stages_s"] = round(sum(summary["timings_s"].values()), 1)
-    from retroformer_cli.stages.learning_report import write_report
+    from retroformer_cli.analysis.learning_report import write_report
 
     out = write_report(cfg, workspace, summary)
     summary["report"] = str(out)
@@ -348,7 +344,7 @@ def _arm_values(workspace: Workspace, run: str) -> tuple[list[str], dict[str, An
 def summarize(cfg: LearningConfig, workspace: Workspace, st: _Stages, arms: list[str], base_arms: list[str],
               reflector_info: dict[str, Any]) -> dict[str, Any]:
     from retroformer_cli.stages.evaluate import report_run
-    from retroformer_cli.stages.stats import paired
+    from retroformer_cli.analysis.stats import paired
 
     k = cfg.eval_trials
     per_arm: dict[str, dict[str, Any]] = {}

@@ -35,59 +35,60 @@ from __future__ import annotations
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from retroformer_cli import __version__
-from retroformer_cli.config import to_dict
+from retroformer_cli.config import setting, to_dict
 from retroformer_cli.errors import DataError, RetroformerError, UsageError
 from retroformer_cli.stages.common.checkpoints import latest_trainer_checkpoint, resume_checkpoint, resolve_checkpoint
 from retroformer_cli.stages.common.names import check_name
 from retroformer_cli.stages.common.progress import NullProgress, Progress, metrics_info, trainer_callback
 from retroformer_cli.stages.common.results import PPOResult
 from retroformer_cli.stages.ppo_rewards import METRICS as REWARD_METRICS
-from retroformer_cli.stages.train_common import CHECKPOINT_MANIFEST as MANIFEST
-from retroformer_cli.stages.train_common import LoraSettings, report_to_list
+from retroformer_cli.stages.common.training import LoraSettings, TrainerSettings, report_to_list
 from retroformer_cli.workspace import Workspace, git_revision
+
 MODES = ("offline", "online")
 
 
 @dataclass
-class PPOStageConfig:
+class PPOStageConfig(TrainerSettings):
     """`retroformer ppo` settings (defaults < ``--config ppo.yaml`` < flags)."""
 
-    dataset: str = field(default="ratings", metadata={"help": "dataset folder under <workspace>/datasets/ (prompts.*.jsonl)"})
-    sft: str | None = field(default=None, metadata={"help": "SFT checkpoint: NAME under checkpoints/sft/ or a folder; 'none': base + fresh LoRA; unset: sft/default if present"})
-    base: str = field(default="embedded", metadata={"help": "base model without --sft: embedded | a local model folder"})
-    reward_model: str | None = field(default=None, metadata={"help": "offline mode: reward checkpoint NAME under checkpoints/reward/ or a folder; unset: reward/default"})
-    mode: str = field(default="offline", metadata={"help": "offline (reward model score) | online (replayed G(k+1) - G(k))"})
-    reward_metric: str = field(default="score", metadata={"help": "online mode: the episode value whose change from trial k to the replayed trial k+1 is the reward: score | success | f1 (f1: HotPotQA's answer F1)"})
-    actor: str | None = field(default=None, metadata={"help": "online mode: actor model spec; default: each run's actor"})
-    name: str = field(default="default", metadata={"help": "checkpoint name under checkpoints/ppo/"})
-    max_steps: int = field(default=20, metadata={"help": "optimizer steps"})
-    num_generations: int = field(default=4, metadata={"help": "reflections sampled per prompt (the GRPO group)"})
-    prompts_per_step: int = field(default=2, metadata={"help": "prompts per device per optimizer step"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    learning_rate: float = field(default=1e-5, metadata={"help": "learning rate"})
-    beta: float = field(default=0.04, metadata={"help": "KL penalty to the reference (SFT policy or base)"})
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip range"})
-    loss_type: str = field(default="dapo", metadata={"help": "GRPO loss aggregation: dapo | grpo | dr_grpo | bnpo ..."})
-    scale_rewards: str = field(default="group", metadata={"help": "group | batch | none"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the reflections"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the reflections"})
-    max_completion_length: int = field(default=64, metadata={"help": "max tokens of a sampled reflection"})
-    max_prompt_tokens: int = field(default=2048, metadata={"help": "prompts longer than this are skipped (TRL no longer truncates)"})
-    save_steps: int = field(default=10, metadata={"help": "trainer checkpoint every N steps (for --resume)"})
-    save_total_limit: int = field(default=2, metadata={"help": "trainer checkpoints kept"})
-    logging_steps: int = field(default=1, metadata={"help": "log metrics every N steps"})
-    seed: int = field(default=0, metadata={"help": "training seed"})
-    threads: int | None = field(default=None, metadata={"help": "torch threads (default min(2, cores)); use 1 on a shared machine"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (large models)"})
-    online_concurrency: int = field(default=8, metadata={"help": "online mode: episodes replayed at once"})
-    online_memory_size: int | None = field(default=None, metadata={"help": "online mode: reflections in memory [default: the run's]"})
-    report_to: str = field(default="none", metadata={"help": "training logs to: none | tensorboard | wandb | trackio | mlflow (comma-separated; transformers' integrations)"})
-    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "a fresh adapter (no SFT checkpoint)"})
+    # what is trained, from what, against which reward
+    dataset: str = setting("ratings", "dataset folder under <workspace>/datasets/ (prompts.*.jsonl)")
+    sft: str | None = setting(None, "SFT checkpoint: NAME under checkpoints/sft/ or a folder; 'none': base + fresh LoRA; unset: sft/default if present")
+    base: str = setting("embedded", "base model without --sft: embedded | a local model folder")
+    reward_model: str | None = setting(None, "offline mode: reward checkpoint NAME under checkpoints/reward/ or a folder; unset: reward/default")
+    mode: str = setting("offline", "offline (reward model score) | online (replayed G(k+1) - G(k))")
+    reward_metric: str = setting("score", "online mode: the episode value whose change from trial k to the replayed trial k+1 is the reward: score | success | f1 (f1: HotPotQA's answer F1)")
+    actor: str | None = setting(None, "online mode: actor model spec; default: each run's actor")
+    name: str = setting("default", "checkpoint name under checkpoints/ppo/")
+    # GRPO
+    max_steps: int = setting(20, "optimizer steps")
+    num_generations: int = setting(4, "reflections sampled per prompt (the GRPO group)")
+    prompts_per_step: int = setting(2, "prompts per device per optimizer step")
+    gradient_accumulation_steps: int = setting(1, "gradient accumulation steps")
+    learning_rate: float = setting(1e-5, "learning rate")
+    beta: float = setting(0.04, "KL penalty to the reference (SFT policy or base)")
+    epsilon: float = setting(0.2, "PPO clip range")
+    loss_type: str = setting("dapo", "GRPO loss aggregation: dapo | grpo | dr_grpo | bnpo ...")
+    scale_rewards: str = setting("group", "group | batch | none")
+    # sampling the reflections
+    temperature: float = setting(1.0, "sampling temperature of the reflections")
+    top_p: float = setting(1.0, "nucleus sampling of the reflections")
+    max_completion_length: int = setting(64, "max tokens of a sampled reflection")
+    max_prompt_tokens: int = setting(2048, "prompts longer than this are skipped (TRL no longer truncates)")
+    # the trainer
+    save_steps: int = setting(10, "trainer checkpoint every N steps (for --resume)")
+    save_total_limit: int = setting(2, "trainer checkpoints kept")
+    logging_steps: int = setting(1, "log metrics every N steps")
+    gradient_checkpointing: bool = setting(False, "trade compute for memory (large models)")
+    online_concurrency: int = setting(8, "online mode: episodes replayed at once")
+    online_memory_size: int | None = setting(None, "online mode: reflections in memory [default: the run's]")
+    lora: LoraSettings = setting(help="a fresh adapter (no SFT checkpoint)", factory=LoraSettings)
 
 
 class PPOInterrupted(RetroformerError):
@@ -173,7 +174,7 @@ def load_policy(cfg: PPOStageConfig, workspace: Workspace, sft: Path | None) -> 
     (the reference is the base, adapter disabled)."""
     from retroformer_cli.llm.model_cache import is_adapter_dir, read_adapter_base, set_offline
     from retroformer_cli.stages import sft as sft_stage
-    from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.stages.common import training as tc
 
     set_offline()
     if sft is not None:
@@ -191,7 +192,7 @@ def grpo_args(cfg: PPOStageConfig, output_dir: Path, use_cpu: bool) -> Any:
     import torch
     from trl import GRPOConfig
 
-    from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.stages.common import training as tc
 
     bf16 = (not use_cpu) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return GRPOConfig(
@@ -291,7 +292,7 @@ def _metrics(global_step: int, train_metrics: dict[str, Any], history: list[dict
 def _save(cfg: PPOStageConfig, trainer: Any, tokenizer: Any, result: PPOResult, *, base: str, sft: Path | None,
           reward: Path | None, runs: list[str]) -> None:
     """Write the final checkpoint (the trained adapter, not TRL's frozen "ref" copy) and its manifest."""
-    from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.stages.common import training as tc
 
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
 
@@ -319,7 +320,7 @@ def _save(cfg: PPOStageConfig, trainer: Any, tokenizer: Any, result: PPOResult, 
 def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None = None, *, resume: bool = False,
             scorer: Callable | None = None, actor_client: Any = None, callbacks: list | None = None) -> PPOResult:
     """Train the reflector with GRPO; ``scorer``/``actor_client`` replace the reward model / actor (tests)."""
-    from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.stages.common import training as tc
 
     _validate(cfg, workspace)
     progress = progress or NullProgress()

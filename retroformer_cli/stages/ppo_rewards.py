@@ -163,8 +163,8 @@ class OnlineReward:
         from retroformer_cli.agents.actor import STOP as ACTOR_STOP
         from retroformer_cli.agents.prompts.base import get_prompts
         from retroformer_cli.config import CollectConfig, build_config, fill_from_env
-        from retroformer_cli.envs import get_spec
-        from retroformer_cli.stages.collect import generation_config, load_trials, make_env
+        from retroformer_cli.envs import get_spec, make_for
+        from retroformer_cli.stages.collect import generation_config, load_trials
 
         stored = dict(self.workspace.read_manifest(run).get("config") or {})
         for m in ("actor", "reflector"):  # secrets are never stored; they come back from the environment
@@ -181,9 +181,9 @@ class OnlineReward:
         self._check_metric(run, cfg.env, trials.values())
         actor = self.actor_override if (self.actor_override is not None and not isinstance(self.actor_override, str)) \
             else self._client(cfg.actor)
-        first = make_env(cfg, self.workspace)
+        first = make_for(cfg, self.workspace.cache_dir)
         spec = get_spec(cfg.env)
-        ctx = _RunContext(run=run, env_id=cfg.env, make_env=lambda: make_env(cfg, self.workspace), actor=actor,
+        ctx = _RunContext(run=run, env_id=cfg.env, make_env=lambda: make_for(cfg, self.workspace.cache_dir), actor=actor,
                           gen=generation_config(cfg.actor, ACTOR_STOP), prompts=get_prompts(cfg.env, cfg.few_shot),
                           action_names=spec.action_names, spawn=spec.spawn,
                           memory_size=self.memory_size if self.memory_size is not None else cfg.memory_size,

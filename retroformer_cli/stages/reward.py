@@ -21,44 +21,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from retroformer_cli.config import setting
 from retroformer_cli.errors import BackendError, DataError, UsageError
-from retroformer_cli.stages.common.names import check_name
 from retroformer_cli.stages.common.reflections import clean_reflection
 from retroformer_cli.stages.common.progress import NullProgress, Progress, trainer_callback
 from retroformer_cli.stages.common.results import TrainResult
-from retroformer_cli.stages.train_common import LoraSettings
+from retroformer_cli.stages.common.training import FinetuneSettings, LoraSettings
 from retroformer_cli.workspace import Workspace
 
 Scorer = Callable[[list[list[dict]], list[str]], list[float]]
 
 
 @dataclass
-class RewardStageConfig:
+class RewardStageConfig(FinetuneSettings):
     """`retroformer reward`: a LoRA reward model on the preference pairs."""
 
-    dataset: str = field(default="ratings", metadata={"help": "dataset under <workspace>/datasets/"})
-    base: str = field(default="embedded", metadata={"help": "base model: embedded | a local transformers model folder"})
-    name: str = field(default="default", metadata={"help": "checkpoint name under <checkpoints>/reward/"})
-    max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps (-1: use epochs)"})
-    epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps is -1"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "learning rate"})
-    batch_size: int = field(default=4, metadata={"help": "per-device batch size"})
-    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    max_length: int = field(default=1024, metadata={"help": "tokens per side; longer texts lose their start"})
-    save_steps: int = field(default=50, metadata={"help": "trainer checkpoint every N steps (for --resume)"})
-    logging_steps: int = 1
-    eval: bool = field(default=True, metadata={"help": "report validation accuracy and correlations at the end"})
+    name: str = setting("default", "checkpoint name under <checkpoints>/reward/")
+    learning_rate: float = setting(1e-4, "learning rate")
+    max_length: int = setting(1024, "tokens per side; longer texts lose their start")
+    eval: bool = setting(True, "report validation accuracy and correlations at the end")
     eval_batch_size: int = 8
-    gradient_checkpointing: bool = False
-    threads: int | None = field(default=None, metadata={"help": "torch threads (default min(2, cores)); use 1 on a shared machine"})
-    seed: int = field(default=0, metadata={"help": "training seed"})
-    report_to: str = field(default="none", metadata={"help": "training logs to: none | tensorboard | wandb | trackio | mlflow (comma-separated; transformers' integrations)"})
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
 
 
 def encode(tok: Any, prompt: Sequence[dict], reflection: str, max_length: int | None) -> list[int]:
     """Token ids of prompt + reflection, formatted by the chat template, start cut to ``max_length``."""
-    from retroformer_cli.stages.rating_rules import completion, strip_prefill
+    from retroformer_cli.stages.common.ratings import completion, strip_prefill
 
     msgs = strip_prefill(prompt) + completion(reflection)
     text = tok.apply_chat_template(msgs, tokenize=False)
@@ -141,7 +129,7 @@ def evaluate(model: Any, tok: Any, pairs: list[dict[str, Any]], ratings: list[di
     (prompt, reflection) is scored once: pairs reuse the same reflections many times."""
     import json
 
-    from retroformer_cli.stages.rating_rules import strip_prefill
+    from retroformer_cli.stages.common.ratings import strip_prefill
 
     keys: dict[str, int] = {}
     items: list[tuple[list, str]] = []
@@ -172,17 +160,11 @@ def evaluate(model: Any, tok: Any, pairs: list[dict[str, Any]], ratings: list[di
 def run(cfg: RewardStageConfig, workspace: Workspace, *, resume: bool = False, progress: Progress | None = None,
         callbacks: list | None = None) -> TrainResult:
     """Train and write ``<checkpoints>/reward/<name>/``; ``progress`` gets the optimizer steps and logged losses."""
-    from retroformer_cli.config import to_dict
-    from retroformer_cli.llm.model_cache import set_offline
-    from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.stages.common import training as tc
     from retroformer_cli.stages.common.checkpoints import resume_checkpoint
     from retroformer_cli.stages.datasets import read_split
 
-    set_offline()
-    check_name(cfg.name)
-    tc.report_to_list(cfg.report_to)  # a bad --report-to fails before the model loads
-    tc.set_threads(cfg.threads)
-    tc.quiet_transformers(cfg.seed)
+    tc.begin(cfg)
     base_label, base_path = tc.resolve_base(cfg.base, workspace)
     from transformers import AutoTokenizer
     from trl import RewardConfig, RewardTrainer
@@ -210,10 +192,7 @@ def run(cfg: RewardStageConfig, workspace: Workspace, *, resume: bool = False, p
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                             peft_config=tc.lora_config(cfg.lora, "SEQ_CLS"), callbacks=cbs)
     tc.drop_stdout_printer(trainer)
-    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    metrics: dict[str, Any] = {"global_step": trainer.state.global_step, "train_loss": out.training_loss,
-                               "train_runtime_s": out.metrics.get("train_runtime"), "train_pairs": len(train_ds),
-                               **tc.loss_history(trainer.state.log_history)}
+    metrics: dict[str, Any] = {**tc.train(trainer, resume_from), "train_pairs": len(train_ds)}
     acc = [h["accuracy"] for h in trainer.state.log_history if "accuracy" in h]
     metrics["train_accuracy_last"] = acc[-1] if acc else None
     if cfg.eval:
@@ -221,28 +200,18 @@ def run(cfg: RewardStageConfig, workspace: Workspace, *, resume: bool = False, p
                                 read_split(workspace, cfg.dataset, "ratings", "validation"), cfg.max_length,
                                 cfg.eval_batch_size))
         metrics["chance_accuracy"] = 0.5
-    peft_model = trainer.model
-
-    def write(tmp: Path) -> None:
-        peft_model.save_pretrained(str(tmp))
-        tc.fix_adapter_base(tmp, base_label)
-        tok.save_pretrained(str(tmp))
-        tc.write_metrics_jsonl(tmp, trainer.state.log_history)
-
-    dest = workspace.checkpoint_dir("reward", cfg.name)
-    manifest = tc.checkpoint_manifest("reward", base_label, cfg.dataset, to_dict(cfg), metrics,
-                                      max_length=cfg.max_length, resumed_from=resume_from.name if resume_from else None)
-    tc.save_checkpoint(dest, write, manifest)
+    dest = tc.save_adapter(workspace, "reward", cfg, trainer, tok, base_label, metrics, resume_from,
+                           max_length=cfg.max_length)
     return TrainResult("reward", cfg.name, dest, metrics)
 
 
 def load_reward_model(path: str | Path, cache_dir: str | Path):
     """(model, tokenizer, max_length) of a reward checkpoint folder, adapter merged, in eval mode."""
     from retroformer_cli.llm import model_cache as mc
-    from retroformer_cli.stages.train_common import read_checkpoint_manifest
+    from retroformer_cli.stages.common.training import read_checkpoint_manifest
 
     mc.set_offline()
-    from retroformer_cli.stages.train_common import quiet_transformers
+    from retroformer_cli.stages.common.training import quiet_transformers
 
     quiet_transformers()
     folder = Path(path)

@@ -28,7 +28,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from retroformer_cli.errors import DataError, UsageError
 from retroformer_cli.records import Reflection, Step, Trial
@@ -355,7 +355,3 @@ def import_runs(workspace: Workspace, path: str | Path, *, prefix: str = "reflex
         out.append({"run": r.name, "env": r.manifest.get("env"), "tasks": len(r.manifest.get("task_ids") or []),
                     "trials": len(r.trials), "format": r.manifest["imported"]["format"]})
     return out
-
-
-def summaries(runs: Iterable[ImportedRun]) -> list[str]:
-    return [f"{r.name}: {len(r.trials)} trials" for r in runs]

@@ -16,39 +16,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retroformer_cli.config import setting
 from retroformer_cli.errors import DataError, UsageError
-from retroformer_cli.stages.common.names import check_name
 from retroformer_cli.stages.common.progress import NullProgress, Progress, trainer_callback
 from retroformer_cli.stages.common.results import TrainResult
-from retroformer_cli.stages.train_common import LoraSettings
+from retroformer_cli.stages.common.training import FinetuneSettings, LoraSettings
 from retroformer_cli.workspace import Workspace
 
 
 @dataclass
-class SFTStageConfig:
+class SFTStageConfig(FinetuneSettings):
     """`retroformer sft`: LoRA SFT of the reflector on improving reflections (completion-only loss)."""
 
-    dataset: str = field(default="ratings", metadata={"help": "dataset under <workspace>/datasets/"})
-    role: str = field(default="reflector", metadata={
-        "help": "reflector (improving reflections, `datasets build`) | actor (step rows of `datasets actor`; use the "
-                "checkpoint as --actor workspace:sft/NAME)"})
-    base: str = field(default="embedded", metadata={"help": "base model: embedded | a local transformers model folder"})
-    name: str = field(default="default", metadata={"help": "checkpoint name under <checkpoints>/sft/"})
-    max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps (-1: use epochs)"})
-    epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps is -1"})
-    learning_rate: float = field(default=2e-4, metadata={"help": "learning rate"})
-    batch_size: int = field(default=4, metadata={"help": "per-device batch size"})
-    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    max_length: int = field(default=1024, metadata={"help": "tokens per example; longer prompts lose their start"})
+    role: str = setting(
+        "reflector", "reflector (improving reflections, `datasets build`) | actor (step rows of `datasets actor`; use the "
+        "checkpoint as --actor workspace:sft/NAME)")
+    name: str = setting("default", "checkpoint name under <checkpoints>/sft/")
+    learning_rate: float = setting(2e-4, "learning rate")
+    max_length: int = setting(1024, "tokens per example; longer prompts lose their start")
     warmup_steps: int = 0
-    save_steps: int = field(default=50, metadata={"help": "trainer checkpoint every N steps (for --resume)"})
-    logging_steps: int = 1
-    eval: bool = field(default=True, metadata={"help": "evaluate on the validation split at the end"})
-    gradient_checkpointing: bool = False
-    merge: bool = field(default=False, metadata={"help": "also write merged/ (base + adapter as one model)"})
-    threads: int | None = field(default=None, metadata={"help": "torch threads (default min(2, cores)); use 1 on a shared machine"})
-    seed: int = field(default=0, metadata={"help": "training seed"})
-    report_to: str = field(default="none", metadata={"help": "training logs to: none | tensorboard | wandb | trackio | mlflow (comma-separated; transformers' integrations)"})
+    eval: bool = setting(True, "evaluate on the validation split at the end")
+    merge: bool = setting(False, "also write merged/ (base + adapter as one model)")
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -82,7 +70,7 @@ def load_sft_datasets(workspace: Workspace, name: str, role: str = "reflector", 
 def trl_config(cfg: SFTStageConfig, output_dir: Path, has_eval: bool):
     from trl import SFTConfig
 
-    from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.stages.common import training as tc
 
     return SFTConfig(
         output_dir=str(output_dir), max_steps=cfg.max_steps, num_train_epochs=cfg.epochs,
@@ -110,16 +98,10 @@ def load_base_causal_lm(path: Path):
 def run(cfg: SFTStageConfig, workspace: Workspace, *, resume: bool = False, progress: Progress | None = None,
         callbacks: list | None = None) -> TrainResult:
     """Train and write ``<checkpoints>/sft/<name>/``; ``progress`` gets the optimizer steps and logged losses."""
-    from retroformer_cli.config import to_dict
-    from retroformer_cli.llm.model_cache import set_offline
-    from retroformer_cli.stages import train_common as tc
+    from retroformer_cli.stages.common import training as tc
     from retroformer_cli.stages.common.checkpoints import resume_checkpoint
 
-    set_offline()
-    check_name(cfg.name)
-    tc.report_to_list(cfg.report_to)  # a bad --report-to fails before the model loads
-    tc.set_threads(cfg.threads)
-    tc.quiet_transformers(cfg.seed)
+    tc.begin(cfg)
     if cfg.role not in ROLES:
         raise UsageError(f"Unknown role '{cfg.role}' (--role): choose reflector or actor.")
     if cfg.role == "actor":
@@ -140,29 +122,18 @@ def run(cfg: SFTStageConfig, workspace: Workspace, *, resume: bool = False, prog
                          eval_dataset=eval_ds, processing_class=tok, peft_config=tc.lora_config(cfg.lora, "CAUSAL_LM"),
                          callbacks=cbs)
     tc.drop_stdout_printer(trainer)
-    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    metrics: dict[str, Any] = {"global_step": trainer.state.global_step, "train_loss": out.training_loss,
-                               "train_runtime_s": out.metrics.get("train_runtime"),
-                               "train_rows": len(train_ds), "validation_rows": len(eval_ds) if eval_ds else 0,
-                               **tc.loss_history(trainer.state.log_history)}
+    metrics: dict[str, Any] = {**tc.train(trainer, resume_from), "train_rows": len(train_ds),
+                               "validation_rows": len(eval_ds) if eval_ds else 0}
     if cfg.eval and eval_ds is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    peft_model = trainer.model
 
-    def write(tmp: Path) -> None:
-        peft_model.save_pretrained(str(tmp))
-        tc.fix_adapter_base(tmp, base_label)
-        tok.save_pretrained(str(tmp))
-        tc.write_metrics_jsonl(tmp, trainer.state.log_history)
-        if cfg.merge:
-            merged = peft_model.merge_and_unload()
-            merged.save_pretrained(str(tmp / "merged"))
-            tok.save_pretrained(str(tmp / "merged"))
+    def write_merged(tmp: Path) -> None:
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(str(tmp / "merged"))
+        tok.save_pretrained(str(tmp / "merged"))
 
-    dest = workspace.checkpoint_dir("sft", cfg.name)
-    manifest = tc.checkpoint_manifest("sft", base_label, cfg.dataset, to_dict(cfg), metrics,
-                                      resumed_from=resume_from.name if resume_from else None)
-    tc.save_checkpoint(dest, write, manifest)
+    dest = tc.save_adapter(workspace, "sft", cfg, trainer, tok, base_label, metrics, resume_from,
+                           also_write=write_merged if cfg.merge else None)
     return TrainResult("sft", cfg.name, dest, metrics)
 
 
@@ -172,7 +143,7 @@ def load_policy(path_or_spec: str | Path, cache_dir: str | Path):
     from retroformer_cli.llm import model_cache as mc
 
     mc.set_offline()
-    from retroformer_cli.stages.train_common import quiet_transformers
+    from retroformer_cli.stages.common.training import quiet_transformers
 
     quiet_transformers()
     path = mc.resolve_local_model(str(path_or_spec), cache_dir)

@@ -68,10 +68,5 @@ checking. The question asks about the author's prize, which needs a second searc
 the author (Doreen Matsuka) and look up "Crane Prize" on her page before answering."""
 
 
-PROMPTS = PromptSet(
-    actor_instruction=ACTOR_INSTRUCTION,
-    actor_examples=ACTOR_EXAMPLES,
-    reflect_instruction=REFLECT_INSTRUCTION,
-    reflect_examples=REFLECT_EXAMPLES,
-    action_format="Search[entity], Lookup[keyword] or Finish[answer]",
-)
+# the instructions and our own few-shot examples, in PromptSet's field order
+PROMPTS = PromptSet(ACTOR_INSTRUCTION, ACTOR_EXAMPLES, REFLECT_INSTRUCTION, REFLECT_EXAMPLES, action_format="Search[entity], Lookup[keyword] or Finish[answer]")

@@ -62,10 +62,5 @@ instruction asked for, so the options did not match. Next time, on the product p
 click[heather grey] before click[Buy Now], and check every requested option is selected before buying."""
 
 
-PROMPTS = PromptSet(
-    actor_instruction=ACTOR_INSTRUCTION,
-    actor_examples=ACTOR_EXAMPLES,
-    reflect_instruction=REFLECT_INSTRUCTION,
-    reflect_examples=REFLECT_EXAMPLES,
-    action_format="search[keywords] or click[button]",
-)
+# the instructions and our own few-shot examples, in PromptSet's field order
+PROMPTS = PromptSet(ACTOR_INSTRUCTION, ACTOR_EXAMPLES, REFLECT_INSTRUCTION, REFLECT_EXAMPLES, action_format="search[keywords] or click[button]")

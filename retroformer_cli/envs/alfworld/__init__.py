@@ -4,7 +4,7 @@ Imports nothing heavy: the engine (textworld, alfworld) is imported only inside 
 Install it with ``pip install 'retroformer-cli[alfworld]'``.
 """
 
-from retroformer_cli.envs.alfworld.env import NOTHING, ALFWorldEnv, EngineError
+from retroformer_cli.envs.alfworld.env import NOTHING, ALFWorldEnv, TextWorldError
 from retroformer_cli.envs.alfworld.games import (BENCHMARK_SPLIT, SHORT_TASK_TYPES, TASK_TYPES, Game, discover_games,
                                                  task_type_from_goal, task_type_of)
 from retroformer_cli.envs.alfworld.wording import WORDINGS, normalize_command, to_native
@@ -20,7 +20,7 @@ SPEC = EnvSpec(
 )
 
 __all__ = [
-    "ALFWorldEnv", "BENCHMARK_SPLIT", "EngineError", "Game", "NOTHING", "SHORT_TASK_TYPES", "SPEC", "TASK_TYPES",
+    "ALFWorldEnv", "BENCHMARK_SPLIT", "TextWorldError", "Game", "NOTHING", "SHORT_TASK_TYPES", "SPEC", "TASK_TYPES",
     "WORDINGS",
     "discover_games", "normalize_command", "task_type_from_goal", "task_type_of", "to_native",
 ]

@@ -11,40 +11,23 @@ Success is ``info["won"]`` only; the step limit (50 by default) ends an episode 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import multiprocessing as mp
 import os
-import sys
-from typing import Any, Iterator
+from typing import Any
 
-from retroformer_cli.envs.alfworld.engine import INSTALL_HINT, Engine, missing_dependency, worker_main
+from retroformer_cli.envs.base import check_can_step
+from retroformer_cli.envs.alfworld.worker import INSTALL_HINT, GamePlayer, missing_dependency, worker_main
 from retroformer_cli.envs.alfworld.games import Game, discover_games
 from retroformer_cli.envs.alfworld.wording import (WORDINGS, commands_in, first_observation, normalize_command,
                                                    observation_in, to_native)
 from retroformer_cli.errors import DataError, RetroformerError, UsageError
+from retroformer_cli.spawning import main_module_hidden
 
 NOTHING = "Nothing happens."
 
 
-@contextlib.contextmanager
-def _main_module_hidden() -> Iterator[None]:
-    """Start spawned workers without re-running the caller's ``__main__`` (a script without a
-    ``if __name__ == "__main__"`` guard, or ``python -`` on stdin): the worker needs only this package."""
-    main = sys.modules.get("__main__")
-    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
-    try:
-        if main is not None:
-            main.__dict__.pop("__file__", None)
-            main.__dict__["__spec__"] = None
-        yield
-    finally:
-        if main is not None:
-            main.__dict__.pop("__spec__", None)
-            main.__dict__.update(saved)
-
-
-class EngineError(RetroformerError):
+class TextWorldError(RetroformerError):
     """The ALFWorld engine (or its worker process) failed."""
 
 
@@ -80,7 +63,7 @@ class ALFWorldEnv:
         self._by_id: dict[str, Game] = {g.task_id: g for g in self.games}
         self._conn: Any = None
         self._proc: Any = None
-        self._engine: Engine | None = None
+        self._player: GamePlayer | None = None
         self._busy = False
         self._game: Game | None = None
         self._done = True
@@ -117,7 +100,7 @@ class ALFWorldEnv:
         twin = object.__new__(type(self))  # subclasses spawn their own kind
         keep = ("max_steps", "wording", "process", "cache_games", "root", "games", "_by_id")
         twin.__dict__.update({k: self.__dict__[k] for k in keep})
-        twin._conn = twin._proc = twin._engine = None
+        twin._conn = twin._proc = twin._player = None
         twin._busy, twin._game, twin._done = False, None, True
         return twin
 
@@ -126,10 +109,10 @@ class ALFWorldEnv:
         """Start the engine now (import + worker process) instead of on the first reset."""
         self._call("ping", None)
 
-    def _ensure_engine(self) -> None:
+    def _ensure_player(self) -> None:
         if not self.process:
-            if self._engine is None:
-                self._engine = Engine(self.cache_games)
+            if self._player is None:
+                self._player = GamePlayer(self.cache_games)
             return
         if self._proc is not None and self._proc.is_alive():
             return
@@ -137,7 +120,7 @@ class ALFWorldEnv:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=worker_main, args=(child, self.cache_games), daemon=True, name="alfworld-engine")
-        with _main_module_hidden():
+        with main_module_hidden():
             proc.start()
         child.close()
         self._conn, self._proc = parent, proc
@@ -173,25 +156,25 @@ class ALFWorldEnv:
         where = f" on game {self._game.task_id}" if self._game is not None else ""
         if op == "reset":
             raise DataError(f"The ALFWorld engine could not load{where} ({kind}: {message}).")
-        raise EngineError(f"The ALFWorld engine failed{where} ({kind}: {message}).")
+        raise TextWorldError(f"The ALFWorld engine failed{where} ({kind}: {message}).")
 
-    def _dead(self, op: str) -> EngineError:
+    def _dead(self, op: str) -> TextWorldError:
         code = self._proc.exitcode if self._proc is not None else None
         self._stop_worker(wait=0.5)
-        return EngineError(f"The ALFWorld engine worker process exited unexpectedly (exit code {code}) during {op}.")
+        return TextWorldError(f"The ALFWorld engine worker process exited unexpectedly (exit code {code}) during {op}.")
 
     def _call(self, op: str, arg: Any) -> Any:
         if not self.process:
-            self._ensure_engine()
-            assert self._engine is not None
+            self._ensure_player()
+            assert self._player is not None
             try:
-                return self._engine.reset(arg) if op == "reset" else (
-                    self._engine.step(arg) if op == "step" else os.getpid())
+                return self._player.reset(arg) if op == "reset" else (
+                    self._player.step(arg) if op == "step" else os.getpid())
             except RetroformerError:
                 raise
             except Exception as exc:
                 return self._reply(op, ("error", type(exc).__name__, str(exc)))
-        self._ensure_engine()
+        self._ensure_player()
         try:
             self._conn.send((op, arg))
             reply = self._conn.recv()
@@ -204,7 +187,7 @@ class ALFWorldEnv:
             return self._call(op, arg)
         if self._busy:
             raise RuntimeError("this ALFWorld env is already serving a request; use one env per episode (spawn())")
-        self._ensure_engine()
+        self._ensure_player()
         conn = self._conn
         loop = asyncio.get_running_loop()
         self._busy = True
@@ -233,9 +216,9 @@ class ALFWorldEnv:
 
     def close(self) -> None:
         self._stop_worker()
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
+        if self._player is not None:
+            self._player.close()
+            self._player = None
         self._game, self._done = None, True
 
     def __enter__(self) -> "ALFWorldEnv":
@@ -281,10 +264,7 @@ class ALFWorldEnv:
         return self._end_reset(game, await self._acall("reset", str(game.path)))
 
     def _begin_step(self, action: str) -> tuple[str | None, str]:
-        if self._game is None:
-            raise RuntimeError("no episode has started; call reset()")
-        if self._done:
-            raise RuntimeError("episode is over; call reset()")
+        check_can_step(self._game is not None, self._done)
         self._steps += 1
         text = normalize_command(action)
         if text == "think" or text.startswith("think:"):
@@ -335,4 +315,4 @@ class ALFWorldEnv:
                 "available_actions": commands_in(self._adm, self.wording)}
 
 
-__all__ = ["ALFWorldEnv", "EngineError", "NOTHING"]
+__all__ = ["ALFWorldEnv", "TextWorldError", "NOTHING"]

@@ -26,11 +26,6 @@ _GOTO = re.compile(r"^go to (.+)$")
 WELCOME = "-= Welcome to TextWorld, ALFRED! =-"
 
 
-def native_wording(command_templates: Iterable[str]) -> str:
-    """``alfworld`` when the game's grammar has ``move {o} to {r}``, else ``react`` (json_2.1.1)."""
-    return "alfworld" if any(t.startswith("move ") for t in command_templates) else "react"
-
-
 def normalize_command(text: str) -> str:
     """Lower-case, one line, single spaces; drops a leading '>' and quotes and a trailing period."""
     lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]

@@ -125,10 +125,6 @@ class LuceneEnglishAnalyzer:
             terms.append(self.stem(tok))
         return terms
 
-    @property
-    def stem_cache(self) -> dict[str, str]:
-        return self._stems
-
 
 # --- Lucene's SmallFloat one-byte length norm ------------------------------------------------------
 _NUM_FREE_VALUES = 24  # 255 - longToInt4(Integer.MAX_VALUE)

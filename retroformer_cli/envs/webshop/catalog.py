@@ -83,7 +83,7 @@ class Catalog:
                 yield p["asin"], product_contents(p)
 
 
-def _file_key(path: Path) -> str:
+def file_key(path: Path) -> str:
     st = path.stat()
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
@@ -122,7 +122,7 @@ def load_documents(path: str | Path, num_products: int | None = None) -> Catalog
             contents.append(rec["contents"] if isinstance(rec.get("contents"), str) else product_contents(product))
     if not products:
         raise DataError(f"WebShop documents file {path} holds no products.")
-    return Catalog(products, source=str(path), key=f"documents|{_file_key(path)}|{num_products}", contents=contents)
+    return Catalog(products, source=str(path), key=f"documents|{file_key(path)}|{num_products}", contents=contents)
 
 
 def iter_json_array(path: Path, chunk_size: int = 1 << 20) -> Iterator[Any]:
@@ -272,7 +272,7 @@ def load_raw(data_dir: str | Path, num_products: int | None = None,
         products.append(process_raw_product(raw, attributes, human, reviews))
     if not products:
         raise DataError(f"{files['products']} holds no products.")
-    key = "raw|" + "|".join(_file_key(p) for p in files.values() if p is not None) + f"|{num_products}"
+    key = "raw|" + "|".join(file_key(p) for p in files.values() if p is not None) + f"|{num_products}"
     return Catalog(products, source=str(files["products"]), key=key)
 
 

@@ -25,7 +25,7 @@ from retroformer_cli.envs.webshop.goals import (GOAL_KINDS, build_goals, parse_t
 from retroformer_cli.envs.webshop.reward import get_reward
 from retroformer_cli.envs.webshop.search import SEARCH_RETURN_N, load_or_build
 from retroformer_cli.envs.webshop.store import load_catalog
-from retroformer_cli.envs.base import data_or_sample
+from retroformer_cli.envs.base import check_can_step, data_or_sample
 from retroformer_cli.errors import DataError, UsageError
 
 SAMPLE_DATA = Path(__file__).resolve().parents[3] / "sample_data" / "webshop"
@@ -193,10 +193,7 @@ class WebShopEnv:
         self._purchase: dict[str, Any] | None = None
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
-        if self._goal is None:
-            raise RuntimeError("no episode has started; call reset()")
-        if self._done:
-            raise RuntimeError("episode is over; call reset()")
+        check_can_step(self._goal is not None, self._done)
         self._steps += 1
         reward, terminated = 0.0, False
         parsed = parse_action(action)

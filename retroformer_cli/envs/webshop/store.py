@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from retroformer_cli.envs.webshop.catalog import (PRODUCT_FIELDS, Catalog, _file_key, load_documents,
+from retroformer_cli.envs.webshop.catalog import (PRODUCT_FIELDS, Catalog, file_key, load_documents,
                                                   product_contents, product_price)
 from retroformer_cli.envs.webshop.search import fingerprint, save_arrays
 from retroformer_cli.errors import DataError
@@ -260,7 +260,7 @@ def load_catalog(path: str | Path, num_products: int | None = None, cache_dir: s
         raise DataError(f"Cannot read WebShop documents file {path} ({exc.strerror}).") from None
     if not (lazy if lazy is not None else size > EAGER_MAX_BYTES):
         return load_documents(path, num_products)
-    key = f"documents|{_file_key(path)}|{num_products}"
+    key = f"documents|{file_key(path)}|{num_products}"
     folder = Path(cache_dir) / "catalogs" / f"webshop-docs-{fingerprint(key, SCAN_FORMAT)}" if cache_dir else None
     store = DocumentStore.load(folder, path) if folder is not None and folder.is_dir() else None
     if store is None:

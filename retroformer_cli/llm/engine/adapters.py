@@ -45,6 +45,7 @@ def adapter_name_for(path: str | os.PathLike[str]) -> str:
 class Adapters:
     def __init__(self) -> None:
         self.paths: dict[str, str] = {}  # name -> folder, as loaded
+        self.labels: dict[str, str] = {}  # name -> what its user calls it (serve's model name; default: name)
         self.namespaces: dict[str | None, bytes] = {}  # prefix-cache namespace per adapter (None: the base)
         self.base: Any = None
         self.peft: Any = None
@@ -56,9 +57,10 @@ class Adapters:
         self.base = base_model
         self.namespaces[None] = namespace
 
-    def load(self, name: str, path: str, model_name: str) -> None:
+    def load(self, name: str, path: str, model_name: str, label: str | None = None) -> None:
+        label = label or name
         if name in self.paths or name == BASE_ADAPTER:
-            raise BackendError(f"The LoRA adapter '{name}' is already loaded.")
+            raise BackendError(f"The LoRA adapter '{label}' is already loaded.")
         import warnings
 
         try:
@@ -72,9 +74,10 @@ class Adapters:
                     self.peft.load_adapter(path, adapter_name=name)
             self.peft.eval()
         except Exception as exc:  # peft raises many kinds (shape mismatch, bad config, ...)
-            raise BackendError(f"Cannot load the LoRA adapter '{name}' from {path} on {model_name}: {exc}") from exc
+            raise BackendError(f"Cannot load the LoRA adapter '{label}' from {path} on {model_name}: {exc}") from exc
         self._active = None
         self.paths[name] = path
+        self.labels[name] = label
         self.namespaces[name] = f"{self.namespaces[None].decode()}|lora:{name}:{next_id()}".encode()
 
     def forget(self, name: str) -> None:
@@ -82,6 +85,7 @@ class Adapters:
         if name not in self.paths:
             raise AdapterNotLoaded(f"The LoRA adapter '{name}' is not loaded.")
         del self.paths[name]
+        self.labels.pop(name, None)
 
     def remove(self, name: str) -> bytes:
         """Second half of an unload (after its requests failed): remove the LoRA layers; returns the adapter's

@@ -59,7 +59,7 @@ class EngineFrontend:
     def _main(self) -> None:
         raise NotImplementedError
 
-    def _load_adapter(self, name: str, path: str) -> None:
+    def _load_adapter(self, name: str, path: str, label: str | None = None) -> None:
         raise NotImplementedError
 
     def _unload_adapter(self, name: str) -> None:
@@ -178,9 +178,10 @@ class EngineFrontend:
             raise
 
     # -------------------------------------------------------------------------------- adapters
-    def load_adapter(self, name: str, path: str | Path) -> None:
-        """Load a PEFT LoRA adapter under ``name`` (blocking; runs on the model thread between steps)."""
-        self._call(lambda: self._load_adapter(name, str(path)))
+    def load_adapter(self, name: str, path: str | Path, label: str | None = None) -> None:
+        """Load a PEFT LoRA adapter under ``name`` (blocking; runs on the model thread between steps). ``label``:
+        what its user calls it (serve's model name), kept in :attr:`adapter_labels` and used in messages."""
+        self._call(lambda: self._load_adapter(name, str(path), label))
 
     def unload_adapter(self, name: str) -> None:
         """Unload an adapter; its queued and running requests fail with :class:`AdapterNotLoaded`."""

@@ -77,6 +77,11 @@ class Engine(EngineFrontend):
         """Loaded LoRA adapters: name -> folder (the model thread writes it)."""
         return self._lora.paths
 
+    @property
+    def adapter_labels(self) -> dict[str, str]:
+        """Loaded LoRA adapters: name -> the label it was loaded with (its name when none was given)."""
+        return dict(self._lora.labels)
+
     # -------------------------------------------------------------------------------- stats
     def stats(self) -> dict[str, Any]:
         out = {"model": self.name, "waiting": self.num_waiting(), "running": self.num_running(),
@@ -166,12 +171,13 @@ class Engine(EngineFrontend):
         self._lora.attach(m.model, m.namespace)
         self.info = m.info
 
-    def _load_adapter(self, name: str, path: str) -> None:
-        self._lora.load(name, path, self.name)
+    def _load_adapter(self, name: str, path: str, label: str | None = None) -> None:
+        self._lora.load(name, path, self.name, label)
 
     def _unload_adapter(self, name: str) -> None:
+        label = self._lora.labels.get(name, name)
         self._lora.forget(name)
-        err = AdapterNotLoaded(f"The LoRA adapter '{name}' was unloaded before this request finished.")
+        err = AdapterNotLoaded(f"The LoRA adapter '{label}' was unloaded before this request finished.")
         for req in [r for r in self._waiting if r.adapter == name]:
             self._waiting.remove(req)
             self._finish_request(req, err)

@@ -45,12 +45,3 @@ def ensure_adapter(engine: Engine, name: str, path: str) -> None:
         engine.wait_ready()
         if name not in engine.adapters:
             engine.load_adapter(name, path)
-
-
-def shutdown_all() -> None:
-    """Stop every shared engine (their queued work is abandoned); the next use starts new ones."""
-    with _lock:
-        engines = list(_engines.values())
-        _engines.clear()
-    for engine in engines:
-        engine.shutdown(drain=False, timeout=10)

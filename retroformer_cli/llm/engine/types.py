@@ -54,10 +54,6 @@ class Result:
     def completion_tokens(self) -> int:
         return sum(c.completion_tokens for c in self.choices)
 
-    @property
-    def computed_prompt_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens
-
 
 @dataclass
 class EngineConfig:
@@ -76,6 +72,26 @@ class EngineConfig:
     block_size: int = 16  # tokens per cached block (only whole blocks are reused)
     draft_tokens: int = 4  # greedy requests: prompt-lookup draft tokens checked per step (0: off)
     cpu_packed_linear: bool = True  # CPU: linear layers with oneDNN-packed weights (faster batches, batch-invariant)
+
+    @classmethod
+    def for_model(cls, model: str, cache_dir: str | os.PathLike[str], **settings: object) -> tuple[EngineConfig, str | None]:
+        """The one place an engine configuration is assembled from a model spec and the user's settings, for
+        in-process clients and ``serve`` alike: ``(config, adapter folder or None)``.
+
+        A LoRA folder runs on its base model with the adapter loaded on top, so the spec is split here; the step
+        budget is raised to one token per decoding sequence at least; unset threads get :func:`default_threads`.
+        """
+        from retroformer_cli.llm.model_cache import split_model_spec
+
+        base, adapter = split_model_spec(str(model), cache_dir)
+        batch = int(settings.get("max_batch_size", cls.max_batch_size))  # type: ignore[call-overload]
+        step = int(settings.get("max_step_tokens", cls.max_step_tokens))  # type: ignore[call-overload]
+        settings["max_step_tokens"] = max(step, batch)
+        config = cls(model=base, cache_dir=str(cache_dir), **settings)  # type: ignore[arg-type]
+        if config.threads is None:
+            config.threads = default_threads()
+        config.validate()
+        return config, adapter
 
     def validate(self) -> None:
         checks = (("--max-batch-size", self.max_batch_size, 1), ("--max-step-tokens", self.max_step_tokens, 1),

@@ -16,7 +16,7 @@ for the ``openai`` client to be exercised over real sockets, and can inject fail
 The server ignores ``stop`` on purpose: clients must cut at stop strings themselves.
 Run standalone (for benchmarks in another process)::
 
-    python -m retroformer_cli.llm.fake_server --port 0 --delay 0.2
+    python -m retroformer_cli.testing.fake_openai_server --port 0 --delay 0.2
 """
 
 from __future__ import annotations
@@ -231,10 +231,6 @@ class FakeOpenAIServer:
         self.stop()
 
     # -- state (thread-safe) --------------------------------------------------------------------
-    def add_faults(self, *faults: str) -> None:
-        with self._lock:
-            self._faults.extend(faults)
-
     def _begin(self, body: dict) -> str | None:
         with self._lock:
             self._arrivals.append(time.time())

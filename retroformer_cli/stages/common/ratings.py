@@ -6,7 +6,7 @@
 - :func:`rows_from_sequences` turns imported per-task trial sequences into rating rows: the reflection written
   after trial k is rated G(k+1) - G(k).
 
-A leaf module: it imports nothing from the other stages but ``stages.common``.
+A leaf module: it imports nothing from the stages, only its siblings in ``stages.common``.
 """
 
 from __future__ import annotations

@@ -10,13 +10,10 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from retroformer_cli.httpserver.errors import error_body
+
 OPEN_PATHS = frozenset({"/health", "/v1/health"})
 JSON_TYPES = ("application/json",)
-
-
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 class GuardMiddleware:

@@ -1,12 +1,12 @@
-"""The real ALFWorld engine (TextWorld's PDDL backend), in-process or in a worker process.
+"""The real ALFWorld game player (TextWorld's PDDL backend), in-process or in a worker process.
 
-:class:`Engine` plays one game at a time with ``textworld.start`` and alfworld's own wrappers
+:class:`GamePlayer` plays one game at a time with ``textworld.start`` and alfworld's own wrappers
 (``AlfredDemangler(shuffle=False)`` for the canonical "desk 2" names, ``AlfredInfos``), exactly what
 ``AlfredTWEnv`` builds, without its batching. Loaded games are kept in a small LRU so a second trial of
 the same game skips the load (reset then rebuilds the start state from the game's PDDL problem), and
 the first reset after a load uses the start state the load built instead of translating it twice.
 
-:func:`worker_main` serves an Engine over a pipe; the parent (:class:`~.env.ALFWorldEnv`) starts it with
+:func:`worker_main` serves a GamePlayer over a pipe; the parent (:class:`~.env.ALFWorldEnv`) starts it with
 the ``spawn`` method. Requests are ``(op, arg)`` tuples; replies ``("ok", payload)`` or
 ``("error", kind, message)``.
 """
@@ -34,7 +34,7 @@ def missing_dependency() -> str | None:
     return None
 
 
-class Engine:
+class GamePlayer:
     """One ALFWorld game at a time; ``reset(path)`` / ``step(command)`` return plain dicts."""
 
     def __init__(self, cache_games: int = 4):
@@ -123,12 +123,12 @@ class Engine:
 
 
 def worker_main(conn: Any, cache_games: int = 4) -> None:
-    """Serve an :class:`Engine` over ``conn`` until ``("close", None)`` or the pipe closes."""
+    """Serve a :class:`GamePlayer` over ``conn`` until ``("close", None)`` or the pipe closes."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    engine = None
+    player = None
     try:
         while True:
             try:
@@ -139,12 +139,12 @@ def worker_main(conn: Any, cache_games: int = 4) -> None:
                 conn.send(("ok", None))
                 return
             try:
-                if engine is None:
-                    engine = Engine(cache_games)
+                if player is None:
+                    player = GamePlayer(cache_games)
                 if op == "reset":
-                    reply = ("ok", engine.reset(arg))
+                    reply = ("ok", player.reset(arg))
                 elif op == "step":
-                    reply = ("ok", engine.step(arg))
+                    reply = ("ok", player.step(arg))
                 elif op == "ping":
                     reply = ("ok", os.getpid())
                 else:
@@ -156,6 +156,6 @@ def worker_main(conn: Any, cache_games: int = 4) -> None:
             except (OSError, EOFError):  # the parent went away (closed or killed us mid-request)
                 return
     finally:
-        if engine is not None:
-            engine.close()
+        if player is not None:
+            player.close()
         conn.close()

@@ -86,3 +86,42 @@ def build(cls: type, overrides: dict[str, Any], base: Optional[dict[str, Any]] =
     from retroformer_cli.config import build_config
 
     return build_config(cls, state.config, overrides, base=base)
+
+
+def group_app(summary: str) -> typer.Typer:
+    """A command group's app (``datasets``, ``env``): ``summary`` is its help, and it stays a group (with
+    subcommands to name) even while it has one command."""
+    app = command_app(no_args_is_help=True)
+    app.callback(help=summary)(lambda: None)
+    return app
+
+
+def done(result: Any, summary: str, use: str | None = None) -> None:
+    """A finished command's output: the result as JSON on stdout with ``--json``; one summary line (and how to use
+    what it made) on stderr, printed as written."""
+    from rich.markup import escape
+
+    from retroformer_cli import console
+
+    if state.json:
+        console.print_json(result.to_json())
+    console.stderr.print(f"[green]done[/]: {escape(summary)}", soft_wrap=True)
+    if use:
+        console.stderr.print(f"[dim]use it: {escape(use)}[/]", soft_wrap=True)
+
+
+def config_command(register: Callable[[Callable[..., Any]], Any], cls: type,
+                   *groups: Any) -> Callable[[Callable[..., Any]], Any]:
+    """A command whose options are ``cls``'s fields listed in ``groups`` (passed to it as ``overrides``), with our
+    errors mapped to one line. ``register``: Typer's decorator, ``app.command(...)`` or ``app.callback(...)``."""
+    from retroformer_cli.options import config_options
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        return register(handle_errors(config_options(cls, *groups)(fn)))
+
+    return decorate
+
+
+def examples(*command_lines: str) -> str:
+    """A command's ``--help`` epilog: one example command line per paragraph."""
+    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in command_lines)

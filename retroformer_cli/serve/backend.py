@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from retroformer_cli.errors import RetroformerError
+from retroformer_cli.llm.engine.adapters import safe_adapter_name
 from retroformer_cli.llm.engine.types import (
     AdapterNotLoaded,
     Choice,
@@ -26,7 +27,7 @@ from retroformer_cli.llm.engine.types import (
     Sampling,
 )
 
-__all__ = ["Choice", "DeltaFn", "LengthLimits", "Result", "Sampling", "ServeError", "TransformersEngine",
+__all__ = ["Choice", "DeltaFn", "LengthLimits", "Result", "Sampling", "ServeError", "TransformersBackend",
            "model_not_found"]
 
 BASE = "__base__"  # reserved: peft's name for "no adapter"
@@ -108,7 +109,7 @@ class LengthLimits:
                              code="context_length_exceeded")
 
 
-class TransformersEngine(LengthLimits):
+class TransformersBackend(LengthLimits):
     """In-process engine for ``serve``. ``await start()`` loads the model; ``await shutdown()`` drains."""
 
     kind = "transformers"
@@ -139,14 +140,11 @@ class TransformersEngine(LengthLimits):
         self.base_name = served_name or self.model_spec
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.max_batch_size, self.max_queue, self.max_tokens_limit = max_batch_size, max_queue, max_tokens_limit
-        self.config = EngineConfig(model=self.model_spec, cache_dir=str(self.cache_dir), device=device, dtype=dtype,
-                                   threads=threads, max_batch_size=max_batch_size,
-                                   max_step_tokens=max(max_step_tokens, max_batch_size), prefill_chunk=prefill_chunk,
-                                   prefix_reuse=prefix_reuse, prefix_cache_mb=prefix_cache_mb)
-        self.config.validate()
+        self.config, self._own_path = EngineConfig.for_model(
+            self.model_spec, self.cache_dir, device=device, dtype=dtype, threads=threads,
+            max_batch_size=max_batch_size, max_step_tokens=max_step_tokens, prefill_chunk=prefill_chunk,
+            prefix_reuse=prefix_reuse, prefix_cache_mb=prefix_cache_mb)
         self._initial_adapters = dict(adapters or {})
-        self.adapters: dict[str, str] = {}  # served name -> folder
-        self._engine_names: dict[str, str] = {}  # served name -> the engine's (peft's) adapter name
         self.created = int(time.time())
         self.served = 0
         self.engine: Any = None
@@ -161,15 +159,12 @@ class TransformersEngine(LengthLimits):
 
     def _start(self) -> None:
         from retroformer_cli.llm.engine.scheduler import Engine
-        from retroformer_cli.llm.model_cache import split_model_spec
 
-        base, own = split_model_spec(self.model_spec, self.cache_dir)
-        self.config.model = base
         self.engine = Engine(self.config, name=self.base_name)
         self.engine.start(wait=True)
-        if own is not None:
+        if self._own_path is not None:
             self._own_adapter = "__served_base__"
-            self.engine.load_adapter(self._own_adapter, own)
+            self.engine.load_adapter(self._own_adapter, self._own_path, label=self.base_name)
 
     async def shutdown(self) -> None:
         """Refuse new requests, finish queued and running ones, stop the model thread."""
@@ -189,6 +184,15 @@ class TransformersEngine(LengthLimits):
         return self.engine.step_sizes
 
     # -------------------------------------------------------------------------------- models
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Served adapters: served name -> folder, read from the engine's one registry (the model thread
+        writes it: an unloaded adapter leaves it before its last requests fail)."""
+        if self.engine is None:
+            return {}
+        paths, labels = dict(self.engine.adapters), self.engine.adapter_labels
+        return {labels.get(name, name): path for name, path in paths.items() if name != self._own_adapter}
+
     def model_names(self) -> list[str]:
         return [self.base_name, *self.adapters]
 
@@ -206,7 +210,7 @@ class TransformersEngine(LengthLimits):
         if not name or name == self.base_name:
             return self._own_adapter
         if name in self.adapters:
-            return self._engine_names[name]
+            return safe_adapter_name(name)
         raise model_not_found(name, self.model_names())
 
     async def load_adapter(self, name: str, path: str) -> None:
@@ -218,23 +222,20 @@ class TransformersEngine(LengthLimits):
         folder = Path(path).expanduser()
         if not (folder / "adapter_config.json").is_file():
             raise ServeError(f"'{path}' is not a LoRA adapter folder (no adapter_config.json).", param="lora_path")
-        from retroformer_cli.llm.engine.adapters import safe_adapter_name
-
         # A served name may hold dots or slashes ("reflector-v1.2", "org/model"), which peft refuses.
         engine_name = safe_adapter_name(name)
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.load_adapter, engine_name, str(folder))
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.load_adapter, engine_name, str(folder),
+                                                             name)
         except RetroformerError as exc:
-            raise ServeError(str(exc).replace(engine_name, name), param="lora_path") from exc
-        self.adapters[name], self._engine_names[name] = str(folder), engine_name
+            raise ServeError(str(exc), param="lora_path") from exc
 
     async def unload_adapter(self, name: str) -> None:
         if name not in self.adapters:
             raise ServeError(f"The LoRA adapter '{name}' is not loaded.", status=404, param="lora_name",
                              code="adapter_not_found")
-        del self.adapters[name]  # new requests for it now get 404; queued and running ones fail with 404
-        engine_name = self._engine_names.pop(name)
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.unload_adapter, engine_name)
+        # new requests for it get 404 from here on; queued and running ones fail with 404
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.unload_adapter, safe_adapter_name(name))
 
     # -------------------------------------------------------------------------------- prompts
     def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:

@@ -1,16 +1,17 @@
 """What the training stages share: base-model resolution, threads, LoRA settings, atomic checkpoint folders and
 their manifest, ``--report-to`` and the per-step ``metrics.jsonl``, quiet transformers. Progress, names, results
-and checkpoint lookup are in ``stages.common``. Nothing heavy at import time."""
+and checkpoint lookup are in the sibling modules. Nothing heavy at import time."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from retroformer_cli import __version__
+from retroformer_cli.config import setting
 from retroformer_cli.errors import UsageError
 from retroformer_cli.workspace import Workspace, now_iso
 
@@ -19,11 +20,34 @@ CHECKPOINT_MANIFEST = "retroformer_checkpoint.json"
 
 @dataclass
 class LoraSettings:
-    r: int = field(default=2, metadata={"help": "LoRA rank"})
-    alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
-    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
-        "help": "module names that get an adapter, comma-separated"})
+    r: int = setting(2, "LoRA rank")
+    alpha: int = setting(16, "LoRA alpha")
+    dropout: float = setting(0.05, "LoRA dropout")
+    target_modules: list[str] = setting(help="module names that get an adapter, comma-separated", factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class TrainerSettings:
+    """What every trainer stage (sft, reward, ppo) takes besides its own settings."""
+
+    threads: int | None = setting(None, "torch threads (default min(2, cores)); use 1 on a shared machine")
+    seed: int = setting(0, "training seed")
+    report_to: str = setting("none", "training logs to: none | tensorboard | wandb | trackio | mlflow (comma-separated; transformers' integrations)")
+
+
+@dataclass
+class FinetuneSettings(TrainerSettings):
+    """What the two supervised stages (sft on reflections, reward on preference pairs) share."""
+
+    dataset: str = setting("ratings", "dataset under <workspace>/datasets/")
+    base: str = setting("embedded", "base model: embedded | a local transformers model folder")
+    max_steps: int = setting(-1, "stop after N optimizer steps (-1: use epochs)")
+    epochs: float = setting(1.0, "epochs when max_steps is -1")
+    batch_size: int = setting(4, "per-device batch size")
+    grad_accum: int = setting(1, "gradient accumulation steps")
+    save_steps: int = setting(50, "trainer checkpoint every N steps (for --resume)")
+    logging_steps: int = 1
+    gradient_checkpointing: bool = False
 
 
 def set_threads(threads: int | None) -> int:
@@ -195,3 +219,47 @@ def drop_stdout_printer(trainer: Any) -> None:
 
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+
+
+def begin(cfg: Any) -> None:
+    """What every trainer stage does before it loads a model: offline hub, a valid ``--name``, a valid
+    ``--report-to`` (so a typo fails before the model loads), torch threads, quiet and seeded transformers."""
+    from retroformer_cli.llm.model_cache import set_offline
+    from retroformer_cli.stages.common.names import check_name
+
+    set_offline()
+    check_name(cfg.name)
+    report_to_list(cfg.report_to)
+    set_threads(cfg.threads)
+    quiet_transformers(cfg.seed)
+
+
+def train(trainer: Any, resume_from: Path | None) -> dict[str, Any]:
+    """Run ``trainer`` (from ``resume_from`` when given) and return the metrics every stage reports."""
+    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return {"global_step": trainer.state.global_step, "train_loss": out.training_loss,
+            "train_runtime_s": out.metrics.get("train_runtime"), **loss_history(trainer.state.log_history)}
+
+
+def save_adapter(workspace: Workspace, stage: str, cfg: Any, trainer: Any, tok: Any, base_label: str,
+                 metrics: dict[str, Any], resume_from: Path | None,
+                 also_write: Callable[[Path], None] | None = None, **manifest_extra: Any) -> Path:
+    """Write the trained adapter, its tokenizer, ``metrics.jsonl`` and the manifest to
+    ``<checkpoints>/<stage>/<name>/`` atomically; ``also_write(tmp)`` adds files to the same folder."""
+    from retroformer_cli.config import to_dict
+
+    peft_model = trainer.model
+
+    def write(tmp: Path) -> None:
+        peft_model.save_pretrained(str(tmp))
+        fix_adapter_base(tmp, base_label)
+        tok.save_pretrained(str(tmp))
+        write_metrics_jsonl(tmp, trainer.state.log_history)
+        if also_write is not None:
+            also_write(tmp)
+
+    dest = workspace.checkpoint_dir(stage, cfg.name)
+    manifest = checkpoint_manifest(stage, base_label, cfg.dataset, to_dict(cfg), metrics,
+                                   resumed_from=resume_from.name if resume_from else None, **manifest_extra)
+    save_checkpoint(dest, write, manifest)
+    return dest

@@ -1,4 +1,4 @@
-"""A scripted in-process LLMClient for tests: canned or computed replies, no network, no model."""
+"""A scripted in-process LLMClient for tests and dry runs: canned or computed replies, no network, no model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import time
 from typing import Any, Callable, Sequence
 
-from .base import Generation, GenerationConfig, Message, Usage, apply_stop
+from retroformer_cli.llm.base import Generation, GenerationConfig, Message, Usage, apply_stop
 
 ReplyFn = Callable[[Sequence[Message], GenerationConfig], str]
 

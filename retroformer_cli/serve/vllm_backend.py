@@ -1,4 +1,4 @@
-"""``--engine vllm``: the same serving interface as :class:`~retroformer_cli.serve.engine.TransformersEngine`
+"""``--engine vllm``: the same serving interface as :class:`~retroformer_cli.serve.backend.TransformersBackend`
 over vLLM's ``AsyncLLMEngine`` (continuous batching, paged attention, tensor parallelism on several GPUs).
 
 LoRA adapters are vLLM ``LoRARequest`` objects (``enable_lora=True``); each adapter name gets a stable integer
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from retroformer_cli.errors import BackendError
 from retroformer_cli.llm.base import apply_stop
-from retroformer_cli.serve.engine import Choice, DeltaFn, LengthLimits, Result, Sampling, ServeError, model_not_found
+from retroformer_cli.serve.backend import Choice, DeltaFn, LengthLimits, Result, Sampling, ServeError, model_not_found
 
 INSTALL_HINT = "pip install vllm"
 
@@ -40,7 +40,7 @@ class _Handle:
         return await self.task
 
 
-class VLLMEngine(LengthLimits):
+class VLLMBackend(LengthLimits):
     kind = "vllm"
 
     def __init__(self, model: str = "embedded", *, served_name: str | None = None, adapters: dict[str, str] | None = None,
