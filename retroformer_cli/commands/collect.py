@@ -87,11 +87,11 @@ def build_collect_config(overrides: dict[str, Any], resume: bool):
 
 
 def run_collect(cfg, ws, resume: bool, label: str = "collect"):
-    from retroformer_cli.console import RichProgress, stderr
+    from retroformer_cli.console import RichProgress, log
     from retroformer_cli.stages import collect
 
-    stderr.print(f"[bold]{label}[/] env={cfg.env} run={cfg.run or '(new)'} trials={cfg.trials} "
-                 f"actor={cfg.actor.model} reflector={cfg.reflector.model} workspace={ws.root}")
+    log((label, "bold"), f" env={cfg.env} run={cfg.run or '(new)'} trials={cfg.trials} "
+                         f"actor={cfg.actor.model} reflector={cfg.reflector.model} workspace={ws.root}")
     return collect.run(cfg, ws, resume=resume, progress=RichProgress(label=label))
 
 
@@ -111,5 +111,5 @@ def collect(
     result = run_collect(cfg, ws, resume)
     if state.json:
         console.print_json(result.to_json())
-    console.stderr.print(f"[green]done[/]: run {result.run}: {result.solved}/{result.tasks} task(s) solved, "
-                         f"{result.trials_written} trial(s) written to {result.trials_path}")
+    console.log(("done", "green"), f": run {result.run}: {result.solved}/{result.tasks} task(s) solved, "
+                                   f"{result.trials_written} trial(s) written to {result.trials_path}")

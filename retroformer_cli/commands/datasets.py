@@ -39,7 +39,7 @@ def datasets_build(overrides: dict) -> None:
     if state.json:
         console.print_json(res.to_json())
     c = res.counts
-    console.stderr.print(f"[green]done[/]: dataset {res.name}: {c['ratings']} rated reflection(s) from {c['tasks']} task(s) "
+    console.log(("done", "green"), f": dataset {res.name}: {c['ratings']} rated reflection(s) from {c['tasks']} task(s) "
                          f"({c['positive']} improved, {c['zero']} unchanged, {c['negative']} worse); sft "
                          f"{c['sft.train']}/{c['sft.validation']}, pairs {c['pairs.train']}/{c['pairs.validation']}, "
                          f"prompts {c['prompts.train']}/{c['prompts.validation']} (train/validation) in {res.path}")
@@ -68,5 +68,5 @@ def datasets_actor(overrides: dict) -> None:
         console.print_json(res.to_json())
     c = res.counts
     kept = ", ".join(f"{k} {v['kept']}/{v['episodes']}" for k, v in c["sources"].items())
-    console.stderr.print(f"[green]done[/]: actor dataset {res.name}: {c['train_rows']}/{c['validation_rows']} step rows "
+    console.log(("done", "green"), f": actor dataset {res.name}: {c['train_rows']}/{c['validation_rows']} step rows "
                          f"(train/validation) from {c['tasks']} task(s); episodes kept per source: {kept}; in {res.path}")

@@ -31,14 +31,14 @@ def _train(stage: Any, cls: type, overrides: dict, resume: bool, keys: tuple[str
     from retroformer_cli import console
 
     cfg = build(cls, overrides)
-    console.stderr.print(f"[bold]{stage.__name__.rsplit('.', 1)[-1]}[/] dataset={cfg.dataset} base={cfg.base} "
+    console.log((stage.__name__.rsplit('.', 1)[-1], "bold"), f" dataset={cfg.dataset} base={cfg.base} "
                          f"name={cfg.name} max_steps={cfg.max_steps}")
     res = stage.run(cfg, workspace(), resume=resume, progress=console.RichProgress())
     if state.json:
         console.print_json(res.to_json())
     shown = ", ".join(f"{k} {res.metrics[k]:.4g}" if isinstance(res.metrics.get(k), float) else f"{k} {res.metrics.get(k)}"
                       for k in keys if k in res.metrics)
-    console.stderr.print(f"[green]done[/]: {res.stage} checkpoint {res.name} at {res.path} ({shown})")
+    console.log(("done", "green"), f": {res.stage} checkpoint {res.name} at {res.path} ({shown})")
 
 
 @sft_app.command("sft", epilog="Examples:\n\n  retroformer sft --dataset ratings --max-steps 20 --threads 1\n\n"
