@@ -18,11 +18,11 @@ import os
 import sys
 from typing import Any, Iterator
 
-from retroformer_cli.envs.alfworld.engine import INSTALL_HINT, Engine, missing_dependency, worker_main
+from retroformer_cli.envs.alfworld.engine import Engine, missing_dependency, worker_main
 from retroformer_cli.envs.alfworld.games import Game, discover_games
 from retroformer_cli.envs.alfworld.wording import (WORDINGS, commands_in, first_observation, normalize_command,
                                                    observation_in, to_native)
-from retroformer_cli.errors import DataError, RetroformerError, UsageError
+from retroformer_cli.errors import DataError, MissingExtra, RetroformerError, UsageError
 
 NOTHING = "Nothing happens."
 
@@ -70,8 +70,7 @@ class ALFWorldEnv:
             raise UsageError(f"Unknown ALFWorld wording '{wording}': choose one of {', '.join(WORDINGS)}.")
         missing = missing_dependency()
         if missing is not None:
-            raise UsageError(f"The ALFWorld environment needs the '{missing}' package, which is not installed: "
-                             f"run `{INSTALL_HINT}`.")
+            raise MissingExtra(missing, "The ALFWorld environment")
         self.max_steps = max_steps
         self.wording = wording
         self.process = bool(process)
