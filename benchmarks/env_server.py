@@ -5,8 +5,9 @@ Usage: python benchmarks/env_server.py [--data ../shared/data/webshop] [--episod
 
 --data defaults to ../shared/data/webshop when present (the 1k catalog), else our sample catalog. Every episode is
 the same scripted policy: reset, search the instruction, open the first result, Buy Now (4 calls, the reward
-computed with spaCy, loaded first). Each measurement plays its own goals (goal k, k+4, k+8, ...), so no search or
-reward is served from a cache filled by an earlier measurement. Measured:
+computed with spaCy, loaded first). Each of the five measurements below plays its own goals (measurement k: goal k,
+k+5, k+10, ...), so no search or reward is served from a cache filled by an earlier measurement (while
+5 x --episodes + 21 goals fit the catalog's goals; otherwise the script says the sets overlap). Measured:
 
 - in-process, 1 thread, and in-process with ``--clients`` threads (one spawned env each): the GIL's share;
 - over HTTP: the real `env serve` command in its own process, ``--clients`` client threads in this process, each
@@ -143,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EnvServerConfig(env="webshop", data=str(args.data) if args.data else None)
         base = build_env(cfg, cache_dir=Path(ws) / "cache")
         ids = base.task_ids()
-        sets = [[ids[(k + 5 * i) % len(ids)] for i in range(args.episodes)] for k in range(5)]
+        stride = 5  # one offset per measurement: inproc_1, inproc_N, http_1, http_N, http_N_processes
+        sets = [[ids[(k + stride * i) % len(ids)] for i in range(args.episodes)] for k in range(stride)]
+        if stride * args.episodes + 21 > len(ids):
+            print(f"note: {len(ids)} goals are too few for {stride} x {args.episodes} distinct episodes plus 21 "
+                  "probes: the goal sets overlap", file=sys.stderr)
         probe = [ids[-1 - i] for i in range(20)]  # per-step latency, in-process and over HTTP
         episode(base.spawn(), ids[-21])  # spaCy loads at the first purchase
         local_lat: list[float] = []

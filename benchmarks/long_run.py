@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from collect_scaling import REPLY, start_server, write_questions  # noqa: E402
+from collect_scaling import start_server, write_questions  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -51,7 +51,6 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=2)
     ap.add_argument("--delay", type=float, default=0.02, help="server delay per request (s)")
     args = ap.parse_args()
-    assert REPLY  # the server's fixed answer never solves a task
     server, url = start_server(args.delay)
     try:
         with tempfile.TemporaryDirectory(prefix="retroformer-long-") as tmp:
@@ -99,6 +98,11 @@ def main() -> None:
             eval_s = time.perf_counter() - t1
             if ev.returncode != 0:
                 raise SystemExit(f"eval failed:\n{ev.stderr[-2000:]}")
+            # the premise of the figures: the server's answer never solves a task, so every task plays every trial
+            solved = json.loads(ev.stdout)["runs"][0]["success_per_trial"]
+            if lines != args.tasks * args.trials or any(solved):
+                raise SystemExit(f"expected {args.tasks} x {args.trials} unsolved trials, got {lines} trial lines and "
+                                 f"success per trial {solved}")
             log(f"eval: {eval_s:.2f} s")
     finally:
         server.terminate()

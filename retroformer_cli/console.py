@@ -14,9 +14,11 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-stderr = Console(stderr=True, highlight=False)
+# No markup, no emoji codes: run names, paths, actions (`Search[...]`, `click[...]`) and install commands
+# (`pip install 'retroformer-cli[webshop]'`) print exactly as written; styles come from Text objects only.
+stderr = Console(stderr=True, highlight=False, markup=False, emoji=False)
 # Piped or redirected (`| less`, `> report.txt`), tables keep their natural width instead of rich's 80 columns.
-stdout = Console(highlight=False, soft_wrap=False,
+stdout = Console(highlight=False, markup=False, emoji=False, soft_wrap=False,
                  width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 
 
@@ -25,10 +27,22 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+def log(*parts: str | tuple[str, str]) -> None:
+    """One line on stderr, printed exactly as written: each part is plain text or ``(text, style)``. No part
+    is read as rich markup or emoji codes, so ``[alfworld]``, ``Search[...]`` and ``bad[name]`` stay."""
+    from rich.text import Text
+
+    stderr.print(Text.assemble(*parts), soft_wrap=True)
+
+
 def error(message: str, hint: str | None = None) -> None:
-    stderr.print(f"[bold red]Error:[/] {message}", soft_wrap=True)
+    log(("Error:", "bold red"), " ", message)
     if hint:
-        stderr.print(f"[dim]Hint: {hint}[/]", soft_wrap=True)
+        log((f"Hint: {hint}", "dim"))
+
+
+def warning(message: str) -> None:
+    log(("warning", "yellow"), ": ", message)
 
 
 class RichProgress:
@@ -46,8 +60,9 @@ class RichProgress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         if self._live is None:
-            self._live = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+            self._live = Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                                  MofNCompleteColumn(), TextColumn("{task.fields[info]}", markup=False),
+                                  TimeElapsedColumn(), TextColumn("ETA"),
                                   TimeRemainingColumn(), console=self.console, disable=not self.console.is_terminal)
             self._live.start()
         name = self.label or description
@@ -216,10 +231,3 @@ def task_view(run: str, task: str, trials: Sequence[Any]) -> Any:
         parts.append(Panel(Group(*body), title=title, title_align="left",
                            border_style="green" if t.success else "red"))
     return Group(*parts)
-
-
-def warn(message: str) -> None:
-    """A one-line warning on stderr; the message prints as written (brackets in it are not markup)."""
-    from rich.markup import escape
-
-    stderr.print(f"[yellow]warning[/]: {escape(message)}", soft_wrap=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-from retroformer_cli.errors import UsageError
+from retroformer_cli.errors import UsageError, missing_extra
 
 ENV_GROUP = "retroformer.envs"
 BACKEND_GROUP = "retroformer.backends"
@@ -32,7 +32,7 @@ def load_ref(ref: str, what: str) -> Any:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except ImportError as exc:
-        raise UsageError(f"Cannot import {what} '{ref}': {exc}.") from None
+        raise missing_extra(exc) or UsageError(f"Cannot import {what} '{ref}': {exc}.") from None
     except AttributeError:
         raise UsageError(f"{what[0].upper()}{what[1:]} '{ref}' does not exist "
                          f"('{module_name}' has no '{attr}').") from None
@@ -40,9 +40,9 @@ def load_ref(ref: str, what: str) -> Any:
 
 
 def warn(message: str) -> None:
-    from retroformer_cli.console import stderr
+    from retroformer_cli.console import log
 
-    stderr.print(f"[yellow]Warning:[/] {message}", soft_wrap=True, markup=True, highlight=False)
+    log(("Warning:", "yellow"), " ", message)
 
 
 def load_group(group: str, kind: type) -> tuple[list[Any], dict[str, str]]:

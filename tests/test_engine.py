@@ -136,13 +136,19 @@ def test_reuse_on_and_off_give_token_identical_greedy_outputs(engines):
 
 def test_adapters_never_share_cached_prefixes(engines):
     on, off = engines
-    ids = on.encode_chat([{"role": "user", "content": "Reflect on the failed trial."}] * 3)
-    texts = {}
+    ids = on.encode_chat([{"role": "user", "content": "Reflect on the failed trial (adapters test)."}] * 3)
+    whole = (len(ids) - 1) // 16 * 16  # the cacheable part: whole blocks, never the last prompt token
+    assert whole >= 32
+    texts, cached = {}, []
     for adapter in (None, "a", "b", None, "a", "b"):  # the second round reuses each adapter's own prefix
         r = on.submit(ids, Sampling(max_tokens=8), adapter=adapter).result(60)
         ref = off.submit(ids, Sampling(max_tokens=8), adapter=adapter).result(60)
         assert r.choices[0].token_ids == ref.choices[0].token_ids
         texts.setdefault(adapter, r.choices[0].token_ids)
+        cached.append(r.cached_tokens)
+    # first round: the same tokens are cached under the base and the other adapter, yet none is hit;
+    # second round: each adapter hits its own blocks
+    assert cached == [0, 0, 0, whole, whole, whole], cached
     assert len({tuple(t) for t in texts.values()}) == 3, "each adapter changes the output"
 
 

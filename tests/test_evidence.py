@@ -162,8 +162,13 @@ def test_text_log_fixture_imports_and_refuses_a_second_import_without_overwrite(
         run_import.import_runs(workspace, FIX / "nope.jsonl")
 
 
-def _collected(workspace, name="mine", prices=True):
+def _collected(workspace, name="mine", prices=True, solve=False):
+    """Two sample tasks, two trials; ``solve``: the actor knows the answer to the Harrowind question."""
+
     def actor(messages, config):
+        prompt = " ".join(m.content for m in messages)
+        if solve and "founder of Harrowind Aeronautics" in prompt:
+            return "Thought: I know this one.\nAction: Finish[1889]"
         return "Thought: I will answer.\nAction: Finish[no idea]"
 
     actor_cfg = ModelConfig(model="fake", price_in_per_m=2.0, price_out_per_m=8.0) if prices else ModelConfig(model="fake")
@@ -203,6 +208,12 @@ def test_tokens_per_solved_task_and_cost(workspace):
     assert refl_in > 0 and actor_in > 0
     assert rep.cost_usd == pytest.approx((actor_in * 2 + actor_out * 8 + refl_in * 1 + refl_out * 4) / 1e6)
     assert rep.tokens_per_solved is None and rep.cost_per_solved_usd is None  # nothing solved
+    solved_trials = _collected(workspace, "solver", solve=True)
+    won = evaluate.report_run(workspace, "solver")
+    assert won.tasks == 2 and won.solved_per_trial[-1] == 1, won.solved_per_trial
+    tokens = sum(t.prompt_tokens + t.completion_tokens for t in solved_trials)
+    assert tokens > 0 and won.tokens_per_solved == pytest.approx(tokens / 1)
+    assert won.cost_usd > 0 and won.cost_per_solved_usd == pytest.approx(won.cost_usd / 1)
     flat = evaluate.report_run(workspace, "mine", prices=evaluate.Prices(10.0, 20.0))
     assert flat.cost_usd == pytest.approx((rep.prompt_tokens * 10 + rep.completion_tokens * 20) / 1e6)
     _collected(workspace, "unpriced", prices=False)

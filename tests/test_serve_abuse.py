@@ -132,8 +132,11 @@ def test_many_idle_connections_are_closed_while_others_are_served(server):
             s.close()
 
 
-def test_a_client_leaving_mid_stream_frees_its_batch_slot(server):
+def test_a_client_leaving_mid_stream_frees_its_batch_slot(server, monkeypatch):
     engine = server.engine
+    submitted = []  # the engine's own requests: how many tokens the abandoned one generated
+    submit = engine.engine.submit
+    monkeypatch.setattr(engine.engine, "submit", lambda *a, **kw: submitted.append(submit(*a, **kw)) or submitted[-1])
     with Bystander(server):
         body = chat("tell a long story", max_tokens=3000, stream=True)
         with httpx.stream("POST", server.base_url + "/chat/completions", json=body, timeout=30) as resp:
@@ -141,11 +144,16 @@ def test_a_client_leaving_mid_stream_frees_its_batch_slot(server):
             events = (line for line in resp.iter_lines() if line)
             assert next(events).startswith("data: ")
             assert next(events).startswith("data: ")  # tokens are flowing
+        (req,) = [h._req for h in submitted if h._req.sampling.max_tokens == 3000]
+        at_leave = len(req.seqs[0].generated)
         deadline = time.monotonic() + 5
         while engine.stats()["running"] and time.monotonic() < deadline:
             time.sleep(0.02)
         assert engine.stats()["running"] == 0, "the abandoned request left the batch"
-    assert engine.engine.counters["completion_tokens"] < 3000 * 2
+    generated = len(req.seqs[0].generated)
+    assert req.cancelled and req.seqs[0].finish_reason is None, "cancelled, not run to its end"
+    # it stopped soon after the client left: far from its 3000 tokens
+    assert 0 < at_leave <= generated < at_leave + 300 and generated < 1000, (at_leave, generated)
 
 
 def test_invalid_utf8_gets_400(server):

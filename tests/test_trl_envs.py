@@ -234,6 +234,17 @@ def _hotpotqa_script(cases):
     return script
 
 
+def _lora_b_norm(path: Path) -> float:
+    """Largest |weight| of the saved adapter's lora_B matrices: 0 at initialisation (peft's default), so > 0 means
+    an optimizer step changed the weights."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    b = [t for k, t in tensors.items() if "lora_B" in k]
+    assert b, sorted(tensors)
+    return max(float(t.abs().max()) for t in b)
+
+
 def test_one_grpo_step_calls_the_tools(workspace):
     from retroformer_cli.stages.actor_grpo import ActorGRPOConfig, run
 
@@ -262,7 +273,7 @@ def test_one_grpo_step_calls_the_tools(workspace):
     assert log["reward"] == pytest.approx(0.5) and log["tools/call_frequency"] == pytest.approx(2.0)
     assert log["tools/failure_frequency"] == 0.0 and log["grad_norm"] > 0 and log["frac_reward_zero_std"] == 0.0
     assert math.isfinite(result.metrics["train_loss"])
-    assert (result.path / "adapter_config.json").is_file()
+    assert (result.path / "adapter_config.json").is_file() and _lora_b_norm(result.path) > 0
     manifest = json.loads((result.path / "retroformer_checkpoint.json").read_text(encoding="utf-8"))
     assert manifest["stage"] == "actor-grpo" and manifest["chat_template"] == "tools"
 
@@ -342,11 +353,30 @@ def test_embedded_model_trains_through_our_tool_template(workspace, embedded_cac
 
     monkeypatch.setattr(type(workspace), "cache_dir", property(lambda self: embedded_cache))
     q, _, _ = _answerable()[0]
+    inner, resets = HotPotQATools.factory(data=str(HOTPOT)), []
+
+    def factory():
+        """The episodes of a group get rewards 1 and 0 (a 135M model rarely earns one): GRPO has an advantage to
+        learn from, so the step must move the weights."""
+        tools = inner()
+        reset = tools.reset
+
+        def counted_reset(**kwargs):
+            resets.append(tools)
+            return reset(**kwargs)
+
+        tools.reset = counted_reset
+        tools.get_reward = lambda: float(resets.index(tools) % 2 == 0)
+        return tools
+
     cfg = ActorGRPOConfig(env="hotpotqa", split="all", task_ids=[q.id], max_steps=1, num_generations=2,
                           max_completion_length=48, threads=1, name="embedded")
-    result = run(cfg, workspace, progress=False)
+    result = run(cfg, workspace, progress=False, environment_factory=factory)
     assert result.steps == 1 and result.chat_template == "tools"
     assert math.isfinite(result.metrics["train_loss"])
+    log = next(h for h in result.log_history if "reward" in h)
+    assert log["frac_reward_zero_std"] == 0.0 and log["grad_norm"] > 0, log
+    assert _lora_b_norm(result.path) > 0, "one GRPO step changed the LoRA weights"
     from transformers import AutoTokenizer
 
     from retroformer_cli.llm.tool_chat import TOOL_CHAT_TEMPLATE

@@ -74,6 +74,7 @@ def test_chunk_cached_analysis_equals_one_pass():
                                     "★", "logic"]
 
 
+@pytest.mark.shared_data
 def test_chunk_cached_analysis_on_the_1k_catalog():
     data = shared_data("webshop")
     a = LuceneEnglishAnalyzer()
@@ -197,3 +198,24 @@ def test_scale_benchmark_runs_small(tmp_path):
         leg = res["sizes"][n]
         assert leg["docs"] == int(n) and leg["build_index"] == "built+cached" and leg["start_index"] == "cache"
         assert leg["search_p50_ms"] > 0 and leg["build_rss_mb"] > 0 and leg["start_s"] >= 0
+
+
+def test_scale_benchmark_leaves_its_warm_up_queries_out_of_the_timings():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("webshop_scale_bench", REPO / "benchmarks" / "webshop_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    class Index:
+        def __init__(self):
+            self.seen: list[str] = []
+
+        def search(self, q):
+            self.seen.append(q)
+
+    index, queries = Index(), [f"q{i}" for i in range(50)]
+    assert bench.search_latency(index, queries, warmup=20)[2] == 30  # timed: the 30 after the warm-up
+    assert index.seen == queries, "each query runs once: no warm-up query is timed again"
+    few = Index()
+    assert bench.search_latency(few, queries[:10], warmup=20)[2] == 5 and few.seen == queries[:10]

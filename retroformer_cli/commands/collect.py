@@ -87,11 +87,11 @@ def build_collect_config(overrides: dict[str, Any], resume: bool):
 
 
 def run_collect(cfg, ws, resume: bool, label: str = "collect"):
-    from retroformer_cli.console import RichProgress, stderr
+    from retroformer_cli.console import RichProgress, log
     from retroformer_cli.stages import collect
 
-    stderr.print(f"[bold]{label}[/] env={cfg.env} run={cfg.run or '(new)'} trials={cfg.trials} "
-                 f"actor={cfg.actor.model} reflector={cfg.reflector.model} workspace={ws.root}")
+    log((label, "bold"), f" env={cfg.env} run={cfg.run or '(new)'} trials={cfg.trials} "
+                         f"actor={cfg.actor.model} reflector={cfg.reflector.model} workspace={ws.root}")
     return collect.run(cfg, ws, resume=resume, progress=RichProgress(label=label))
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Callable, Optional, Tuple
 
 import typer
 
-from retroformer_cli.errors import RetroformerError
+from retroformer_cli.errors import RetroformerError, missing_extra
 from retroformer_cli.options import Flag
 
 # Fields every trainer config (sft, reward, ppo) has; help texts come from each config's metadata.
@@ -69,6 +69,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as e:  # an unexpected failure still gets one line; the traceback is opt-in
             if os.environ.get("RETROFORMER_DEBUG"):
                 raise
+            missing = missing_extra(e)  # an optional package imported deep inside: name its extra
+            if missing is not None:
+                console.error(str(missing))
+                raise typer.Exit(missing.exit_code) from None
             console.error(f"unexpected {type(e).__name__}: {e}", "set RETROFORMER_DEBUG=1 to see the traceback")
             raise typer.Exit(1) from None
 
@@ -99,15 +103,13 @@ def group_app(summary: str) -> typer.Typer:
 def done(result: Any, summary: str, use: str | None = None) -> None:
     """A finished command's output: the result as JSON on stdout with ``--json``; one summary line (and how to use
     what it made) on stderr, printed as written."""
-    from rich.markup import escape
-
     from retroformer_cli import console
 
     if state.json:
         console.print_json(result.to_json())
-    console.stderr.print(f"[green]done[/]: {escape(summary)}", soft_wrap=True)
+    console.log(("done", "green"), ": ", summary)
     if use:
-        console.stderr.print(f"[dim]use it: {escape(use)}[/]", soft_wrap=True)
+        console.log((f"use it: {use}", "dim"))
 
 
 def config_command(register: Callable[[Callable[..., Any]], Any], cls: type,

@@ -11,7 +11,7 @@ import typer
 
 from retroformer_cli.commands.context import build, config_command, examples, group_app, workspace
 from retroformer_cli.envserver.config import EnvServerConfig
-from retroformer_cli.errors import UsageError
+from retroformer_cli.errors import UsageError, require
 from retroformer_cli.options import Flag
 
 
@@ -48,24 +48,20 @@ def serve(
     cfg = build(EnvServerConfig, overrides).validate()
     if cfg.port == 0:
         raise UsageError("--port must be between 1 and 65535, got 0.")
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise UsageError("retroformer env serve needs FastAPI and uvicorn: pip install 'retroformer-cli[serve]'.") from None
+    require(("fastapi", "uvicorn"), "retroformer env serve")
     warning = open_server_warning(cfg.host, api_key, "step the environment")
     if warning:
-        console.warn(warning)
+        console.warning(warning)
     from retroformer_cli.envserver import serve as serve_env
 
-    console.stderr.print(f"[bold]env serve[/] loading {cfg.env} ...")
+    console.log(("env serve", "bold"), f" loading {cfg.env} ...")
 
     def ready(url: str) -> None:
-        console.stderr.print(f"[green]ready[/]: {url}  env: {cfg.env}  sessions: up to {cfg.max_sessions}, closed "
+        console.log(("ready", "green"), f": {url}  env: {cfg.env}  sessions: up to {cfg.max_sessions}, closed "
                              f"after {cfg.session_ttl_s:g} s idle  auth: {'api key' if api_key else 'none'}  (Ctrl-C stops)")
 
     try:
         serve_env(cfg, api_key=api_key, cache_dir=workspace().cache_dir, on_ready=ready)
     except OSError as exc:
         raise UsageError(f"Cannot serve on {cfg.host}:{cfg.port}: {exc}.") from None
-    console.stderr.print("[dim]env serve: stopped[/]")
+    console.log(("env serve: stopped", "dim"))

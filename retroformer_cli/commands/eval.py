@@ -58,7 +58,7 @@ def eval_(
         raise UsageError("Nothing to evaluate: pass --run NAME (see `retroformer runs`) or --env ENV to run the protocol.")
     data_out = evaluate.run(ws, runs, plot_path=plot, pairs=pairs, prices=Prices(price_in, price_out))
     for warning in data_out["warnings"]:
-        console.stderr.print(f"[yellow]warning[/]: {warning}")
+        console.warning(warning)
     if state.json:
         console.print_json(data_out)
         return
@@ -70,4 +70,4 @@ def eval_(
             console.stdout.print(t)
     for comparison in data_out["comparisons"]:
         console.stdout.print(console.comparison_table(comparison))
-    console.stderr.print(f"[dim]plot: {data_out['plot']}  (HTML report: retroformer report {' '.join(runs)})[/]")
+    console.log((f"plot: {data_out['plot']}  (HTML report: retroformer report {' '.join(runs)})", "dim"))

@@ -37,8 +37,8 @@ def ppo(overrides: dict, resume: ResumeOpt = False) -> None:
     main = os.environ.get("RANK", "0") == "0"  # under accelerate launch, one process talks
     if main:
         metric = f" metric={cfg.reward_metric}" if cfg.mode == "online" else ""
-        console.stderr.print(f"[bold]ppo[/] mode={cfg.mode}{metric} dataset={cfg.dataset} name={cfg.name} steps={cfg.max_steps} "
-                             f"G={cfg.num_generations} beta={cfg.beta} workspace={ws.root}")
+        console.log(("ppo", "bold"), f" mode={cfg.mode}{metric} dataset={cfg.dataset} name={cfg.name} "
+                                     f"steps={cfg.max_steps} G={cfg.num_generations} beta={cfg.beta} workspace={ws.root}")
     result = run_ppo(cfg, ws, console.RichProgress() if main else None, resume=resume)
     if not main:
         return

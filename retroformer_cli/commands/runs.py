@@ -30,7 +30,7 @@ def runs_(ctx: typer.Context) -> None:
         console.print_json(rows)
         return
     if not rows:
-        console.stderr.print("[dim]no runs yet[/]")
+        console.log(("no runs yet", "dim"))
         return
     table = Table(title="Runs", title_justify="left")
     for col in ("run", "env", "status", "trials", "actor", "reflector", "started"):
@@ -72,4 +72,4 @@ def runs_import(
     for r in made:
         table.add_row(r["run"], str(r["env"]), str(r["tasks"]), str(r["trials"]), r["format"])
     console.stdout.print(table)
-    console.stderr.print(f"[dim]next: retroformer eval --run {made[0]['run']}[/]")
+    console.log((f"next: retroformer eval --run {made[0]['run']}", "dim"))

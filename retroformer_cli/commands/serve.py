@@ -10,7 +10,7 @@ import typer
 
 from retroformer_cli.commands.context import command_app, handle_errors
 from retroformer_cli.commands.context import workspace as _workspace
-from retroformer_cli.errors import BackendError, RetroformerError, UsageError
+from retroformer_cli.errors import BackendError, RetroformerError, UsageError, require
 from retroformer_cli.httpserver.exposure import open_server_warning
 
 
@@ -112,6 +112,9 @@ def serve(
         "--max-connections": max_connections,
     }, seconds={"--body-timeout-s": body_timeout_s, "--idle-timeout-s": idle_timeout_s,
                 "--shutdown-grace-s": shutdown_grace_s})
+    require(("fastapi", "uvicorn"), "retroformer serve")
+    if engine == "transformers":
+        require(("torch", "transformers"), "retroformer serve --engine transformers")
     ws = _workspace()
     target = _resolve_model(model, ws, "--model")
     adapters = _parse_adapters(list(adapter or []), ws)
@@ -120,26 +123,20 @@ def serve(
         raise UsageError(f"--adapter name '{name}' is also the base model's name; pick another.")
     warning = open_server_warning(host, api_key, "use the model (and load adapters)")
     if warning:
-        console.warn(warning)
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise UsageError("retroformer serve needs FastAPI and uvicorn: pip install 'retroformer-cli[serve]'.") from None
-
+        console.warning(warning)
     from retroformer_cli.serve.app import create_app
 
     if batch_wait_ms is not None and engine == "transformers":
-        console.stderr.print("[yellow]warning[/]: --batch-wait-ms is ignored: requests join the running batch "
-                             "at the next step (continuous batching).")
+        console.warning("--batch-wait-ms is ignored: requests join the running batch at the next step "
+                        "(continuous batching).")
     common = dict(served_name=name, adapters=adapters, cache_dir=ws.cache_dir, max_batch_size=max_batch_size,
                   max_queue=max_queue, max_tokens_limit=max_tokens_limit, prefix_reuse=prefix_reuse)
     eng = _make_engine(engine, target, common, tensor_parallel_size=tensor_parallel_size, threads=threads,
                        device=device, dtype=dtype, prefix_cache_mb=prefix_cache_mb, max_step_tokens=max_step_tokens)
     app_ = create_app(eng, api_key=api_key, max_request_bytes=max_request_bytes, allow_runtime_adapters=runtime_adapters,
                       body_timeout_s=body_timeout_s)
-    console.stderr.print(f"[bold]serve[/] loading {name} ({engine} engine"
-                         + (f", adapters: {', '.join(adapters)}" if adapters else "") + ") ...")
+    console.log(("serve", "bold"), f" loading {name} ({engine} engine"
+                                    + (f", adapters: {', '.join(adapters)}" if adapters else "") + ") ...")
     _run_server(app_, eng, f"{engine} engine for {name}", host, port, auth=bool(api_key),
                 shutdown_grace_s=shutdown_grace_s, idle_timeout_s=idle_timeout_s, max_connections=max_connections)
 
@@ -152,7 +149,7 @@ def _run_server(app_: Any, eng: Any, what: str, host: str, port: int, *, auth: b
 
     def ready(url: str) -> None:
         models = ", ".join(eng.model_names())
-        console.stderr.print(f"[green]ready[/]: {url}  models: {models}  auth: {'api key' if auth else 'none'}  "
+        console.log(("ready", "green"), f": {url}  models: {models}  auth: {'api key' if auth else 'none'}  "
                              f"(Ctrl-C: in-flight requests get {shutdown_grace_s:g} s to finish, then the server stops)")
 
     try:
@@ -164,4 +161,4 @@ def _run_server(app_: Any, eng: Any, what: str, host: str, port: int, *, auth: b
         if failed is not None:
             raise BackendError(f"Cannot start the {what}: {failed}") from None
         raise UsageError(f"Cannot serve on {host}:{port}: {exc}.") from None
-    console.stderr.print("[dim]serve: stopped[/]")
+    console.log(("serve: stopped", "dim"))

@@ -32,7 +32,7 @@ def _train(stage: Any, cls: type, overrides: dict, resume: bool, keys: tuple[str
     from retroformer_cli import console
 
     cfg = build(cls, overrides)
-    console.stderr.print(f"[bold]{stage.__name__.rsplit('.', 1)[-1]}[/] dataset={cfg.dataset} base={cfg.base} "
+    console.log((stage.__name__.rsplit('.', 1)[-1], "bold"), f" dataset={cfg.dataset} base={cfg.base} "
                          f"name={cfg.name} max_steps={cfg.max_steps}")
     res = stage.run(cfg, workspace(), resume=resume, progress=console.RichProgress())
     shown = ", ".join(f"{k} {res.metrics[k]:.4g}" if isinstance(res.metrics.get(k), float) else f"{k} {res.metrics.get(k)}"

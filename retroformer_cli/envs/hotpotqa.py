@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from retroformer_cli.envs.hotpotqa_metrics import exact_match, f1_score
 from retroformer_cli.envs.spec import EnvSpec
 from retroformer_cli.envs.base import check_can_step, data_or_sample
-from retroformer_cli.errors import DataError, UsageError
+from retroformer_cli.errors import DataError, UsageError, require
 
 SPEC = EnvSpec(
     name="hotpotqa", id="HotPotQA-v0", entry_point="retroformer_cli.envs.hotpotqa:HotPotQAEnv",
@@ -301,6 +301,7 @@ class HotPotQAEnv:
     def __init__(self, data: str | Path | None = None, max_steps: int = 6, split: str | None = None):
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise UsageError(f"The HotPotQA step limit (max_steps) must be a positive integer, got {max_steps!r}.")
+        require(("rank_bm25",), "HotPotQA's Search")  # up front, not at the first Search[...]
         self.max_steps = max_steps
         self.data_path = self._resolve(data, split)
         self.questions = load_questions(self.data_path)

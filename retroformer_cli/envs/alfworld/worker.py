@@ -18,7 +18,9 @@ import sys
 from collections import OrderedDict
 from typing import Any
 
-INSTALL_HINT = "pip install 'retroformer-cli[alfworld]'"
+from retroformer_cli.errors import install_command
+
+INSTALL_HINT = install_command("alfworld")
 
 
 def missing_dependency() -> str | None:

@@ -22,11 +22,11 @@ from typing import Any
 from retroformer_cli.envs.webshop import pages
 from retroformer_cli.envs.webshop.catalog import Catalog, find_raw_files, load_json, load_raw
 from retroformer_cli.envs.webshop.goals import (GOAL_KINDS, build_goals, parse_task_id, split_indices, task_id)
-from retroformer_cli.envs.webshop.reward import get_reward
+from retroformer_cli.envs.webshop.reward import SPACY_MODELS, get_reward
 from retroformer_cli.envs.webshop.search import SEARCH_RETURN_N, load_or_build
 from retroformer_cli.envs.webshop.store import load_catalog
 from retroformer_cli.envs.base import check_can_step, data_or_sample
-from retroformer_cli.errors import DataError, UsageError
+from retroformer_cli.errors import DataError, UsageError, require
 
 SAMPLE_DATA = Path(__file__).resolve().parents[3] / "sample_data" / "webshop"
 OBSERVATION_MODES = ("text", "reflexion")
@@ -119,6 +119,7 @@ class WebShopEnv:
                  split: str | None = None, observation_mode: str = "text", goal_file: str | Path | None = None,
                  num_products: int | None = None, cache_dir: str | Path | None = None, seed: int = 0,
                  search_anywhere: bool = False):
+        require(("nltk", "spacy", SPACY_MODELS, "thefuzz"), "WebShop")  # up front, not at the first search or buy
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise UsageError(f"The WebShop step limit (max_steps) must be a positive integer, got {max_steps!r}.")
         if observation_mode not in OBSERVATION_MODES:

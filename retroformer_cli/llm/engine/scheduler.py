@@ -29,7 +29,7 @@ import logging
 import time
 from typing import Any
 
-from retroformer_cli.errors import BackendError, RetroformerError
+from retroformer_cli.errors import BackendError, RetroformerError, missing_extra
 from retroformer_cli.llm.base import apply_stop
 from retroformer_cli.llm.engine.adapters import Adapters
 from retroformer_cli.llm.engine.batch import StepBatch
@@ -102,8 +102,8 @@ class Engine(EngineFrontend):
         try:
             self._load()
         except BaseException as exc:  # noqa: BLE001 - every caller gets it
-            self._load_error = exc if isinstance(exc, RetroformerError) else BackendError(
-                f"Cannot load the local model '{self.name}': {exc}")
+            self._load_error = exc if isinstance(exc, RetroformerError) else missing_extra(
+                exc, "The local model backend") or BackendError(f"Cannot load the local model '{self.name}': {exc}")
             self._ready.set()
             self._fail_all(self._load_error)
             return
