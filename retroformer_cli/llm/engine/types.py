@@ -111,6 +111,16 @@ class EngineClosed(BackendError):
     """The engine is shutting down and takes no new requests."""
 
 
+class EngineFault(BackendError):
+    """The engine failed while running this request (memory for its keys/values, a forward pass, sampling,
+    finishing): not the request's fault, and the engine goes on with the others (serve answers 503)."""
+
+
+class EngineFailed(EngineFault):
+    """The model thread hit an error outside any one request and stopped: every pending request ends with this
+    error, and new ones are refused with it (serve answers 503 until it is restarted)."""
+
+
 class RequestCancelled(BackendError):
     """The caller cancelled the request (or went away) before it finished."""
 
