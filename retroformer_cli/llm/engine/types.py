@@ -6,11 +6,19 @@ No torch here: the CLI, the serve app and the configs import these without loadi
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from retroformer_cli.errors import BackendError, UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device_name(device: str) -> None:
+    """``auto | cpu | cuda | cuda:N``, or one line naming the flag (whether CUDA is there is checked at load)."""
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'.")
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,7 @@ class EngineConfig:
             raise UsageError(f"--threads must be at least 1, got {self.threads}.")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'.")
+        check_device_name(self.device)
         if self.max_step_tokens < self.max_batch_size:
             raise UsageError(f"--max-step-tokens ({self.max_step_tokens}) must be at least --max-batch-size "
                              f"({self.max_batch_size}): every decoding sequence needs one token per step.")
