@@ -34,6 +34,7 @@ class ModelConfig:
     max_retries: int = field(default=6, metadata={"help": "retries of a failed request (backing off) before giving up"})
     threads: int | None = field(default=None, metadata={"help": "torch threads for a local model (default: 1 on up to 2 cores, else cores - 1, at most 8)"})
     max_batch_size: int = field(default=8, metadata={"help": "local models: sequences decoding together"})
+    device: str = field(default="auto", metadata={"help": "local models: auto (CUDA when present, else cpu) | cpu | cuda | cuda:N; the run manifest records the device and dtype used"})
     dtype: str = field(default="auto", metadata={"help": "local models: auto (float32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16"})
     prefix_reuse: bool = field(default=True, metadata={"help": "local models: reuse the computed keys/values of a known prompt prefix"})
     prefix_cache_mb: int = field(default=512, metadata={"help": "local models: memory bound of the prefix cache (LRU beyond it)"})
