@@ -1,7 +1,8 @@
 """The engine: one model, one model thread, one continuous-batching scheduler with prompt-prefix reuse.
 
 Callers on any thread use the methods of :class:`~.frontend.EngineFrontend` (``submit``, ``generate_async``,
-``load_adapter`` ...); this module is the model thread's side: loading, admission, the steps, finishing.
+``load_adapter`` ...); this module is the model thread's side: loading, admission, the steps, finishing. How a
+request ends when something fails on the way (its admission, a step, the thread itself) is :mod:`.endings`.
 
 Each scheduler step builds one forward pass:
 
