@@ -45,6 +45,7 @@ class ModelConfig:
     # local models (the engine)
     threads: int | None = setting(None, "torch threads for a local model (default: 1 on up to 2 cores, else cores - 1, at most 8)")
     max_batch_size: int = setting(8, "local models: sequences decoding together")
+    device: str = setting("auto", "local models: auto (CUDA when present, else cpu) | cpu | cuda | cuda:N; the run manifest records the device and dtype used")
     dtype: str = setting("auto", "local models: auto (float32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16")
     prefix_reuse: bool = setting(True, "local models: reuse the computed keys/values of a known prompt prefix")
     prefix_cache_mb: int = setting(512, "local models: memory bound of the prefix cache (LRU beyond it)")

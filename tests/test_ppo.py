@@ -143,6 +143,8 @@ def test_offline_trains_saves_and_loads(ws_with_prompts, tiny_dir):
     assert manifest["stage"] == "ppo" and manifest["reward"]["mode"] == "offline" and manifest["sft"] is None
     assert manifest["dataset"] == "ratings" and manifest["runs"] == ["r1"]
     assert manifest["metrics"]["global_step"] == 2 and manifest["config"]["beta"] == 0.04
+    if not torch.cuda.is_available():  # where it trained, and in what precision (--device)
+        assert manifest["devices"] == {"requested": "auto", "policy": "cpu", "policy_dtype": "float32"}
     adapter_cfg = json.loads((res.path / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == str(tiny_dir)
     assert not (res.path / "ref").exists()  # only the trained adapter is exported

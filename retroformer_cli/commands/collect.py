@@ -60,7 +60,7 @@ TASK_FLAGS = (
 RUN_FLAG = (Flag("run", ("-r",)),)
 MODEL_FLAGS = (
     *_model_flags("actor"), *_model_flags("reflector"),
-    *(_engine_flag(n) for n in ("threads", "prefix_reuse", "prefix_cache_mb", "dtype")),
+    *(_engine_flag(n) for n in ("threads", "prefix_reuse", "prefix_cache_mb", "device", "dtype")),
 )
 
 app = command_app()

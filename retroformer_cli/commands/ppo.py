@@ -13,7 +13,7 @@ from retroformer_cli.stages.ppo import PPOStageConfig
 PPO_FLAGS = (
     Flag("sft"), Flag("reward_model"), Flag("mode"), Flag("reward_metric"), Flag("actor"),
     Flag("num_generations", ("-G",)), Flag("prompts_per_step"), Flag("beta"), Flag("max_completion_length"),
-    Flag("max_prompt_tokens"), Flag("online_concurrency"),
+    Flag("max_prompt_tokens"), Flag("online_concurrency"), Flag("device"),
 )
 
 app = command_app()

@@ -205,8 +205,10 @@ def openai_client(target: str, cfg: "ModelConfig", workspace: Any, option: str) 
 
 
 def hf_client(target: str, cfg: "ModelConfig", workspace: "Workspace", option: str) -> "LLMClient":
+    from retroformer_cli.llm.engine.model import check_device
     from retroformer_cli.llm.hf_local import HFLocalClient
 
-    return HFLocalClient(model=target, cache_dir=workspace.cache_dir, threads=cfg.threads,
+    check_device(cfg.device)  # now, not when the model first loads (mid-run)
+    return HFLocalClient(model=target, cache_dir=workspace.cache_dir, device=cfg.device, threads=cfg.threads,
                          max_batch_size=cfg.max_batch_size, dtype=cfg.dtype, prefix_reuse=cfg.prefix_reuse,
                          prefix_cache_mb=cfg.prefix_cache_mb)

@@ -102,8 +102,8 @@ def _add_routes(app: FastAPI, engine: Any, allow_runtime_adapters: bool) -> None
     @app.get("/v1/health")
     async def health() -> JSONResponse:
         stats = engine.stats()
-        status = 503 if stats.get("closing") else 200
-        return JSONResponse({"status": "shutting_down" if status == 503 else "ok", **stats}, status_code=status)
+        state = "failed" if stats.get("failed") else "shutting_down" if stats.get("closing") else "ok"
+        return JSONResponse({"status": state, **stats}, status_code=200 if state == "ok" else 503)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

@@ -22,6 +22,8 @@ from retroformer_cli.llm.engine.types import (
     ContextTooLong,
     EngineClosed,
     EngineConfig,
+    EngineFailed,
+    EngineFault,
     RequestCancelled,
     Result,
     Sampling,
@@ -57,6 +59,10 @@ def as_serve_error(exc: BaseException) -> ServeError:
         return ServeError(str(exc), status=404, param="model", code="model_not_found")
     if isinstance(exc, ContextTooLong):
         return ServeError(str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, EngineFailed):  # the model thread stopped: every request gets this until a restart
+        return ServeError(str(exc), status=503, type="server_error", code="engine_failed")
+    if isinstance(exc, EngineFault):  # the engine failed on this request (memory, a step): a retry may pass
+        return ServeError(str(exc), status=503, type="server_error", code="engine_error", headers={"Retry-After": "1"})
     if isinstance(exc, EngineClosed):
         return ServeError("The server is shutting down.", status=503, type="server_error", code="shutting_down",
                           headers={"Retry-After": "5"})
@@ -314,7 +320,8 @@ class TransformersBackend(LengthLimits):
         engine = self.engine
         out = {"engine": self.kind, "queued": self.queue_depth(), "running": engine.num_running() if engine else 0,
                "max_queue": self.max_queue, "max_batch_size": self.max_batch_size, "served": self.served,
-               "adapters": sorted(self.adapters), "closing": bool(engine and engine.closing)}
+               "adapters": sorted(self.adapters), "closing": bool(engine and engine.closing),
+               "failed": str(engine.failed) if engine is not None and engine.failed is not None else None}
         if engine is not None:
             out["forward_passes"] = engine.counters["forward_passes"]
             out["prompt_tokens"] = engine.counters["prompt_tokens"]

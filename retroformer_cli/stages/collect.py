@@ -228,9 +228,11 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
         progress.trial(trial)
 
     status = "failed"
+    failure: dict[str, Any] = {}  # the episode whose error ended the run (an engine fault, an exhausted endpoint)
     t0 = time.perf_counter()
     try:
-        asyncio.run(_collect_async(cfg, workspace, env, task_ids, history, actor, reflector, prompts, on_trial, progress))
+        asyncio.run(_collect_async(cfg, workspace, env, task_ids, history, actor, reflector, prompts, on_trial, progress,
+                                   failure))
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -244,7 +246,8 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
         engines = {role: client.stats() for role, client in (("actor", actor), ("reflector", reflector))
                    if client is not None and hasattr(client, "stats")}
         session.update(finished_at=now_iso(), status=status, trials_written=counters["written"],
-                       **({"engine_stats": engines} if any(engines.values()) else {}))
+                       **({"engine_stats": engines} if any(engines.values()) else {}),
+                       **({"error": failure} if failure else {}))
         manifest.update(status=status, finished_at=now_iso())
         workspace.write_manifest(run_name, manifest)
         env.close()
@@ -270,7 +273,8 @@ class CollectInterrupted(RetroformerError):
 
 async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: Any, task_ids: list[str], history: dict[str, list[Trial]],
                          actor: LLMClient, reflector: LLMClient | None, prompts: Any,
-                         on_trial: Callable[[Trial], Awaitable[None]], progress: CollectReport) -> None:
+                         on_trial: Callable[[Trial], Awaitable[None]], progress: CollectReport,
+                         failure: dict[str, Any]) -> None:
     from retroformer_cli.agents.actor import STOP as ACTOR_STOP
     from retroformer_cli.agents.reflexion import REFLECTION_STOP, TaskSpec, run_task
 
@@ -311,8 +315,20 @@ async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: An
             spec = TaskSpec(run_id=cfg.run or "", env_id=cfg.env, task_id=task_id, trials=cfg.trials,
                             memory_size=cfg.memory_size, seed=cfg.seed, env_timeout_s=cfg.env_step_timeout_s or None,
                             env_retries=max(0, cfg.env_retries))
-            new = await run_task(spec, history.get(task_id, []), acquire_env, release_env, actor, reflector, prompts,
-                                 generation_config(cfg.actor, ACTOR_STOP), generation_config(cfg.reflector, REFLECTION_STOP), on_trial, action_names)
+            written: list[Trial] = []
+
+            async def on_task_trial(trial: Trial) -> None:
+                written.append(trial)
+                await on_trial(trial)
+
+            try:
+                new = await run_task(spec, history.get(task_id, []), acquire_env, release_env, actor, reflector, prompts,
+                                     generation_config(cfg.actor, ACTOR_STOP), generation_config(cfg.reflector, REFLECTION_STOP), on_task_trial, action_names)
+            except RetroformerError as exc:  # the run stops (as for any model error); the manifest names the episode
+                failure.setdefault("task_id", task_id)
+                failure.setdefault("trial", _next_trial(history.get(task_id, []) + written))
+                failure.setdefault("error", f"{type(exc).__name__}: {exc}")
+                raise
             all_trials = history.get(task_id, []) + new
             progress.task_done(any(t.success for t in all_trials))
 
@@ -334,6 +350,11 @@ async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: An
             env.close()
         for client in {id(c): c for c in (actor, reflector) if c is not None}.values():
             await client.aclose()
+
+
+def _next_trial(trials: list[Trial]) -> int:
+    """The trial a task plays next (one whose env failed is played again)."""
+    return max((t.trial for t in trials if not t.env_error), default=0) + 1
 
 
 def _finished(trials: list[Trial], k: int) -> bool:

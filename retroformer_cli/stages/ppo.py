@@ -85,6 +85,7 @@ class PPOStageConfig(TrainerSettings):
     save_steps: int = setting(10, "trainer checkpoint every N steps (for --resume)")
     save_total_limit: int = setting(2, "trainer checkpoints kept")
     logging_steps: int = setting(1, "log metrics every N steps")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N: where the online actor's local model runs; cpu also trains the policy on the CPU (on a GPU the trainer uses the devices accelerate gives it); the checkpoint manifest records the devices and dtypes used")
     gradient_checkpointing: bool = setting(False, "trade compute for memory (large models)")
     online_concurrency: int = setting(8, "online mode: episodes replayed at once")
     online_memory_size: int | None = setting(None, "online mode: reflections in memory [default: the run's]")
@@ -223,6 +224,9 @@ def _validate(cfg: PPOStageConfig, workspace: Workspace) -> None:
         raise UsageError("--num-generations must be at least 2: GRPO's advantage compares reflections of one prompt.")
     if cfg.beta < 0:
         raise UsageError(f"--beta must not be negative, got {cfg.beta}.")
+    from retroformer_cli.llm.engine.model import check_device
+
+    check_device(cfg.device)  # `--device cuda` on a machine without one: one line now, not at the first replay
 
 
 def _info(logs: dict[str, Any]) -> str:
@@ -271,7 +275,7 @@ def _reward_function(cfg: PPOStageConfig, workspace: Workspace, work: Path, proc
     online = OnlineReward(workspace, actor=actor_client if actor_client is not None else cfg.actor,
                           concurrency=cfg.online_concurrency, memory_size=cfg.online_memory_size, metric=cfg.reward_metric,
                           cache_path=work / f"online_cache.{process_index}.jsonl", threads=cfg.threads,
-                          cache_glob=str(work / "online_cache.*.jsonl"))
+                          cache_glob=str(work / "online_cache.*.jsonl"), device=cfg.device)
     for r in runs:
         online.context(r)  # an unreadable run, a bad --actor or a --reward-metric the env lacks fails now, not mid-step
     return online, online
@@ -289,8 +293,17 @@ def _metrics(global_step: int, train_metrics: dict[str, Any], history: list[dict
     }
 
 
+def _devices(cfg: PPOStageConfig, args: Any, online: Any) -> dict[str, Any]:
+    """Where the policy trained and the online actor ran, with their dtypes (for the checkpoint manifest)."""
+    out: dict[str, Any] = {"requested": cfg.device, "policy": "cpu" if args.use_cpu else "cuda",
+                           "policy_dtype": "bfloat16 (mixed)" if args.bf16 else "float32"}
+    if online is not None:
+        out["online_actor"] = online.devices()
+    return out
+
+
 def _save(cfg: PPOStageConfig, trainer: Any, tokenizer: Any, result: PPOResult, *, base: str, sft: Path | None,
-          reward: Path | None, runs: list[str]) -> None:
+          reward: Path | None, runs: list[str], devices: dict[str, Any]) -> None:
     """Write the final checkpoint (the trained adapter, not TRL's frozen "ref" copy) and its manifest."""
     from retroformer_cli.stages.common import training as tc
 
@@ -311,7 +324,8 @@ def _save(cfg: PPOStageConfig, trainer: Any, tokenizer: Any, result: PPOResult, 
         reward={"mode": cfg.mode, "reward_model": str(reward) if reward else None,
                 "actor": cfg.actor if cfg.mode == "online" else None,
                 "metric": cfg.reward_metric if cfg.mode == "online" else None},
-        trainer="trl.GRPOTrainer", runs=runs, log_history=result.log_history, resumed_from=result.resumed_from,
+        trainer="trl.GRPOTrainer", runs=runs, devices=devices, log_history=result.log_history,
+        resumed_from=result.resumed_from,
         seconds=result.seconds, versions=_versions(), git_revision=git_revision())
     tc.save_checkpoint(result.path, write, manifest)
 
@@ -338,7 +352,7 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None
         shutil.rmtree(work)  # a fresh start never resumes from an older run's checkpoints
     dist.wait_for_everyone()
 
-    use_cpu = not torch.cuda.is_available()
+    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     if use_cpu:
         tc.set_threads(cfg.threads)
     model, tokenizer, peft_config, base = load_policy(cfg, workspace, sft_path)
@@ -384,6 +398,6 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None
                        rows=len(dataset), skipped_long_prompts=skipped)
     if trainer.is_world_process_zero():
         _save(cfg, trainer, tokenizer, result, base=base, sft=sft_path, reward=reward_path,
-              runs=sorted(set(dataset["run"])))
+              runs=sorted(set(dataset["run"])), devices=_devices(cfg, trainer.args, online))
     trainer.accelerator.wait_for_everyone()
     return result

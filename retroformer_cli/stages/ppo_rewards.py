@@ -116,7 +116,7 @@ class OnlineReward:
 
     def __init__(self, workspace: Any, actor: str | LLMClient | None = None, concurrency: int = 8,
                  memory_size: int | None = None, cache_path: Path | None = None, threads: int | None = None,
-                 cache_glob: str | None = None, metric: str = "score"):
+                 cache_glob: str | None = None, metric: str = "score", device: str | None = None):
         if metric not in METRICS:
             raise UsageError(f"Unknown --reward-metric '{metric}': choose {', '.join(METRICS)}.")
         self.metric = metric
@@ -125,6 +125,7 @@ class OnlineReward:
         self.concurrency = max(1, concurrency)
         self.memory_size = memory_size
         self.threads = threads
+        self.device = device  # where a local actor runs (ppo --device); None: each run's own setting
         self.cache: dict[str, dict[str, Any]] = {}  # key -> outcome (the keys a cache line had)
         self.episodes = 0  # replays actually run (cache misses)
         self.hits = 0
@@ -176,6 +177,8 @@ class OnlineReward:
             cfg.actor.model = self.actor_override
         if self.threads is not None:
             cfg.actor.threads = self.threads
+        if self.device is not None:
+            cfg.actor.device = self.device
         fill_from_env(cfg)
         trials = {(t.task_id, t.trial): t for t in load_trials(self.workspace, run)}
         self._check_metric(run, cfg.env, trials.values())
@@ -287,6 +290,11 @@ class OnlineReward:
             log_metric("online/success", sum(1.0 for new, _ in pairs if new.get("success", new["score"] > 0)) / n)
             log_metric("online/metric_delta_mean", sum(deltas) / n)
         return deltas
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Each actor client's model, device and dtype (for the checkpoint manifest)."""
+        described = [c.describe() if hasattr(c, "describe") else {} for c in self._clients.values()]
+        return [{k: d.get(k) for k in ("model", "device", "dtype")} for d in described]
 
     async def aclose(self) -> None:
         for client in self._clients.values():

@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence, TypeVar
 from retroformer_cli.errors import BackendError
 from retroformer_cli.llm.engine.model import chat_token_ids
 from retroformer_cli.llm.engine.requests import DeltaFn, DoneFn, Request, RequestHandle, next_id
-from retroformer_cli.llm.engine.types import ContextTooLong, EngineClosed, EngineConfig, Result, Sampling, default_threads
+from retroformer_cli.llm.engine.types import (ContextTooLong, EngineClosed, EngineConfig, EngineFailed, Result, Sampling,
+                                              default_threads)
 
 _started: "weakref.WeakSet[EngineFrontend]" = weakref.WeakSet()
 _E = TypeVar("_E", bound="EngineFrontend")
@@ -52,6 +53,8 @@ class EngineFrontend:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
+        self._failed: BaseException | None = None  # set once the model thread has stopped for good
+        self._live: dict[int, Request] = {}  # submitted and not yet ended (guarded by _cv)
         self._local = threading.local()
         self._tok: Any = None
 
@@ -103,6 +106,11 @@ class EngineFrontend:
     def closing(self) -> bool:
         return self._stop is not None
 
+    @property
+    def failed(self) -> BaseException | None:
+        """The error that stopped the model thread (a failed load, an internal error), or None."""
+        return self._failed
+
     # -------------------------------------------------------------------------------- tokens
     def tokenizer(self) -> Any:
         """This thread's copy of the tokenizer (fast tokenizers must not be shared across threads)."""
@@ -142,7 +150,7 @@ class EngineFrontend:
             raise BackendError("The prompt is empty.")
         req = Request(next_id(), [int(t) for t in prompt_ids], sampling, adapter, on_delta, on_done,
                        time.perf_counter())
-        self._post(self._inbox, req)
+        self._post(self._inbox, req, live=req)
         self.start()
         return RequestHandle(self, req)
 
@@ -196,6 +204,8 @@ class EngineFrontend:
 
         def run() -> None:
             try:
+                if self._failed is not None:  # run by the dying thread's sweep: report, do not load
+                    raise EngineFailed(str(self._failed))
                 box["value"] = fn()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 box["error"] = exc
@@ -208,12 +218,17 @@ class EngineFrontend:
             raise box["error"]
         return box.get("value")
 
-    def _post(self, queue: list, item: Any) -> None:
-        """Hand ``item`` to the model thread (the inbox or the commands) unless the engine is shutting down."""
+    def _post(self, queue: list, item: Any, live: Request | None = None) -> None:
+        """Hand ``item`` to the model thread (the inbox or the commands) unless the engine is shutting down or
+        has failed; a request (``live``) is registered until it ends, so no failure can forget it."""
         with self._cv:
+            if self._failed is not None:  # a fresh error each time: a re-raised one would grow its traceback
+                raise EngineFailed(str(self._failed))
             if self._stop is not None:
                 raise EngineClosed(f"The engine for {self.name} is shutting down.")
             queue.append(item)
+            if live is not None:
+                self._live[live.id] = live
             self._cv.notify_all()
 
     def _wake(self) -> None:

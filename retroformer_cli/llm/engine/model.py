@@ -9,15 +9,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from retroformer_cli.errors import BackendError
-from retroformer_cli.llm.engine.types import EngineConfig
+from retroformer_cli.errors import BackendError, UsageError
+from retroformer_cli.llm.engine.types import EngineConfig, check_device_name
+
+
+def check_device(device: str) -> None:
+    """A device this machine has: ``cuda``/``cuda:N`` without a CUDA device is one clear line (a usage error),
+    not a traceback from the first tensor moved there."""
+    check_device_name(device)
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch was built without CUDA" if torch.version.cuda is None else "torch sees no CUDA device here"
+        raise UsageError(f"--device {device} asks for a GPU, but {why}; use --device cpu or auto.")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0.")
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
     """``auto`` made concrete: CUDA when present; float32 on CPU (exact and, for small models, memory-bound
-    anyway), bfloat16 (or float16 without bf16 support) on GPUs."""
+    anyway), bfloat16 (or float16 without bf16 support) on GPUs. A device the machine lacks is a UsageError."""
     import torch
 
+    check_device(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":

@@ -1,7 +1,8 @@
 """The engine: one model, one model thread, one continuous-batching scheduler with prompt-prefix reuse.
 
 Callers on any thread use the methods of :class:`~.frontend.EngineFrontend` (``submit``, ``generate_async``,
-``load_adapter`` ...); this module is the model thread's side: loading, admission, the steps, finishing.
+``load_adapter`` ...); this module is the model thread's side: loading, admission, the steps, finishing. How a
+request ends when something fails on the way (its admission, a step, the thread itself) is :mod:`.endings`.
 
 Each scheduler step builds one forward pass:
 
@@ -33,7 +34,7 @@ from retroformer_cli.errors import BackendError, RetroformerError, missing_extra
 from retroformer_cli.llm.base import apply_stop
 from retroformer_cli.llm.engine.adapters import Adapters
 from retroformer_cli.llm.engine.batch import StepBatch
-from retroformer_cli.llm.engine.frontend import EngineFrontend
+from retroformer_cli.llm.engine.endings import EngineEndings, as_fault
 from retroformer_cli.llm.engine.model import LoadedModel, load_model
 from retroformer_cli.llm.engine.prefix_cache import PrefixCache, block_keys
 from retroformer_cli.llm.engine.requests import RequestHandle, Request, Seq
@@ -45,7 +46,7 @@ log = logging.getLogger("retroformer.engine")
 
 
 # ------------------------------------------------------------------------------------------------ engine
-class Engine(EngineFrontend):
+class Engine(EngineEndings):
     """A transformers model behind a continuous-batching scheduler (see the module docstring).
 
     >>> engine = Engine(EngineConfig(model="embedded", cache_dir="ws/cache"))  # doctest: +SKIP
@@ -65,6 +66,7 @@ class Engine(EngineFrontend):
         self._running: list[Seq] = []
         self._model: LoadedModel | None = None
         self._lora = Adapters()  # model thread only
+        self._stage = "idle"  # what the step is doing, for the error of a failed step
 
     def num_waiting(self) -> int:
         return len(self._inbox) + self._waiting_count
@@ -104,14 +106,19 @@ class Engine(EngineFrontend):
         except BaseException as exc:  # noqa: BLE001 - every caller gets it
             self._load_error = exc if isinstance(exc, RetroformerError) else missing_extra(
                 exc, "The local model backend") or BackendError(f"Cannot load the local model '{self.name}': {exc}")
+            with self._cv:  # later submits are refused with it, never queued for a thread that is gone
+                self._failed = self._load_error
             self._ready.set()
             self._fail_all(self._load_error)
             return
         self._ready.set()
         import torch
 
-        with torch.inference_mode():
-            self._loop()
+        try:
+            with torch.inference_mode():
+                self._loop()
+        except BaseException as exc:  # noqa: BLE001 - no request may wait for a thread that is gone
+            self._die(exc)
 
     def _loop(self) -> None:
         while True:
@@ -137,27 +144,12 @@ class Engine(EngineFrontend):
             self._admit()
             self._waiting_count = len(self._waiting)
             if self._running:
+                self._stage = "building a step"
                 try:
                     self._step()
-                except Exception as exc:  # a failed forward fails its batch, never the engine
+                except Exception as exc:  # a failed step fails its batch, never the engine
                     log.exception("engine step failed")
-                    err = exc if isinstance(exc, RetroformerError) else BackendError(f"Local generation failed: {exc!r}")
-                    for req in {id(s.req): s.req for s in self._running}.values():
-                        self._finish_request(req, err)
-                    self._running = []
-
-    def _fail_all(self, err: BaseException) -> None:
-        with self._cv:
-            pending = list(self._inbox) + list(self._waiting)
-            self._inbox.clear()
-            self._waiting.clear()
-            self._waiting_count = 0
-            commands, self._commands = self._commands, []
-        for req in pending + [s.req for s in self._running]:
-            self._finish_request(req, err)
-        self._running = []
-        for command in commands:
-            command()  # adapter commands report their own error (engine closed)
+                    self._fail_admitted(as_fault(exc, self._stage))
 
     # -------------------------------------------------------------------------------- loading
     def _load(self) -> None:
@@ -206,10 +198,11 @@ class Engine(EngineFrontend):
                 if req.adapter is not None and req.adapter not in self.adapters:
                     raise AdapterNotLoaded(f"The LoRA adapter '{req.adapter}' is not loaded.")
                 self.check(len(req.prompt), req.sampling.max_tokens)
-            except RetroformerError as err:
-                self._finish_request(req, err)
-                continue
-            self._start(req)
+                self._start(req)
+            except Exception as exc:  # memory for its keys/values, a reuse copy: this request fails, not the engine
+                if not isinstance(exc, RetroformerError):
+                    log.exception("starting request %d failed", req.id)
+                self._finish_request(req, as_fault(exc, "starting the request"))
 
     def _start(self, req: Request) -> None:
         import torch
@@ -287,6 +280,7 @@ class Engine(EngineFrontend):
             batch.pad_to(4)
         kwargs: dict[str, Any] = {}
         model = self._lora.select(batch.names, kwargs)
+        self._stage = "running a forward pass"
         with use_step(batch.context()):
             try:
                 out = model(**batch.inputs(), use_cache=False, **kwargs)
@@ -301,10 +295,12 @@ class Engine(EngineFrontend):
         self.counters["forward_passes"] += 1
         self.counters["forward_tokens"] += len(batch.ids)
         self.step_sizes.append(len(batch.scheduled))
+        self._stage = "storing computed prompt blocks"
         for seq, n in batch.scheduled:
             seq.computed += n
             if seq.state == "prefill" and self.prefix is not None:
                 self._store(seq, seq.computed)
+        self._stage = "sampling and finishing sequences"
         self._take_tokens(batch.samplers, out.logits[:, -1, :])
 
     def _build_batch(self) -> StepBatch | None:
@@ -430,19 +426,3 @@ class Engine(EngineFrontend):
             self.counters["cached_tokens"] += result.cached_tokens
             self.counters["completion_tokens"] += result.completion_tokens
             self._finish_request(req, result)
-
-    def _finish_request(self, req: Request, outcome: Any) -> None:
-        if req.event.is_set():
-            return
-        for seq in req.seqs:
-            seq.kv = None
-            if seq in self._running:
-                self._running.remove(seq)
-        req.outcome = outcome
-        req.event.set()
-        if req.on_done is not None:
-            try:
-                req.on_done(outcome)
-            except Exception:  # a caller's callback must not stop the engine
-                log.exception("on_done callback failed")
-

@@ -6,11 +6,19 @@ No torch here: the CLI, the serve app and the configs import these without loadi
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from retroformer_cli.errors import BackendError, UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device_name(device: str) -> None:
+    """``auto | cpu | cuda | cuda:N``, or one line naming the flag (whether CUDA is there is checked at load)."""
+    if not DEVICE_PATTERN.fullmatch(device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'.")
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class EngineConfig:
             raise UsageError(f"--threads must be at least 1, got {self.threads}.")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'.")
+        check_device_name(self.device)
         if self.max_step_tokens < self.max_batch_size:
             raise UsageError(f"--max-step-tokens ({self.max_step_tokens}) must be at least --max-batch-size "
                              f"({self.max_batch_size}): every decoding sequence needs one token per step.")
@@ -125,6 +134,16 @@ def default_threads() -> int:
 
 class EngineClosed(BackendError):
     """The engine is shutting down and takes no new requests."""
+
+
+class EngineFault(BackendError):
+    """The engine failed while running this request (memory for its keys/values, a forward pass, sampling,
+    finishing): not the request's fault, and the engine goes on with the others (serve answers 503)."""
+
+
+class EngineFailed(EngineFault):
+    """The model thread hit an error outside any one request and stopped: every pending request ends with this
+    error, and new ones are refused with it (serve answers 503 until it is restarted)."""
 
 
 class RequestCancelled(BackendError):
