@@ -4,7 +4,7 @@ prints its figures; the last line is JSON with env, train_tasks, eval_tasks, ste
 stages_s (every stage's time, across resumes), trained_minus_frozen,
 ci_low, ci_high, oracle_headroom (base and tuned actor), sensitivity.
 
-    python benchmarks/learning.py                                   # configs/learning.yaml as is (README: 73 min of stages)
+    python benchmarks/learning.py                                   # configs/learning.yaml as is (docs/training.md: 73 min of stages)
     python benchmarks/learning.py --train-tasks 8 --eval-tasks 6 --ppo-steps 2 --actor-sft-steps 4 --name tiny
 
 Resumable: rerunning with the same --name and --workspace skips finished stages. Needs ../shared/data.

@@ -251,7 +251,7 @@ def test_checks_on_a_package_on_disk(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Names and homes (issue #22): no private name crosses a module boundary, "engine" and "common" each name one
-# package, nothing public goes unused, and the README's layout is the tree.
+# package, nothing public goes unused, and the layout in docs/contributing.md is the tree.
 
 ROOT_NAMES = ("engine", "common")  # words that must name one module or package each
 REPO = ROOT.parent

@@ -2,7 +2,7 @@
 
 Decoding a small model on CPU is bound by reading the weights. Over the embedded model's layer shapes, PyTorch's
 fp32 ``F.linear`` takes 1.4-2.4x longer for 2-16 rows than for one, while oneDNN with the weights reordered
-once takes about as long for 8 rows as for one (``benchmarks/cpu_linear.py``, README "Measured figures"). Its
+once takes about as long for 8 rows as for one (``benchmarks/cpu_linear.py``, docs/benchmarks.md). Its
 results also do not depend on how many rows a call has, so a sequence decodes to the same numbers alone or in
 any batch.
 

@@ -121,7 +121,7 @@ class EngineConfig:
 def default_threads() -> int:
     """torch threads when none are given: one per core, leaving a core free on small machines.
 
-    Measured on a 2-core machine (README "Measured figures"): decoding is memory-bound and runs as fast on 1
+    Measured on a 2-core machine (docs/benchmarks.md): decoding is memory-bound and runs as fast on 1
     thread as on 2, prompts run ~1.3x faster on 2 threads when the machine is quiet, and 2 threads collapse
     (up to ~8x slower) as soon as anything else (the event loop, env worker processes, another job) wants the
     second core. One thread on machines with up to 2 cores; otherwise all cores but one, at most 8.
