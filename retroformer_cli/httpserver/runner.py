@@ -35,6 +35,13 @@ def _guarded_h11() -> type:
                 self._first_request_timer.cancel()
                 self._first_request_timer = None
 
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            # the request came (an upgrade sets no cycle): the timer would otherwise close the WebSocket
+            if self._first_request_timer is not None:
+                self._first_request_timer.cancel()
+                self._first_request_timer = None
+            super().handle_websocket_upgrade(event)
+
         def connection_lost(self, exc: Exception | None) -> None:
             if self._first_request_timer is not None:
                 self._first_request_timer.cancel()
