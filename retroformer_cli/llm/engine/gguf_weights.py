@@ -38,9 +38,10 @@ def _linear_cls() -> Any:
         (``_group``: the modules whose rows follow its own, in order) computes them all in one call."""
 
         def forward(self, x: Any) -> Any:
-            pending = self._pending
+            box = self._pending  # [(input, output)] handed over by the group's first module, or [None]
+            pending = box[0]
             if pending is not None and pending[0] is x:
-                self._pending = None
+                box[0] = None
                 return pending[1]
             shape = x.shape
             flat = x.reshape(-1, shape[-1])
@@ -48,8 +49,8 @@ def _linear_cls() -> Any:
                 flat = flat.float().contiguous()
             y = gguf_kernel.matmul(self._lib, self._stacked, self._kind, flat, self._threads)
             n = self.out_features
-            for module, (a, b) in self._group:
-                module._pending = (x, y[:, a:b].reshape(*shape[:-1], b - a))
+            for box, (a, b) in self._group:  # a plain list: nn.Module.__setattr__ costs microseconds
+                box[0] = (x, y[:, a:b].reshape(*shape[:-1], b - a))
             out = y[:, :n] if self._group else y
             return out.reshape(*shape[:-1], n)
 
@@ -129,6 +130,7 @@ def use_gguf_weights(model: Any, gguf_path: str, cache_dir: str, threads: int) -
         _QUANT = _linear_cls()
     tied = getattr(model.get_input_embeddings(), "weight", None)
     stacked = _stack(blocks, model.config.num_hidden_layers)
+    boxes: dict[str, list] = {}
     with torch.no_grad():
         for name, (kind, data) in blocks.items():
             module = modules[name]
@@ -136,8 +138,8 @@ def use_gguf_weights(model: Any, gguf_path: str, cache_dir: str, threads: int) -
             module.__class__ = _QUANT
             module._kind, module._lib, module._threads = kind, lib, threads
             module._stacked, module._group = stacked.get(name, (torch.from_numpy(data), []))
-            module._group = [(modules[n], span) for n, span in module._group]
-            module._pending = None
+            module._pending = boxes.setdefault(name, [None])
+            module._group = [(boxes.setdefault(n, [None]), span) for n, span in module._group]
             if module.weight is not tied:
                 placeholder = torch.zeros((), dtype=original.dtype).expand(module.out_features, module.in_features)
                 module.weight = torch.nn.Parameter(placeholder, requires_grad=False)
