@@ -61,6 +61,15 @@ def profile(weights: str, cache: str, threads: int, steps: int) -> dict:
     from retroformer_cli.llm.engine.model import load_model
     from retroformer_cli.llm.engine.types import EngineConfig
 
+    from retroformer_cli.llm.engine import gguf_kernel
+
+    plain = gguf_kernel.matmul
+    if not getattr(plain, "profiled", False):  # the kernel is a ctypes call: name it for the profiler
+        def named(*args, **kwargs):
+            with torch.profiler.record_function("retroformer::gguf_matmul"):
+                return plain(*args, **kwargs)
+        named.profiled = True
+        gguf_kernel.matmul = named
     cfg = EngineConfig(model="embedded", cache_dir=cache, threads=threads, weights=weights)
     m = load_model(cfg, threads, "embedded")
     text = (REPO / "retroformer_cli" / "agents" / "prompts" / "hotpotqa.py").read_text()
