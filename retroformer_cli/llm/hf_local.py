@@ -74,6 +74,7 @@ class HFLocalClient:
         prefix_cache_mb: int = 512,
         max_step_tokens: int = 512,
         prefill_chunk: int = 256,
+        weights: str = "fp32",
     ):
         self.model_spec = str(model)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -82,7 +83,7 @@ class HFLocalClient:
         self.engine_config, adapter_path = EngineConfig.for_model(
             self.model_spec, self.cache_dir, device=device, dtype=dtype, threads=threads,
             max_batch_size=max_batch_size, max_step_tokens=max_step_tokens, prefill_chunk=prefill_chunk,
-            prefix_reuse=prefix_reuse, prefix_cache_mb=prefix_cache_mb)
+            prefix_reuse=prefix_reuse, prefix_cache_mb=prefix_cache_mb, weights=weights)
         self.threads = self.engine_config.threads
         self.max_batch_size = max_batch_size
         self._engine: Any = None
@@ -187,11 +188,13 @@ class HFLocalClient:
         cfg = self.engine_config
         desc: dict[str, Any] = {"backend": "hf_local", "model": self.model_spec, "model_id": self.model_id,
                                 "threads": self.threads, "max_batch_size": cfg.max_batch_size,
-                                "prefix_reuse": cfg.prefix_reuse, "prefix_cache_mb": cfg.prefix_cache_mb}
+                                "prefix_reuse": cfg.prefix_reuse, "prefix_cache_mb": cfg.prefix_cache_mb,
+                                "weights": cfg.weights}
         engine = self._engine
         if engine is not None and engine.ready:
             info = engine.info
             desc.update(path=self._adapter_path or info.get("path"), device=info["device"], dtype=info["dtype"],
+                        weights=info.get("weights", cfg.weights),
                         load_seconds=info.get("load_seconds"))
             if self._adapter_path is not None:
                 desc.update(adapter=self._adapter_path, adapter_name=self._adapter, base=cfg.model,

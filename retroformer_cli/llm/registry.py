@@ -211,4 +211,4 @@ def hf_client(target: str, cfg: "ModelConfig", workspace: "Workspace", option: s
     check_device(cfg.device)  # now, not when the model first loads (mid-run)
     return HFLocalClient(model=target, cache_dir=workspace.cache_dir, device=cfg.device, threads=cfg.threads,
                          max_batch_size=cfg.max_batch_size, dtype=cfg.dtype, prefix_reuse=cfg.prefix_reuse,
-                         prefix_cache_mb=cfg.prefix_cache_mb)
+                         prefix_cache_mb=cfg.prefix_cache_mb, weights=cfg.weights)

@@ -137,6 +137,7 @@ class TransformersBackend(LengthLimits):
         prefix_cache_mb: int = 512,
         max_step_tokens: int = 512,
         prefill_chunk: int = 256,
+        weights: str = "fp32",
     ):
         from retroformer_cli.llm.model_cache import default_cache_dir
 
@@ -149,7 +150,7 @@ class TransformersBackend(LengthLimits):
         self.config, self._own_path = EngineConfig.for_model(
             self.model_spec, self.cache_dir, device=device, dtype=dtype, threads=threads,
             max_batch_size=max_batch_size, max_step_tokens=max_step_tokens, prefill_chunk=prefill_chunk,
-            prefix_reuse=prefix_reuse, prefix_cache_mb=prefix_cache_mb)
+            prefix_reuse=prefix_reuse, prefix_cache_mb=prefix_cache_mb, weights=weights)
         self._initial_adapters = dict(adapters or {})
         self.created = int(time.time())
         self.served = 0

@@ -58,7 +58,7 @@ def available(dtype: Any) -> bool:
         return False
 
 
-def _release_pages(tensor: Any) -> None:
+def release_pages(tensor: Any) -> None:
     """Give back the memory pages that lie wholly inside ``tensor``'s data, which nothing reads again.
 
     transformers memory-maps safetensors checkpoints; the pages of a weight read once for packing would stay
@@ -107,7 +107,7 @@ def pack_linear_layers(model: Any) -> int:
             if module.weight is not tied:
                 placeholder = torch.zeros((), dtype=dtype).expand(module.out_features, module.in_features)
                 module.weight = torch.nn.Parameter(placeholder, requires_grad=False)
-                _release_pages(original)  # else the checkpoint's mapped pages stay resident beside the packed copy
+                release_pages(original)  # else the checkpoint's mapped pages stay resident beside the packed copy
             del original
             count += 1
         # The remaining tensors (embeddings, norms) may still view the memory-mapped checkpoint file, which keeps

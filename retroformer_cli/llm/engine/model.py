@@ -84,6 +84,7 @@ def load_model(cfg: EngineConfig, threads: int, name: str) -> LoadedModel:
     if getattr(model.config, "is_encoder_decoder", False) or not getattr(model, "_supports_attention_backend", False):
         raise BackendError(f"The model {name} ({type(model).__name__}) does not support transformers' "
                            "attention backends, which the engine needs (Llama, Qwen, Mistral, Phi-3, Gemma ... do).")
+    quant = _gguf_weights(cfg, model, device, dtype, threads)
     packed = pack_linear_layers(model) if cfg.cpu_packed_linear else 0
     model.set_attn_implementation(attention.register())
     head = model.get_output_embeddings()
@@ -105,11 +106,24 @@ def load_model(cfg: EngineConfig, threads: int, name: str) -> LoadedModel:
         model=model, tok=tok, stop_ids={int(i) for i in eos_ids if i is not None},
         context_length=getattr(text_cfg, "max_position_embeddings", None), layers=layers, kv_heads=kv_heads,
         head_dim=head_dim, dtype=torch_dtype, device=torch.device(device), token_bytes=token_bytes,
-        pad_small_batches=not packed and device == "cpu",
+        pad_small_batches=not packed and quant["weights"] != "gguf" and device == "cpu",
         namespace=f"{info.get('path', cfg.model)}|{dtype}|base".encode(),
         info={**info, "device": device, "dtype": dtype, "threads": threads, "kv_bytes_per_token": token_bytes,
-              "packed_linear_layers": packed},
+              "packed_linear_layers": packed, **quant},
     )
+
+
+def _gguf_weights(cfg: EngineConfig, model: Any, device: str, dtype: str, threads: int) -> dict[str, Any]:
+    """``--weights gguf``: the embedded model's linear layers on its GGUF blocks (:mod:`.gguf_weights`)."""
+    if cfg.weights != "gguf":
+        return {"weights": "fp32"}
+    if cfg.model != "embedded" or device != "cpu" or dtype != "float32":
+        raise UsageError(f"--weights gguf runs the embedded model on CPU in float32, not {cfg.model} on "
+                         f"{device} in {dtype}; use --weights fp32.")
+    from retroformer_cli.llm.engine.gguf_weights import use_gguf_weights
+    from retroformer_cli.llm.model_cache import default_cache_dir, embedded_gguf_path
+
+    return use_gguf_weights(model, str(embedded_gguf_path()), str(cfg.cache_dir or default_cache_dir()), threads)
 
 
 def chat_token_ids(tok: Any, messages: Sequence[dict[str, str]]) -> list[int]:

@@ -97,7 +97,8 @@ class Engine(EngineEndings):
         cfg = self.config
         return {"engine": "retroformer", "threads": self.threads, "max_batch_size": cfg.max_batch_size,
                 "max_step_tokens": cfg.max_step_tokens, "prefill_chunk": cfg.prefill_chunk,
-                "prefix_reuse": cfg.prefix_reuse, "prefix_cache_mb": cfg.prefix_cache_mb, **self.info}
+                "prefix_reuse": cfg.prefix_reuse, "prefix_cache_mb": cfg.prefix_cache_mb,
+                "weights": cfg.weights, **self.info}
 
     # ================================================================================ model thread
     def _main(self) -> None:

