@@ -1,9 +1,9 @@
 """A newcomer's path, timed: a fresh clone and a fresh virtual environment, the README's Quick start, then WebShop
 and ALFWorld installed and run as docs/environments.md says.
 
-    python benchmarks/newcomer_path.py [--python python3] [--keep] [--webshop-tasks 10] [--alfworld-tasks 2]
+    python benchmarks/newcomer_path.py [--python python3] [--keep] [--webshop-tasks 2] [--alfworld-tasks 2]
 
-The clone goes beside this checkout (``../retroformer-newcomer``) so that the docs' ``../shared/data`` paths
+WebShop and ALFWorld run the docs' first-look commands (2 tasks, 1 trial each). The clone goes beside this checkout (``../retroformer-newcomer``) so that the docs' ``../shared/data`` paths
 resolve as they do for a user; the virtual environment goes to a temporary folder. Each step is one shell command
 run exactly as a user would type it, timed from start to exit (downloads included: pip's cache is whatever this
 machine has). Progress on stderr; the last stdout line is JSON with each step's command, seconds and exit code.
@@ -31,7 +31,7 @@ def steps(args: argparse.Namespace) -> list[tuple[str, str]]:
                                         "&& retroformer eval --run demo"),
         ("webshop: install the extra", "pip install -q 'retroformer-cli[webshop]'"),
         ("webshop: collect", f"retroformer collect --env webshop --data ../shared/data/webshop --tasks "
-                             f"{args.webshop_tasks}"),
+                             f"{args.webshop_tasks} --trials 1"),
         ("alfworld: install the extra", "pip install -q 'retroformer-cli[alfworld]'"),
         ("alfworld: collect", f"retroformer collect --env alfworld --data ../shared/data/alfworld --tasks "
                               f"{args.alfworld_tasks} --trials 1"),
@@ -42,7 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--python", default=sys.executable, help="interpreter that makes the virtual environment")
     ap.add_argument("--keep", action="store_true", help="keep the clone and the virtual environment")
-    ap.add_argument("--webshop-tasks", type=int, default=10)
+    ap.add_argument("--webshop-tasks", type=int, default=2)
     ap.add_argument("--alfworld-tasks", type=int, default=2)
     args = ap.parse_args()
     clone = REPO.parent / "retroformer-newcomer"
