@@ -27,6 +27,7 @@ def _rows(res):
     return out
 
 
+@pytest.mark.shared_data
 def test_rows_come_from_train_split_tasks_only(workspace):
     logs = shared_data("hotpotqa") / "reflexion_logs" / "trials.jsonl"
     res, _ = _build(workspace, import_reflexion=[str(logs)])
@@ -65,6 +66,7 @@ def test_prompts_match_what_collect_sends(workspace):
     assert "Here are some examples" not in steps[0]["messages"][0]["content"]  # no few-shot: a tuned actor
 
 
+@pytest.mark.shared_data
 def test_failed_replays_and_oracle_runs_are_refused(workspace):
     from retroformer_cli.envs.hotpotqa import HotPotQAEnv
     from retroformer_cli.errors import UsageError

@@ -367,6 +367,7 @@ def test_cli_serves_until_sigterm(tmp_path):
 # ---- ALFWorld: a real game, won through HTTP -----------------------------------------------------------
 
 
+@pytest.mark.shared_data
 def test_alfworld_walkthroughs_win_over_http_in_parallel_engine_processes():
     from retroformer_cli.envs.alfworld.worker import missing_dependency
 

@@ -158,6 +158,7 @@ def _play(reset, step, task_id: str) -> list:
     return trace
 
 
+@pytest.mark.shared_data
 def test_generic_client_plays_a_webshop_episode(webshop, webshop_env):
     """OpenEnv's GenericEnvClient (plain dicts, no code of ours) buys a product; the trace is the in-process one."""
     local = webshop_env.spawn()
@@ -188,6 +189,7 @@ def test_generic_client_plays_a_webshop_episode(webshop, webshop_env):
     assert httpx.get(webshop.url + "/health").json()["sessions"] == 0  # the connection's session closed with it
 
 
+@pytest.mark.shared_data
 def test_typed_client_wins_an_alfworld_game_with_its_walkthrough():
     from retroformer_cli.envs.alfworld.worker import missing_dependency
 
@@ -215,6 +217,7 @@ def test_typed_client_wins_an_alfworld_game_with_its_walkthrough():
         srv.stop()
 
 
+@pytest.mark.shared_data
 def test_openenv_validate_passes_against_the_running_server(webshop):
     """`openenv validate --url` (its running-server checks: /openapi.json, /health, /metadata, /schema, /mcp and the
     simulation mode's /reset, /step, /state), run as its CLI."""

@@ -71,6 +71,7 @@ def test_hotpotqa_oracle_never_contains_the_answer_sample_data():
     _check_questions(load_questions(HOTPOTQA_SAMPLE))
 
 
+@pytest.mark.shared_data
 def test_hotpotqa_oracle_never_contains_the_answer_dev_set():
     _check_questions(load_questions(shared_data("hotpotqa") / "dev.jsonl"))
 
@@ -102,6 +103,7 @@ def test_webshop_oracle_from_sample_data():
         assert goal["asin"] in leak and goal["name"] in leak and "click[Buy Now]" in leak
 
 
+@pytest.mark.shared_data
 def test_alfworld_oracle_from_shared_games():
     from retroformer_cli.envs.alfworld.worker import missing_dependency
 

@@ -113,6 +113,7 @@ def test_webshop_scripted_purchase():
     assert shop.click(button="Buy Now") == EPISODE_OVER
 
 
+@pytest.mark.shared_data
 def test_alfworld_scripted_walkthrough_wins():
     from retroformer_cli.envs.alfworld.worker import missing_dependency
 
