@@ -75,3 +75,35 @@ def tiny(tmp_path_factory, embedded_tokenizer) -> dict[str, Path]:
         peft.get_peft_model(model, lora).save_pretrained(str(root / name))
         paths[name] = root / name
     return paths
+
+
+def play_gadget_episodes(engine, steps: int = 3, episodes: int = 4) -> list[tuple[list[int], float | None]]:
+    """Greedy ReAct steps of ``episodes`` made-up HotPotQA questions on ``engine``, the episodes of a step batched
+    together and each observation appended as collect would: ``(token_ids, min_margin)`` per step and episode."""
+    from retroformer_cli.agents.prompts.base import get_prompts
+    from retroformer_cli.llm.engine.types import Sampling
+
+    prompts, scratch, out = get_prompts("hotpotqa"), [""] * episodes, []
+    for step in range(1, steps + 1):
+        handles = []
+        for i in range(episodes):
+            msgs = prompts.actor_messages(f"Question: Where was the inventor of gadget {i} born?", [], scratch[i], step)
+            ids = engine.encode_chat([{"role": m.role, "content": m.content} for m in msgs])
+            handles.append(engine.submit(ids, Sampling(max_tokens=24, stop=("\nObservation", "\n\n"))))
+        for i, h in enumerate(handles):
+            c = h.result(600).choices[0]
+            out.append((c.token_ids, c.min_margin))
+            scratch[i] += f"Thought {step}: {c.text.strip()}\nObservation {step}: Gadget {i} was made in Oslo.\n"
+    return out
+
+
+def served_alfworld():
+    """The ALFWorld env that `env serve` builds on the shared games; skips without the data or the alfworld extra."""
+    from retroformer_cli.envs.alfworld.worker import missing_dependency
+    from retroformer_cli.envserver import build_env
+    from retroformer_cli.envserver.config import EnvServerConfig
+
+    data = shared_data("alfworld")
+    if missing_dependency() is not None:
+        pytest.skip(f"alfworld is not installed ('{missing_dependency()}' missing)")
+    return build_env(EnvServerConfig(env="alfworld", data=str(data)))

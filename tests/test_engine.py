@@ -296,28 +296,14 @@ def test_serve_and_collect_run_the_same_engine(tiny, tmp_path):
 def test_embedded_model_reuse_is_token_identical_on_react_episodes(embedded_cache):
     """The real model on our HotPotQA prompts: 4 episodes x 3 steps (+ the shared few-shot block), reuse on
     and off; any difference must be a near-tie (reported with its logit gap), never a wrong cache."""
-    from retroformer_cli.agents.prompts.base import get_prompts
+    from conftest import play_gadget_episodes
 
-    prompts = get_prompts("hotpotqa")
     results = {}
     for reuse in (True, False):
         engine = Engine(EngineConfig(model="embedded", cache_dir=str(embedded_cache), threads=1,
                                      prefix_reuse=reuse)).start(wait=True)
         try:
-            scratch = [""] * 4
-            out = []
-            for step in range(1, 4):
-                handles = []
-                for i in range(4):
-                    msgs = prompts.actor_messages(f"Question: Where was the inventor of gadget {i} born?", [],
-                                                  scratch[i], step)
-                    ids = engine.encode_chat([{"role": m.role, "content": m.content} for m in msgs])
-                    handles.append(engine.submit(ids, Sampling(max_tokens=24, stop=("\nObservation", "\n\n"))))
-                for i, h in enumerate(handles):
-                    c = h.result(600).choices[0]
-                    out.append((c.token_ids, c.min_margin))
-                    scratch[i] += f"Thought {step}: {c.text.strip()}\nObservation {step}: Gadget {i} was made in Oslo.\n"
-            results[reuse] = (out, dict(engine.counters))
+            results[reuse] = (play_gadget_episodes(engine), dict(engine.counters))
         finally:
             engine.shutdown()
     (on, on_counts), (off, _) = results[True], results[False]

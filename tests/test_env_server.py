@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +17,7 @@ import pytest
 pytest.importorskip("fastapi", reason="env serve needs `pip install 'retroformer-cli[serve]'`")
 httpx = pytest.importorskip("httpx")
 
-from conftest import REPO, shared_data  # noqa: E402
+from conftest import REPO, served_alfworld  # noqa: E402
 from retroformer_cli.envserver import EnvServerConfig, build_env, server_thread  # noqa: E402
 from retroformer_cli.envserver.client import EnvClient, EnvServerClientError  # noqa: E402
 
@@ -369,12 +368,7 @@ def test_cli_serves_until_sigterm(tmp_path):
 
 @pytest.mark.shared_data
 def test_alfworld_walkthroughs_win_over_http_in_parallel_engine_processes():
-    from retroformer_cli.envs.alfworld.worker import missing_dependency
-
-    data = shared_data("alfworld")
-    if missing_dependency() is not None:
-        pytest.skip(f"alfworld is not installed ('{missing_dependency()}' missing)")
-    base = build_env(EnvServerConfig(env="alfworld", data=str(data)))
+    base = served_alfworld()
     games = base.task_ids()[:2]
     walks = {g: base.walkthrough(g) for g in games}
     srv = server_thread(_cfg(env="alfworld", workers=2), env=base, api_key=KEY)

@@ -96,7 +96,7 @@ QUESTIONS = [
 
 def _run(cache, weights: str, one_at_a_time: bool = False) -> tuple[list[tuple[list[int], float | None]], dict]:
     """38 chat prompts plus 4 HotPotQA episodes x 3 steps (50 generations), greedy; (token ids, min margin) each."""
-    from retroformer_cli.agents.prompts.base import get_prompts
+    from conftest import play_gadget_episodes
     from retroformer_cli.llm.engine.scheduler import Engine
     from retroformer_cli.llm.engine.types import EngineConfig, Sampling
 
@@ -110,18 +110,7 @@ def _run(cache, weights: str, one_at_a_time: bool = False) -> tuple[list[tuple[l
                 handle.result(600)
             handles.append(handle)
         out += [(c.token_ids, c.min_margin) for c in (h.result(600).choices[0] for h in handles)]
-        prompts, scratch = get_prompts("hotpotqa"), [""] * 4
-        for step in range(1, 4):
-            handles = []
-            for i in range(4):
-                msgs = prompts.actor_messages(f"Question: Where was the inventor of gadget {i} born?", [],
-                                              scratch[i], step)
-                ids = engine.encode_chat([{"role": m.role, "content": m.content} for m in msgs])
-                handles.append(engine.submit(ids, Sampling(max_tokens=24, stop=("\nObservation", "\n\n"))))
-            for i, h in enumerate(handles):
-                c = h.result(600).choices[0]
-                out.append((c.token_ids, c.min_margin))
-                scratch[i] += f"Thought {step}: {c.text.strip()}\nObservation {step}: Gadget {i} was made in Oslo.\n"
+        out += play_gadget_episodes(engine)
         return out, dict(engine.info)
     finally:
         engine.shutdown()

@@ -30,7 +30,7 @@ from openenv.core.generic_client import GenericEnvClient  # noqa: E402
 from websockets.exceptions import InvalidStatus  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
-from conftest import REPO, shared_data  # noqa: E402
+from conftest import REPO, served_alfworld, shared_data  # noqa: E402
 from retroformer_cli.envserver import EnvServerConfig, build_env, server_thread  # noqa: E402
 from retroformer_cli.envserver.openenv_types import SessionState, TextAction, TextObservation  # noqa: E402
 
@@ -191,12 +191,7 @@ def test_generic_client_plays_a_webshop_episode(webshop, webshop_env):
 
 @pytest.mark.shared_data
 def test_typed_client_wins_an_alfworld_game_with_its_walkthrough():
-    from retroformer_cli.envs.alfworld.worker import missing_dependency
-
-    data = shared_data("alfworld")
-    if missing_dependency() is not None:
-        pytest.skip(f"alfworld is not installed ('{missing_dependency()}' missing)")
-    base = build_env(EnvServerConfig(env="alfworld", data=str(data)))
+    base = served_alfworld()
     game = base.task_ids()[0]
     walk = base.walkthrough(game)
     srv = _serve(base, env="alfworld", workers=1)
