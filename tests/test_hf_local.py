@@ -172,7 +172,9 @@ def test_different_lengths_share_the_batch_and_each_stops_at_its_own(client):
     gens = asyncio.run(main())
     for i, g in enumerate(gens):
         assert g.usage.completion_tokens == (3 if i % 2 else 7)
-    assert max(list(engine.step_sizes)[before:]) == 8, "short and long requests decoded together"
+    # 4 short + 4 long: a forward pass over 5 or more sequences held both kinds (all 8 at once unless the first
+    # pass started before the last request was queued, which a busy machine allows)
+    assert max(list(engine.step_sizes)[before:]) >= 5, "short and long requests decoded together"
     assert client.generate(msgs(PROMPTS[1]), short).text == gens[1].text
 
 
