@@ -39,10 +39,10 @@ def load_ref(ref: str, what: str) -> Any:
     return obj
 
 
-def warn(message: str) -> None:
-    from retroformer_cli.console import log
+def _warn(message: str) -> None:
+    from retroformer_cli.console import warning  # rich loads only when a plugin is broken, not with every registry
 
-    log(("Warning:", "yellow"), " ", message)
+    warning(message)
 
 
 def load_group(group: str, kind: type) -> tuple[list[Any], dict[str, str]]:
@@ -59,7 +59,7 @@ def load_group(group: str, kind: type) -> tuple[list[Any], dict[str, str]]:
         except Exception as exc:  # noqa: BLE001 - any plugin bug is that plugin's, never ours
             reason = f"{type(exc).__name__}: {exc}"
             broken[ep.name] = reason
-            warn(f"skipped the {group} plugin '{ep.name}' ({ep.value}, from {dist}): {reason}")
+            _warn(f"skipped the {group} plugin '{ep.name}' ({ep.value}, from {dist}): {reason}")
             continue
         found.extend(objs)
     return found, broken
@@ -96,7 +96,7 @@ class Registry:
                     self._add(spec, replace=False)
                 except ValueError as exc:
                     self.broken[spec.name] = str(exc)
-                    warn(f"skipped the {self.group} plugin '{spec.name}': {exc}")
+                    _warn(f"skipped the {self.group} plugin '{spec.name}': {exc}")
         return self._specs
 
     def register(self, spec: Any, replace: bool = False) -> None:

@@ -235,7 +235,7 @@ def test_a_broken_plugin_costs_one_warning_line(tmp_path, monkeypatch, fresh_reg
         envs.get_spec("ghost")
     assert resolve_backend(ModelConfig(model="embedded"), workspace, "--actor") == ("hf", "embedded")
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if "Warning:" in line]
+    lines = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert len(lines) == 3, err
     assert any("retroformer.envs plugin 'ghost'" in line and "no_such_module_xyz" in line for line in lines)
     assert any("'notaspec'" in line and "expected a EnvSpec" in line for line in lines)

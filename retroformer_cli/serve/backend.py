@@ -241,7 +241,8 @@ class TransformersBackend(LengthLimits):
         if name not in self.adapters:
             raise ServeError(f"The LoRA adapter '{name}' is not loaded.", status=404, param="lora_name",
                              code="adapter_not_found")
-        # new requests for it get 404 from here on; queued and running ones fail with 404
+        # the model thread unloads it between steps; its queued and running requests then fail with 404, and new
+        # ones get 404 once this returns
         await asyncio.get_running_loop().run_in_executor(None, self.engine.unload_adapter, safe_adapter_name(name))
 
     # -------------------------------------------------------------------------------- prompts

@@ -67,18 +67,14 @@ class EngineEndings(EngineFrontend):
         """End every request (queued, waiting, running) with ``err``; queued commands run (or, on a failed
         engine, report the failure)."""
         with self._cv:
-            pending = list(self._inbox) + list(self._waiting)
             self._inbox.clear()
             self._waiting.clear()
             self._waiting_count = 0
             commands, self._commands = self._commands, []
-        for req in pending + [s.req for s in self._running]:
+            pending = list(self._live.values())  # every submitted request is here until it ends, in any queue
+        for req in pending:
             self._finish_request(req, err)
         self._running = []
-        with self._cv:
-            rest = list(self._live.values())  # whatever a failure caught between two queues
-        for req in rest:
-            self._finish_request(req, err)
         for command in commands:
             command()  # adapter commands report their own error (engine closed or failed)
 
