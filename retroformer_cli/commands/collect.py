@@ -10,7 +10,7 @@ from typing import Any, List
 
 import typer
 
-from retroformer_cli.commands.context import build, command_app, config_command, done, examples, workspace
+from retroformer_cli.commands.context import RayOpt, build, command_app, config_command, done, examples, workspace
 from retroformer_cli.config import CollectConfig
 from retroformer_cli.errors import UsageError
 from retroformer_cli.options import Flag
@@ -86,26 +86,29 @@ def build_collect_config(overrides: dict[str, Any], resume: bool):
     return cfg, ws
 
 
-def run_collect(cfg, ws, resume: bool, label: str = "collect"):
+def run_collect(cfg, ws, resume: bool, label: str = "collect", ray: str | None = None):
     from retroformer_cli.console import RichProgress, log
     from retroformer_cli.stages import collect
 
     log((label, "bold"), f" env={cfg.env} run={cfg.run or '(new)'} trials={cfg.trials} "
-                         f"actor={cfg.actor.model} reflector={cfg.reflector.model} workspace={ws.root}")
-    return collect.run(cfg, ws, resume=resume, progress=RichProgress(label=label))
+                         f"actor={cfg.actor.model} reflector={cfg.reflector.model} workspace={ws.root}"
+                         + (f" ray={ray}" if ray is not None else ""))
+    return collect.run(cfg, ws, resume=resume, progress=RichProgress(label=label), ray=ray)
 
 
 @config_command(app.command("collect", epilog=examples(
     "retroformer collect --env hotpotqa --tasks 2 --trials 2",
     "retroformer collect --env hotpotqa --data ../data/hotpotqa/dev.jsonl --actor openai:gpt-4o-mini",
-    "retroformer collect --run my-run --resume")),
+    "retroformer collect --run my-run --resume",
+    "retroformer collect --env alfworld --data ../data/alfworld --trials 10 --ray auto   (on a Ray cluster)")),
                 CollectConfig, TASK_FLAGS, RUN_FLAG, MODEL_FLAGS)
 def collect(
     overrides: dict,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (needs --run)."),
+    ray: RayOpt = None,
 ) -> None:
     """Run the actor (and the reflector after failed trials) over tasks for several trials."""
     cfg, ws = build_collect_config(overrides, resume)
-    result = run_collect(cfg, ws, resume)
+    result = run_collect(cfg, ws, resume, ray=ray)
     done(result, f"run {result.run}: {result.solved}/{result.tasks} task(s) solved, {result.trials_written} trial(s) "
                  f"written to {result.trials_path}")

@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from retroformer_cli.commands.context import (CompareOpt, PriceInOpt, PriceOutOpt, command_app, config_command, examples,
-                                              state, workspace)
+from retroformer_cli.commands.context import (CompareOpt, PriceInOpt, PriceOutOpt, RayOpt, command_app, config_command,
+                                              examples, state, workspace)
 from retroformer_cli.commands.collect import MODEL_FLAGS, TASK_FLAGS, build_collect_config, run_collect
 from retroformer_cli.config import CollectConfig
 from retroformer_cli.errors import UsageError
@@ -17,7 +17,7 @@ from retroformer_cli.errors import UsageError
 app = command_app()
 
 
-def _protocol_run(overrides: dict) -> tuple[str, object]:
+def _protocol_run(overrides: dict, ray: str | None = None) -> tuple[str, object]:
     """Collect on the env's protocol split (unless --split or the YAML sets one); the new run's name."""
     from retroformer_cli.config import load_yaml
     from retroformer_cli.envs import protocol_split
@@ -26,7 +26,7 @@ def _protocol_run(overrides: dict) -> tuple[str, object]:
     yaml_split = state.config is not None and "split" in load_yaml(state.config)
     if "split" not in overrides and not yaml_split:
         cfg.split = protocol_split(cfg.env)
-    return run_collect(cfg, ws, resume=False, label="eval").run, ws
+    return run_collect(cfg, ws, resume=False, label="eval", ray=ray).run, ws
 
 
 @config_command(app.command("eval", epilog=examples(
@@ -40,6 +40,7 @@ def eval_(
     price_in: PriceInOpt = None,
     price_out: PriceOutOpt = None,
     plot: Optional[Path] = typer.Option(None, "--plot", help="Where to write the PNG plot [default: reports/]."),
+    ray: RayOpt = None,
     *,
     overrides: dict,
 ) -> None:
@@ -51,8 +52,10 @@ def eval_(
     ws = workspace()
     runs = list(runs or [])
     pairs = [tuple(compare)] if compare else []
+    if ray is not None and "env" not in overrides:
+        raise UsageError("--ray plays episodes: it goes with --env (eval --env runs the protocol on the cluster).")
     if "env" in overrides:
-        run, ws = _protocol_run(overrides)
+        run, ws = _protocol_run(overrides, ray)
         runs.append(run)
     if not runs and not pairs:
         raise UsageError("Nothing to evaluate: pass --run NAME (see `retroformer runs`) or --env ENV to run the protocol.")

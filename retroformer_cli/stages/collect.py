@@ -164,8 +164,9 @@ def _clients(cfg: CollectConfig, workspace: Workspace, actor: LLMClient | None,
 
 
 def _start_manifest(cfg: CollectConfig, workspace: Workspace, run_name: str, resume: bool, task_ids: list[str],
-                    actor: LLMClient, reflector: LLMClient | None) -> tuple[dict, dict]:
-    """Write the manifest with a new running session (a resumed run keeps its earlier sessions and usage)."""
+                    actor: LLMClient, reflector: LLMClient | None, cluster: dict | None = None) -> tuple[dict, dict]:
+    """Write the manifest with a new running session (a resumed run keeps its earlier sessions and usage);
+    ``cluster``: the Ray cluster the session runs on (address, nodes), kept in the session and at the top."""
     from retroformer_cli.agents.prompts.base import PROMPT_VERSION
 
     manifest = workspace.read_manifest(run_name) if resume else {
@@ -183,14 +184,19 @@ def _start_manifest(cfg: CollectConfig, workspace: Workspace, run_name: str, res
     else:
         manifest.pop("diagnostic", None)
     session = {"started_at": now_iso(), "finished_at": None, "status": "running", "resume": resume}
+    manifest.pop("cluster", None)
+    if cluster is not None:
+        manifest["cluster"] = session["cluster"] = cluster
     manifest["sessions"].append(session)
     workspace.write_manifest(run_name, manifest)
     return manifest, session
 
 
 def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progress: Progress | None = None,
-        actor: LLMClient | None = None, reflector: LLMClient | None | str = "config") -> CollectResult:
-    """Collect trajectories. ``actor``/``reflector`` may be passed in (tests); else built from ``cfg``."""
+        actor: LLMClient | None = None, reflector: LLMClient | None | str = "config",
+        ray: str | None = None) -> CollectResult:
+    """Collect trajectories. ``actor``/``reflector`` may be passed in (tests); else built from ``cfg``.
+    ``ray``: play the tasks on a Ray cluster (``local``, ``auto`` or an address; ``retroformer_cli.cluster``)."""
     progress = CollectReport(progress or NullProgress())
     run_name = _check_run(cfg, workspace, resume)
     env = make_for(cfg, workspace.cache_dir)
@@ -199,6 +205,7 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     from retroformer_cli.agents.prompts.base import get_prompts
 
     prompts = get_prompts(cfg.env, cfg.few_shot)
+    given = (actor, reflector)  # --ray: what the nodes get (a ready client is shipped, a config is built there)
     actor, reflector = _clients(cfg, workspace, actor, reflector)
     if getattr(reflector, "diagnostic", False):  # an oracle reflector reads the gold data of this run's env
         from retroformer_cli.envs import get_spec
@@ -210,7 +217,13 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     if resume and trials_path.exists():
         for t in load_trials(workspace, run_name):
             history[t.task_id].append(t)
-    manifest, session = _start_manifest(cfg, workspace, run_name, resume, task_ids, actor, reflector)
+    cluster = None
+    if ray is not None:
+        from retroformer_cli.cluster.connect import connect
+
+        cluster = connect(ray)
+    manifest, session = _start_manifest(cfg, workspace, run_name, resume, task_ids, actor, reflector,
+                                        cluster.describe() if cluster else None)
 
     counters = {"written": 0, "prompt": 0, "completion": 0, "cached": 0}
     writer = JsonlWriter(trials_path)
@@ -231,8 +244,12 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     failure: dict[str, Any] = {}  # the episode whose error ended the run (an engine fault, an exhausted endpoint)
     t0 = time.perf_counter()
     try:
-        asyncio.run(_collect_async(cfg, workspace, env, task_ids, history, actor, reflector, prompts, on_trial, progress,
-                                   failure))
+        if cluster is None:
+            asyncio.run(_collect_async(cfg, workspace, env, task_ids, history, actor, reflector, prompts, on_trial,
+                                       progress, failure))
+        else:
+            asyncio.run(_collect_on_cluster(cluster, cfg, workspace, task_ids, history, given, (actor, reflector),
+                                            on_trial, progress, failure))
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -251,6 +268,8 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
         manifest.update(status=status, finished_at=now_iso())
         workspace.write_manifest(run_name, manifest)
         env.close()
+        if cluster is not None:
+            cluster.close()
 
     trials = [Trial.from_json(r) for r in read_jsonl(trials_path)] if trials_path.exists() else []
     solved = len({t.task_id for t in trials if t.success})
@@ -349,6 +368,26 @@ async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: An
         for env in created[1:]:
             env.close()
         for client in {id(c): c for c in (actor, reflector) if c is not None}.values():
+            await client.aclose()
+
+
+async def _collect_on_cluster(cluster: Any, cfg: CollectConfig, workspace: Workspace, task_ids: list[str],
+                              history: dict[str, list[Trial]], given: tuple[Any, Any], clients: tuple[Any, Any],
+                              on_trial: Callable[[Trial], Awaitable[None]], progress: CollectReport,
+                              failure: dict[str, Any]) -> None:
+    """--ray: the tasks not finished yet go to the cluster; trials come back through ``on_trial`` as locally."""
+    from retroformer_cli.agents.actor import STOP as ACTOR_STOP
+    from retroformer_cli.agents.reflexion import REFLECTION_STOP
+    from retroformer_cli.cluster.dispatch import collect_on_cluster, run_setup
+
+    remaining = [t for t in task_ids if not _finished(history.get(t, []), cfg.trials)]
+    progress.start(len(task_ids), len(task_ids) - len(remaining))
+    setup, local_models = run_setup(cfg, workspace, given, clients, generation_config(cfg.actor, ACTOR_STOP),
+                                    generation_config(cfg.reflector, REFLECTION_STOP))
+    try:
+        await collect_on_cluster(cluster, setup, remaining, history, on_trial, progress, failure, local_models)
+    finally:
+        for client in {id(c): c for c in clients if c is not None}.values():
             await client.aclose()
 
 
