@@ -41,10 +41,11 @@ def check_address(address: str) -> str:
 
 @dataclass
 class ClusterSession:
-    """One run's connection: ``address`` as given, ``started`` when this process started the cluster."""
+    """One run's connection: ``address`` as given; ``owned`` when this run joined (it leaves at the end), not a
+    caller that had joined already."""
 
     address: str
-    started: bool
+    owned: bool
     ray_version: str
 
     def alive_nodes(self) -> list[str]:
@@ -61,8 +62,13 @@ class ClusterSession:
         """Leave the cluster (a local one stops with it); the run's actors end with the job."""
         import ray
 
-        if ray.is_initialized():
+        if self.owned and ray.is_initialized():
             ray.shutdown()
+
+
+def join_cluster(address: str | None) -> ClusterSession | None:
+    """:func:`connect` for ``--ray ADDRESS``; None (and no Ray) without it."""
+    return None if address is None else connect(address)
 
 
 def connect(address: str) -> ClusterSession:
@@ -73,7 +79,7 @@ def connect(address: str) -> ClusterSession:
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": False,
                               "logging_level": logging.WARNING, "configure_logging": False}
     if ray.is_initialized():  # a caller (a test, a notebook) already joined: use that connection
-        return ClusterSession(address, started=False, ray_version=ray.__version__)
+        return ClusterSession(address, owned=False, ray_version=ray.__version__)
     try:
         if address == LOCAL:
             ray.init(include_dashboard=False, **kwargs)
@@ -82,4 +88,4 @@ def connect(address: str) -> ClusterSession:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise BackendError(f"Cannot join the Ray cluster at '{address}' (--ray): {str(exc).splitlines()[0]}",
                            hint="start one with `ray start --head`, or use --ray local") from None
-    return ClusterSession(address, started=address == LOCAL, ray_version=ray.__version__)
+    return ClusterSession(address, owned=True, ray_version=ray.__version__)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from retroformer_cli.commands.context import TRAIN_FLAGS, ResumeOpt, build, command_app, config_command, done, examples, workspace
+from retroformer_cli.commands.context import TRAIN_FLAGS, RayOpt, ResumeOpt, build, command_app, config_command, done, examples, workspace
 from retroformer_cli.options import Flag
 from retroformer_cli.stages.ppo import PPOStageConfig
 
@@ -24,10 +24,11 @@ app = command_app()
     "retroformer ppo --mode online --actor embedded --name online   (the replayed G(k+1) - G(k))",
     "retroformer ppo --mode online --reward-metric f1 --name online-f1   (HotPotQA: the answer F1 difference)",
     "retroformer ppo --name online --mode online --resume",
+    "retroformer ppo --mode online --actor openai:gpt-4o-mini --ray auto   (the replays on a Ray cluster)",
     "accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m retroformer_cli ppo --config configs/ppo.yaml",
     "retroformer collect --reflector workspace:ppo/default --run retroformer")),
                 PPOStageConfig, TRAIN_FLAGS, PPO_FLAGS)
-def ppo(overrides: dict, resume: ResumeOpt = False) -> None:
+def ppo(overrides: dict, resume: ResumeOpt = False, ray: RayOpt = None) -> None:
     """Fine-tune the reflector with GRPO (clipped PPO surrogate, group-relative advantages, KL to the reference)."""
     from retroformer_cli import console
     from retroformer_cli.stages.ppo import run_ppo
@@ -39,7 +40,7 @@ def ppo(overrides: dict, resume: ResumeOpt = False) -> None:
         metric = f" metric={cfg.reward_metric}" if cfg.mode == "online" else ""
         console.log(("ppo", "bold"), f" mode={cfg.mode}{metric} dataset={cfg.dataset} name={cfg.name} "
                                      f"steps={cfg.max_steps} G={cfg.num_generations} beta={cfg.beta} workspace={ws.root}")
-    result = run_ppo(cfg, ws, console.RichProgress() if main else None, resume=resume)
+    result = run_ppo(cfg, ws, console.RichProgress() if main else None, resume=resume, ray=ray)
     if not main:
         return
     m = result.metrics

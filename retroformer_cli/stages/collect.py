@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from retroformer_cli import __version__
+from retroformer_cli.cluster.connect import join_cluster
 from retroformer_cli.config import CollectConfig, to_dict
 from retroformer_cli.envs import make_for
 from retroformer_cli.errors import RetroformerError, UsageError
@@ -164,7 +165,7 @@ def _clients(cfg: CollectConfig, workspace: Workspace, actor: LLMClient | None,
 
 
 def _start_manifest(cfg: CollectConfig, workspace: Workspace, run_name: str, resume: bool, task_ids: list[str],
-                    actor: LLMClient, reflector: LLMClient | None, cluster: dict | None = None) -> tuple[dict, dict]:
+                    actor: LLMClient, reflector: LLMClient | None, cluster: Any = None) -> tuple[dict, dict]:
     """Write the manifest with a new running session (a resumed run keeps its earlier sessions and usage);
     ``cluster``: the Ray cluster the session runs on (address, nodes), kept in the session and at the top."""
     from retroformer_cli.agents.prompts.base import PROMPT_VERSION
@@ -186,7 +187,7 @@ def _start_manifest(cfg: CollectConfig, workspace: Workspace, run_name: str, res
     session = {"started_at": now_iso(), "finished_at": None, "status": "running", "resume": resume}
     manifest.pop("cluster", None)
     if cluster is not None:
-        manifest["cluster"] = session["cluster"] = cluster
+        manifest["cluster"] = session["cluster"] = cluster.describe()
     manifest["sessions"].append(session)
     workspace.write_manifest(run_name, manifest)
     return manifest, session
@@ -195,8 +196,8 @@ def _start_manifest(cfg: CollectConfig, workspace: Workspace, run_name: str, res
 def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progress: Progress | None = None,
         actor: LLMClient | None = None, reflector: LLMClient | None | str = "config",
         ray: str | None = None) -> CollectResult:
-    """Collect trajectories. ``actor``/``reflector`` may be passed in (tests); else built from ``cfg``.
-    ``ray``: play the tasks on a Ray cluster (``local``, ``auto`` or an address; ``retroformer_cli.cluster``)."""
+    """Collect trajectories. ``actor``/``reflector`` may be passed in (tests); else built from ``cfg``. ``ray``: on a
+    Ray cluster (``local``, ``auto`` or an address; :mod:`retroformer_cli.cluster`)."""
     progress = CollectReport(progress or NullProgress())
     run_name = _check_run(cfg, workspace, resume)
     env = make_for(cfg, workspace.cache_dir)
@@ -217,13 +218,8 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     if resume and trials_path.exists():
         for t in load_trials(workspace, run_name):
             history[t.task_id].append(t)
-    cluster = None
-    if ray is not None:
-        from retroformer_cli.cluster.connect import connect
-
-        cluster = connect(ray)
-    manifest, session = _start_manifest(cfg, workspace, run_name, resume, task_ids, actor, reflector,
-                                        cluster.describe() if cluster else None)
+    cluster = join_cluster(ray)  # None without --ray
+    manifest, session = _start_manifest(cfg, workspace, run_name, resume, task_ids, actor, reflector, cluster)
 
     counters = {"written": 0, "prompt": 0, "completion": 0, "cached": 0}
     writer = JsonlWriter(trials_path)
@@ -244,12 +240,10 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     failure: dict[str, Any] = {}  # the episode whose error ended the run (an engine fault, an exhausted endpoint)
     t0 = time.perf_counter()
     try:
-        if cluster is None:
-            asyncio.run(_collect_async(cfg, workspace, env, task_ids, history, actor, reflector, prompts, on_trial,
-                                       progress, failure))
-        else:
-            asyncio.run(_collect_on_cluster(cluster, cfg, workspace, task_ids, history, given, (actor, reflector),
-                                            on_trial, progress, failure))
+        asyncio.run(_collect_async(cfg, workspace, env, task_ids, history, actor, reflector, prompts, on_trial, progress,
+                                   failure) if cluster is None else
+                    _collect_on_cluster(cluster, cfg, workspace, task_ids, history, given, (actor, reflector), on_trial,
+                                        progress, failure))
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"

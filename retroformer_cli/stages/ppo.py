@@ -261,7 +261,8 @@ def _training_rows(cfg: PPOStageConfig, workspace: Workspace) -> tuple[list[dict
 
 
 def _reward_function(cfg: PPOStageConfig, workspace: Workspace, work: Path, process_index: int, runs: list[str],
-                     reward_path: Path | None, scorer: Callable | None, actor_client: Any) -> tuple[Any, Any]:
+                     reward_path: Path | None, scorer: Callable | None, actor_client: Any,
+                     ray: str | None = None) -> tuple[Any, Any]:
     """(the reward function TRL calls, the OnlineReward to close afterwards or None)."""
     from retroformer_cli.stages.ppo_rewards import OfflineReward, OnlineReward
 
@@ -275,7 +276,7 @@ def _reward_function(cfg: PPOStageConfig, workspace: Workspace, work: Path, proc
     online = OnlineReward(workspace, actor=actor_client if actor_client is not None else cfg.actor,
                           concurrency=cfg.online_concurrency, memory_size=cfg.online_memory_size, metric=cfg.reward_metric,
                           cache_path=work / f"online_cache.{process_index}.jsonl", threads=cfg.threads,
-                          cache_glob=str(work / "online_cache.*.jsonl"), device=cfg.device)
+                          cache_glob=str(work / "online_cache.*.jsonl"), device=cfg.device, ray=ray)
     for r in runs:
         online.context(r)  # an unreadable run, a bad --actor or a --reward-metric the env lacks fails now, not mid-step
     return online, online
@@ -332,11 +333,15 @@ def _save(cfg: PPOStageConfig, trainer: Any, tokenizer: Any, result: PPOResult, 
 
 # ---------------------------------------------------------------------------------------------- the stage
 def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None = None, *, resume: bool = False,
-            scorer: Callable | None = None, actor_client: Any = None, callbacks: list | None = None) -> PPOResult:
-    """Train the reflector with GRPO; ``scorer``/``actor_client`` replace the reward model / actor (tests)."""
+            scorer: Callable | None = None, actor_client: Any = None, callbacks: list | None = None,
+            ray: str | None = None) -> PPOResult:
+    """Train the reflector with GRPO; ``scorer``/``actor_client`` replace the reward model / actor (tests);
+    ``ray``: online replays on a Ray cluster (``local``, ``auto`` or an address)."""
     from retroformer_cli.stages.common import training as tc
 
     _validate(cfg, workspace)
+    if ray is not None and cfg.mode != "online":
+        raise UsageError("--ray runs the online replays on a cluster: it needs --mode online.")
     progress = progress or NullProgress()
     final = workspace.checkpoint_dir("ppo", cfg.name)
     work = tc.work_dir(workspace, "ppo", cfg.name)  # trainer checkpoints + online replay cache
@@ -364,7 +369,7 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None
                         f"({cfg.max_prompt_tokens}).")
 
     reward_fn, online = _reward_function(cfg, workspace, work, dist.process_index, sorted(set(dataset["run"])),
-                                         reward_path, scorer, actor_client)
+                                         reward_path, scorer, actor_client, ray)
     import warnings
 
     from transformers import PrinterCallback

@@ -88,6 +88,7 @@ class _RunContext:
     seed: int
     trials: dict[tuple[str, int], Any]
     envs: list[Any] = field(default_factory=list)  # idle environments
+    cfg: Any = None  # the run's CollectConfig (what --ray ships to the nodes)
     created: list[Any] = field(default_factory=list)
 
     def acquire(self) -> Any:
@@ -116,7 +117,8 @@ class OnlineReward:
 
     def __init__(self, workspace: Any, actor: str | LLMClient | None = None, concurrency: int = 8,
                  memory_size: int | None = None, cache_path: Path | None = None, threads: int | None = None,
-                 cache_glob: str | None = None, metric: str = "score", device: str | None = None):
+                 cache_glob: str | None = None, metric: str = "score", device: str | None = None,
+                 ray: str | None = None):
         if metric not in METRICS:
             raise UsageError(f"Unknown --reward-metric '{metric}': choose {', '.join(METRICS)}.")
         self.metric = metric
@@ -135,6 +137,11 @@ class OnlineReward:
         self._gate: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer = None
+        self.cluster = None  # --ray: replays on the cluster's nodes (retroformer_cli.cluster.replays)
+        if ray is not None:
+            from retroformer_cli.cluster.replays import ClusterReplays
+
+            self.cluster = ClusterReplays(ray, workspace, self.concurrency)
         if cache_path is not None:  # one file per process; every process reads all of them on resume
             import glob
 
@@ -190,7 +197,10 @@ class OnlineReward:
                           gen=generation_config(cfg.actor, ACTOR_STOP), prompts=get_prompts(cfg.env, cfg.few_shot),
                           action_names=spec.action_names, spawn=spec.spawn,
                           memory_size=self.memory_size if self.memory_size is not None else cfg.memory_size,
-                          seed=cfg.seed, trials=trials, envs=[first], created=[first])
+                          seed=cfg.seed, trials=trials, envs=[first], created=[first], cfg=cfg)
+        if self.cluster is not None:
+            shipped = None if isinstance(self.actor_override, (str, type(None))) else self.actor_override
+            self.cluster.add_run(run, cfg, shipped, actor.model_id, ctx.gen)
         self._contexts[run] = ctx
         return ctx
 
@@ -246,13 +256,16 @@ class OnlineReward:
 
             assert self._gate is not None
             async with self._gate:
-                env = ctx.acquire()
-                try:
-                    result = await run_episode(env, task_id, ctx.actor, ctx.prompts, memory, ctx.gen,
-                                               ctx.action_names, seed=ctx.seed)
-                finally:
-                    ctx.release(env)
-            new = outcome(result.score, result.success, result.info)
+                if self.cluster is not None:  # --ray: the same episode, played on a node
+                    new = outcome(*await self.cluster.replay(run, task_id, memory))
+                else:
+                    env = ctx.acquire()
+                    try:
+                        result = await run_episode(env, task_id, ctx.actor, ctx.prompts, memory, ctx.gen,
+                                                   ctx.action_names, seed=ctx.seed)
+                    finally:
+                        ctx.release(env)
+                    new = outcome(result.score, result.success, result.info)
             self.episodes += 1
             self.cache[key] = new
             if self._writer is not None:
@@ -310,3 +323,6 @@ class OnlineReward:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
