@@ -238,3 +238,19 @@ def test_local_models_run_in_one_server_per_node(ray_cluster, workspace, tiny, m
     assert len({w["pid"] for w in where}) == 3 and all(w["models"] <= 1 for w in where)
     served = [s for per_node in stats for s in per_node.values()]
     assert served and sum(s.get("requests", 0) for s in served) >= 6  # the steps ran in the nodes' servers
+
+
+def test_without_ray_nothing_imports_it_and_a_missing_extra_is_one_line(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    local = ("import sys\nfrom retroformer_cli.config import CollectConfig\nfrom retroformer_cli.stages import collect\n"
+             "from retroformer_cli.testing.fake_llm import FakeLLM\nfrom retroformer_cli.workspace import Workspace\n"
+             f"r = collect.run(CollectConfig(tasks=2, trials=1), Workspace.open({str(tmp_path / 'ws')!r}), "
+             "actor=FakeLLM(['Action: Finish[x]']), reflector=None)\n"
+             "assert r.status == 'completed' and 'ray' not in sys.modules, sorted(m for m in sys.modules if 'ray' in m)\n")
+    assert subprocess.run([sys.executable, "-c", local], env=env, capture_output=True).returncode == 0
+    blocked = ("import sys, runpy\nsys.modules['ray'] = None\nsys.argv = ['retroformer', '-w', "
+               f"{str(tmp_path / 'ws2')!r}, 'collect', '--tasks', '1', '--actor', 'openai:x', '--actor-base-url', "
+               "'http://127.0.0.1:9/v1', '--ray', 'local']\nrunpy.run_module('retroformer_cli', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", blocked], env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "needs the 'ray' extra" in out.stderr and "pip install 'retroformer-cli[ray]'" in out.stderr
+    assert len([line for line in out.stderr.splitlines() if line.strip()]) <= 3, out.stderr
