@@ -5,7 +5,8 @@ nodes, 1 CPU each, all on this machine):
 
 * ALFWorld (CPU-bound: TextWorld in worker processes), the actor a scripted walkthrough policy: it plays each
   game's expert walkthrough (``env.walkthrough``, as ``envs/alfworld/oracle.py`` reads it), so every episode wins
-  in as many steps as its walkthrough has and no model runs.
+  in as many steps as its walkthrough has and no model runs (games are taken in task id order, skipping those whose
+  first observation another taken game already has: the policy tells games apart by it).
 * HotPotQA (waiting-bound): the actor an OpenAI-compatible endpoint that answers after ``--delay`` seconds
   (``fake_openai_server --delay 0.2``, its own process) with a search that never finishes the task, so every
   episode takes ``--max-steps`` calls.
@@ -22,7 +23,7 @@ state (the episodes after the first, over the time from the first trial to the l
 
 The last stdout line is JSON with every figure. Usage:
 
-    python benchmarks/cluster_collect.py [--nodes 1,2,4] [--alf-tasks 24] [--hotpot-tasks 64] [--concurrency 2]
+    python benchmarks/cluster_collect.py [--nodes 1,2,4] [--alf-tasks 40] [--hotpot-tasks 64] [--concurrency 2]
                                          [--hotpot-concurrency 8] [--delay 0.2] [--max-steps 4]
                                          [--data ../shared/data/alfworld] [--skip alfworld|hotpotqa]
 """
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -45,7 +45,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get
 
 from benchmarks.collect_scaling import write_questions  # noqa: E402
 
-GOAL = re.compile(r"Your task is to: [^\n]*")
 NEVER_FINISHES = "Thought: I need to look this up first.\nAction: Search[Velantia]"
 
 
@@ -54,8 +53,8 @@ def log(msg: str) -> None:
 
 
 class WalkthroughActor:
-    """An LLMClient that plays each ALFWorld game's walkthrough, step N answering its N-th command (by the goal
-    line of the task in the prompt). Shipped to the nodes as is (``collect.run(actor=...)``)."""
+    """An LLMClient that plays each ALFWorld game's walkthrough, step N answering its N-th command (the game found
+    by its first observation in the prompt). Shipped to the nodes as is (``collect.run(actor=...)``)."""
 
     model_id = "walkthrough"
 
@@ -65,9 +64,9 @@ class WalkthroughActor:
     async def agenerate(self, messages, config):
         from retroformer_cli.llm.base import Generation
 
-        goal = GOAL.search(messages[1].content).group(0)
+        task = messages[1].content
         n = int(messages[-1].content.rstrip().rsplit("Thought ", 1)[1].rstrip(":"))
-        walk = self.walks[goal]
+        walk = next(w for first, w in self.walks.items() if first in task)
         return Generation(text=f" next step.\nAction {n}: {walk[min(n, len(walk)) - 1]}", model_id=self.model_id)
 
     async def aclose(self) -> None:
@@ -99,11 +98,14 @@ def walkthroughs(data: str, n: int) -> tuple[list[str], dict[str, list[str]]]:
 
     env = make("alfworld", data=data)
     try:
-        ids = sorted(env.task_ids())[:n]
-        walks = {}
-        for tid in ids:
+        ids, walks = [], {}
+        for tid in sorted(env.task_ids()):  # games whose first observation tells them apart (some share one)
             obs, _ = env.reset(options={"task_id": tid})
-            walks[GOAL.search(obs).group(0)] = list(env.walkthrough(tid))
+            if obs.strip() not in walks:
+                ids.append(tid)
+                walks[obs.strip()] = list(env.walkthrough(tid))
+            if len(ids) == n:
+                break
         return ids, walks
     finally:
         env.close()
@@ -172,7 +174,7 @@ def workload(name: str, cfg_kw: dict, actor, node_counts: list[int]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", default="1,2,4")
-    ap.add_argument("--alf-tasks", type=int, default=24)
+    ap.add_argument("--alf-tasks", type=int, default=40)
     ap.add_argument("--hotpot-tasks", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=2, help="ALFWorld tasks in flight per node")
     ap.add_argument("--hotpot-concurrency", type=int, default=8, help="HotPotQA tasks in flight per node")
