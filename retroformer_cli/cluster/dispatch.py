@@ -167,6 +167,7 @@ async def collect_on_cluster(session: Any, setup: RunSetup, remaining: list[str]
                 cause = getattr(exc, "cause", None) or exc
                 if isinstance(cause, RetroformerError):  # the run stops (a model error); the manifest names it
                     failure.setdefault("task_id", state.task_id)
+                    failure.setdefault("trial", max((t.trial for t in state.history if not t.env_error), default=0) + 1)
                     failure.setdefault("error", f"{type(cause).__name__}: {cause}")
                     raise cause from None
                 raise
@@ -208,6 +209,9 @@ async def collect_on_cluster(session: Any, setup: RunSetup, remaining: list[str]
         for task in running:
             task.cancel()
         for stream in list(streams):
-            ray.cancel(stream, force=False)
+            try:
+                ray.cancel(stream, force=False)
+            except Exception:  # already finished or gone with its node; the kill below ends the rest
+                pass
         await asyncio.gather(*running, return_exceptions=True)
         runners.close()
