@@ -254,3 +254,22 @@ def test_without_ray_nothing_imports_it_and_a_missing_extra_is_one_line(tmp_path
     out = subprocess.run([sys.executable, "-c", blocked], env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "needs the 'ray' extra" in out.stderr and "pip install 'retroformer-cli[ray]'" in out.stderr
     assert len([line for line in out.stderr.splitlines() if line.strip()]) <= 3, out.stderr
+
+
+def test_an_address_that_does_not_answer_is_one_error_at_once():
+    import socket
+
+    from retroformer_cli.cluster.connect import check_address
+    from retroformer_cli.errors import BackendError, UsageError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match=f"Cannot reach the Ray cluster at '127.0.0.1:{port}'"):
+        check_address(f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 6  # not Ray's minutes of retries
+    for bad in ("", "nonsense", "host:port"):
+        with pytest.raises(UsageError):
+            check_address(bad)
+    assert check_address("auto") == "auto" and check_address(" local ") == "local"

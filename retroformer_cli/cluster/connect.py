@@ -32,10 +32,26 @@ def import_ray() -> Any:
     return ray
 
 
+PROBE_S = 5.0  # an address that does not answer this fast is reported at once (Ray itself retries for minutes)
+
+
 def check_address(address: str) -> str:
+    """``local``, ``auto``, or a HOST:PORT (``ray://`` allowed) that answers on TCP now."""
     address = (address or "").strip()
     if not address:
         raise UsageError("--ray needs a value: local (start a cluster here), auto (join this machine's) or HOST:PORT.")
+    if address in (LOCAL, "auto"):
+        return address
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"--ray '{address}' is not local, auto or HOST:PORT.")
+    import socket
+
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_S).close()
+    except OSError as exc:
+        raise BackendError(f"Cannot reach the Ray cluster at '{address}' (--ray): {exc}.",
+                           hint="start one with `ray start --head`, or use --ray local") from None
     return address
 
 
