@@ -273,3 +273,43 @@ def test_an_address_that_does_not_answer_is_one_error_at_once():
         with pytest.raises(UsageError):
             check_address(bad)
     assert check_address("auto") == "auto" and check_address(" local ") == "local"
+
+
+def parity(body: dict) -> str:
+    """Right iff the newest reflection in the prompt has an even length; reflections are a fixed sentence."""
+    messages = body["messages"]
+    if messages[-1]["content"].rstrip().endswith("Reflection:"):
+        return "I answered too fast."
+    task = messages[1]["content"]
+    question = task.split("Question:")[1].split("\n")[0].strip()
+    if "Reflections:\n" in task:
+        latest = task.split("Reflections:\n", 1)[1].split("\n\n", 1)[0].splitlines()[-1][2:]
+        if len(latest) % 2 == 0:
+            return f"Thought: the plan helps.\nAction: Finish[{answers()[question]}]"
+    return "Thought: I guess.\nAction: Finish[definitely wrong]"
+
+
+def test_ppo_online_on_the_cluster_trains_on_the_local_rewards(ray_cluster, workspace, tiny, monkeypatch):
+    pytest.importorskip("trl")
+    from retroformer_cli.cluster.replays import ClusterReplays
+    from retroformer_cli.stages.datasets import DatasetConfig, build
+    from retroformer_cli.stages.ppo import PPOStageConfig, run_ppo
+
+    on_cluster: list[str] = []
+    replay = ClusterReplays.replay
+
+    async def counted(self, run, task_id, memory):
+        on_cluster.append(task_id)
+        return await replay(self, run, task_id, memory)
+
+    monkeypatch.setattr(ClusterReplays, "replay", counted)
+    with FakeOpenAIServer(parity) as srv:
+        collect.run(endpoint_config(srv.base_url, trials=2, tasks=3, run="r1"), workspace)
+        build(DatasetConfig(name="ratings", runs=["r1"]), workspace)
+        results = [run_ppo(PPOStageConfig(base=str(tiny["base"]), mode="online", reward_model=None, name=name,
+                                          max_steps=2, num_generations=4, prompts_per_step=1, max_completion_length=8,
+                                          save_steps=2, threads=1, max_prompt_tokens=4000), workspace, ray=ray)
+                   for name, ray in (("here", None), ("there", ray_cluster.address))]
+    rewards = [[h["reward"] for h in r.log_history if "reward" in h] for r in results]
+    assert len(rewards[0]) == 2 and rewards[1] == rewards[0]  # the same reflections got the same rewards
+    assert results[1].metrics["online_episodes"] == results[0].metrics["online_episodes"] == len(on_cluster) > 0
