@@ -152,9 +152,13 @@ async def collect_on_cluster(session: Any, setup: RunSetup, remaining: list[str]
     streams: list[Any] = []
 
     async def drive(state: _TaskState, node: str) -> None:
+        handle = runners.handles.get(node)
+        if handle is None:  # its runner was lost after this task was given to it: the task waits for another
+            pending.appendleft(state)
+            return
         state.started = state.started or now_iso()
         order = TaskOrder(setup, state.task_id, [t.to_json() for t in state.history])
-        stream = runners.handles[node].play.options(num_returns="streaming").remote(order)
+        stream = handle.play.options(num_returns="streaming").remote(order)
         streams.append(stream)
         try:
             async for ref in stream:

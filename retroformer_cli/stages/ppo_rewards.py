@@ -88,7 +88,6 @@ class _RunContext:
     seed: int
     trials: dict[tuple[str, int], Any]
     envs: list[Any] = field(default_factory=list)  # idle environments
-    cfg: Any = None  # the run's CollectConfig (what --ray ships to the nodes)
     created: list[Any] = field(default_factory=list)
 
     def acquire(self) -> Any:
@@ -197,7 +196,7 @@ class OnlineReward:
                           gen=generation_config(cfg.actor, ACTOR_STOP), prompts=get_prompts(cfg.env, cfg.few_shot),
                           action_names=spec.action_names, spawn=spec.spawn,
                           memory_size=self.memory_size if self.memory_size is not None else cfg.memory_size,
-                          seed=cfg.seed, trials=trials, envs=[first], created=[first], cfg=cfg)
+                          seed=cfg.seed, trials=trials, envs=[first], created=[first])
         if self.cluster is not None:
             shipped = None if isinstance(self.actor_override, (str, type(None))) else self.actor_override
             self.cluster.add_run(run, cfg, shipped, actor.model_id, ctx.gen)
