@@ -313,3 +313,69 @@ def test_ppo_online_on_the_cluster_trains_on_the_local_rewards(ray_cluster, work
     rewards = [[h["reward"] for h in r.log_history if "reward" in h] for r in results]
     assert len(rewards[0]) == 2 and rewards[1] == rewards[0]  # the same reflections got the same rewards
     assert results[1].metrics["online_episodes"] == results[0].metrics["online_episodes"] == len(on_cluster) > 0
+
+
+def test_a_worker_process_killed_mid_run_loses_no_trial(ray_cluster, workspace, caplog, monkeypatch):
+    from retroformer_cli.cluster import dispatch
+
+    made: list = []
+    ensure = dispatch.Runners.ensure
+
+    def noting(self, include_suspect=False):  # the test needs a runner's handle to find its process
+        ensure(self, include_suspect)
+        made.extend(h for h in self.handles.values() if h not in made)
+
+    monkeypatch.setattr(dispatch.Runners, "ensure", noting)
+    cfg = endpoint_config("", trials=3, run="killed", concurrency=1, max_steps=3)
+
+    def kill_one_when_running() -> None:
+        path = workspace.trials_path("killed")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not path.exists() or path.read_text().count("\n") < 3):
+            time.sleep(0.05)
+        os.kill(ray.get(made[0].identity.remote())["pid"], signal.SIGKILL)
+
+    caplog.set_level(logging.WARNING, logger="retroformer.cluster")
+    with FakeOpenAIServer(never_solves, delay_s=0.1) as srv:
+        for m in (cfg.actor, cfg.reflector):
+            m.base_url = srv.base_url
+        killer = threading.Thread(target=kill_one_when_running)
+        killer.start()
+        result = collect.run(cfg, workspace, ray=ray_cluster.address)
+        killer.join()
+    assert result.status == "completed"
+    assert any("worker lost" in r.getMessage() for r in caplog.records)
+    counts = lines_per_trial(workspace, "killed")
+    assert set(counts.values()) == {1} and len(counts) == 3 * len(answers())  # every task x trial, once
+    assert not any(t.env_error for t in load_trials(workspace, "killed"))
+
+
+def test_eval_env_runs_the_protocol_on_the_cluster(ray_cluster, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from retroformer_cli.cli import app
+    from retroformer_cli.workspace import Workspace
+
+    monkeypatch.chdir(tmp_path)
+    with FakeOpenAIServer(learner) as srv:
+        out = CliRunner().invoke(app, ["-w", str(tmp_path / "ws"), "--json", "eval", "--env", "hotpotqa", "--trials", "2",
+                                       "--actor", "openai:fake", "--actor-base-url", srv.base_url, "--reflector",
+                                       "openai:fake", "--reflector-base-url", srv.base_url, "--ray", ray_cluster.address])
+    assert out.exit_code == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)["runs"][0]
+    manifest = Workspace.open(tmp_path / "ws").read_manifest(report["run"])
+    assert manifest["cluster"]["nodes"] == 3 and manifest["config"]["split"] == "eval"
+    assert report["success_per_trial"] == [0.0, 1.0]  # the scripted learner: wrong, reflect, right
+
+
+def test_a_model_error_on_a_node_stops_the_run_as_locally(ray_cluster, workspace):
+    from retroformer_cli.errors import BackendError
+
+    with FakeOpenAIServer(learner, api_key="right-key") as srv:  # the nodes' requests carry no key: 401
+        cfg = endpoint_config(srv.base_url, trials=2, tasks=2, run="denied")
+        with pytest.raises(BackendError) as err:
+            collect.run(cfg, workspace, ray=ray_cluster.address)
+    manifest = workspace.read_manifest("denied")
+    assert manifest["status"] == "failed" and "401" in str(err.value)
+    error = manifest["sessions"][-1]["error"]
+    assert error["task_id"] in manifest["task_ids"] and error["trial"] == 1 and error["error"].startswith("BackendError")

@@ -135,6 +135,17 @@ def run_setup(cfg: Any, workspace: Any, given: tuple[Any, Any], clients: tuple[A
     return setup, any(local)
 
 
+def task_error(exc: BaseException, state: _TaskState, failure: dict[str, Any]) -> BaseException:
+    """The error a task raised itself (not a lost worker): the run stops on it, as a local run does, and a model's
+    error (a RetroformerError) is named in the manifest with its task and trial."""
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, RetroformerError):
+        failure.setdefault("task_id", state.task_id)
+        failure.setdefault("trial", max((t.trial for t in state.history if not t.env_error), default=0) + 1)
+        failure.setdefault("error", f"{type(cause).__name__}: {cause}")
+    return cause
+
+
 async def collect_on_cluster(session: Any, setup: RunSetup, remaining: list[str], history: dict[str, list[Trial]],
                              on_trial: Callable[[Trial], Awaitable[None]], progress: Any, failure: dict[str, Any],
                              local_models: bool) -> None:
@@ -168,13 +179,7 @@ async def collect_on_cluster(session: Any, setup: RunSetup, remaining: list[str]
                 await on_trial(trial)
         except Exception as exc:
             if not lost_worker(exc):
-                cause = getattr(exc, "cause", None) or exc
-                if isinstance(cause, RetroformerError):  # the run stops (a model error); the manifest names it
-                    failure.setdefault("task_id", state.task_id)
-                    failure.setdefault("trial", max((t.trial for t in state.history if not t.env_error), default=0) + 1)
-                    failure.setdefault("error", f"{type(cause).__name__}: {cause}")
-                    raise cause from None
-                raise
+                raise task_error(exc, state, failure) from None
             runners.lost(node)
             state.losses += 1
             state.avoid.add(node)
