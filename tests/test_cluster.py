@@ -238,6 +238,8 @@ def test_local_models_run_in_one_server_per_node(ray_cluster, workspace, tiny, m
     assert len({w["pid"] for w in where}) == 3 and all(w["models"] <= 1 for w in where)
     served = [s for per_node in stats for s in per_node.values()]
     assert served and sum(s.get("requests", 0) for s in served) >= 6  # the steps ran in the nodes' servers
+    recorded = workspace.read_manifest("tiny")["sessions"][-1]["engine_stats"]  # as a local run records its engine's
+    assert set(recorded) <= set(servers[0]) and sum(s["requests"] for n in recorded.values() for s in n.values()) >= 6
 
 
 def test_without_ray_nothing_imports_it_and_a_missing_extra_is_one_line(tmp_path):

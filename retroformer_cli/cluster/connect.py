@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from retroformer_cli.config import ENV_VARS
@@ -63,6 +63,7 @@ class ClusterSession:
     address: str
     owned: bool
     ray_version: str
+    engine_stats: dict[str, Any] = field(default_factory=dict)  # node id -> its model server's engine counters
 
     def alive_nodes(self) -> list[str]:
         """The ids of the nodes alive now."""

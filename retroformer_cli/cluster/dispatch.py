@@ -81,8 +81,16 @@ class Runners:
             ray.kill(handle, no_restart=True)
 
     def close(self) -> None:
+        """Kill the run's actors, after noting the model servers' engine counters in the session (for the manifest)."""
         import ray
 
+        for node, server in self.model_servers.items():
+            try:
+                stats = ray.get(server.stats.remote(), timeout=2)
+            except Exception:  # gone with its node, or busy past the deadline: the run ends without them
+                continue
+            if any(stats.values()):
+                self.session.engine_stats[node] = stats
         for handle in [*self.handles.values(), *self.model_servers.values()]:
             try:
                 ray.kill(handle, no_restart=True)

@@ -241,9 +241,8 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
     t0 = time.perf_counter()
     try:
         asyncio.run(_collect_async(cfg, workspace, env, task_ids, history, actor, reflector, prompts, on_trial, progress,
-                                   failure) if cluster is None else
-                    _collect_on_cluster(cluster, cfg, workspace, task_ids, history, given, (actor, reflector), on_trial,
-                                        progress, failure))
+                                   failure) if cluster is None else _collect_on_cluster(
+            cluster, cfg, workspace, task_ids, history, given, (actor, reflector), on_trial, progress, failure))
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -254,8 +253,9 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
         manifest["usage"]["prompt_tokens"] += counters["prompt"]
         manifest["usage"]["completion_tokens"] += counters["completion"]
         manifest["usage"]["cached_prompt_tokens"] = manifest["usage"].get("cached_prompt_tokens", 0) + counters["cached"]
-        engines = {role: client.stats() for role, client in (("actor", actor), ("reflector", reflector))
-                   if client is not None and hasattr(client, "stats")}
+        engines = cluster.engine_stats if cluster is not None else {  # --ray: each node's model server's
+            role: client.stats() for role, client in (("actor", actor), ("reflector", reflector))
+            if client is not None and hasattr(client, "stats")}
         session.update(finished_at=now_iso(), status=status, trials_written=counters["written"],
                        **({"engine_stats": engines} if any(engines.values()) else {}),
                        **({"error": failure} if failure else {}))
