@@ -31,7 +31,7 @@ class ModelConfig:
     """One model endpoint, for the actor or the reflector."""
 
     model: str = setting("embedded", "embedded | none | openai:NAME | hf:PATH | PATH | workspace:STAGE/NAME")
-    base_url: str | None = setting(None, "OpenAI-compatible base URL (env OPENAI_BASE_URL)")
+    base_url: str | None = setting(None, "OpenAI-compatible base URL (env OPENAI_BASE_URL); URL1,URL2,... uses several replicas in turn")
     api_key: str | None = setting(None, "API key (env OPENAI_API_KEY); never written to disk")
     api: str = setting("chat", "chat | completions")
     # sampling, for every backend

@@ -209,3 +209,21 @@ def test_fake_llm_cycles_replies_and_records_calls():
     fn = FakeLLM(lambda msgs, config: msgs[-1].content.upper())
     assert asyncio.run(fn.agenerate(user("hi"), cfg)).text == "HI"
     assert isinstance(fn, LLMClient)
+
+
+def test_comma_separated_base_urls_are_used_in_turn(workspace):
+    from retroformer_cli.config import ModelConfig
+    from retroformer_cli.llm import make_client
+
+    with FakeOpenAIServer("A") as a, FakeOpenAIServer("B") as b:
+        client = make_client(ModelConfig(model="openai:m", base_url=f"{a.base_url}, {b.base_url}"), workspace, "--actor")
+
+        async def six():
+            try:
+                return [(await client.agenerate([Message("user", "hi")], GenerationConfig())).text for _ in range(6)]
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(six()) == ["A", "B"] * 3
+        assert a.requests == b.requests == 3
+    assert client.model_id == "m" and client.describe()["base_url"] == [a.base_url, b.base_url]

@@ -196,12 +196,15 @@ def no_client(target: Any, cfg: Any, workspace: Any, option: str) -> None:
 
 def openai_client(target: str, cfg: "ModelConfig", workspace: Any, option: str) -> "LLMClient":
     from retroformer_cli.llm.openai_compat import OpenAICompatClient
+    from retroformer_cli.llm.round_robin import RoundRobinClient, split_urls
 
-    return OpenAICompatClient(
-        model=target, base_url=cfg.base_url, api_key=cfg.api_key, api=cfg.api,
+    urls = split_urls(cfg.base_url) or [None]
+    clients = [OpenAICompatClient(
+        model=target, base_url=url, api_key=cfg.api_key, api=cfg.api,
         max_concurrency=cfg.concurrency or 16, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
         option_name=option,
-    )
+    ) for url in urls]
+    return clients[0] if len(clients) == 1 else RoundRobinClient(clients)  # URL1,URL2,...: used in turn
 
 
 def hf_client(target: str, cfg: "ModelConfig", workspace: "Workspace", option: str) -> "LLMClient":
