@@ -379,11 +379,20 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None
                           callbacks=[report, *(callbacks or [])])
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout, which is for --json data
     t0 = time.perf_counter()
+    mark = _state_writer(work, cfg.name, resume_from, dist.is_main_process)
+    mark("running")
     try:
-        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with tc.stop_on_signals(trainer):  # SIGTERM as Ctrl-C, never mid-checkpoint
+            out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except KeyboardInterrupt:
+        if online is not None:
+            online.cancel()  # the replays in flight on TRL's event loop
         lc = latest_trainer_checkpoint(work)
+        mark("interrupted", lc)
         raise PPOInterrupted(cfg.name, str(lc) if lc else None) from None
+    except BaseException:
+        mark("failed", latest_trainer_checkpoint(work))
+        raise
     finally:
         progress.finish(report.handle)
         if online is not None:
@@ -400,4 +409,23 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None
         _save(cfg, trainer, tokenizer, result, base=base, sft=sft_path, reward=reward_path,
               runs=sorted(set(dataset["run"])), devices=_devices(cfg, trainer.args, online))
     trainer.accelerator.wait_for_everyone()
+    mark("completed", latest_trainer_checkpoint(work))
     return result
+
+
+def _state_writer(work: Path, name: str, resume_from: Path | None, main: bool) -> Callable[..., None]:
+    """``mark(status, last_checkpoint=None)``: ``<work>/state.json`` says what became of this training (running,
+    interrupted, failed, completed) and the newest complete trainer checkpoint (what ``--resume`` continues from)."""
+    from retroformer_cli.store import write_json_atomic
+    from retroformer_cli.workspace import now_iso
+
+    started = now_iso()
+
+    def mark(status: str, last_checkpoint: Path | None = None) -> None:
+        if main:
+            write_json_atomic(work / "state.json", {
+                "stage": "ppo", "name": name, "status": status, "started_at": started, "updated_at": now_iso(),
+                "resumed_from": resume_from.name if resume_from else None,
+                "last_checkpoint": last_checkpoint.name if last_checkpoint else None})
+
+    return mark

@@ -122,6 +122,7 @@ class OnlineReward:
         self._contexts: dict[str, _RunContext] = {}
         self._clients: dict[str, LLMClient] = {}
         self._inflight: dict[str, asyncio.Future] = {}
+        self._calls: set[asyncio.Task] = set()  # the __call__s running now (cancel() ends them)
         self._gate: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer = None
@@ -276,6 +277,10 @@ class OnlineReward:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop, self._gate, self._inflight = loop, asyncio.Semaphore(self.concurrency), {}
+        me = asyncio.current_task()
+        if me is not None:
+            self._calls.add(me)
+            me.add_done_callback(self._calls.discard)
         texts = [clean_reflection(c if isinstance(c, str) else c[-1]["content"]) for c in completions]
         before, errors_before = self.episodes, self.env_errors
         pairs = await asyncio.gather(*[self.replay_outcome(r, t, k, x)
@@ -297,6 +302,23 @@ class OnlineReward:
         """Each actor client's model, device and dtype (for the checkpoint manifest)."""
         described = [c.describe() if hasattr(c, "describe") else {} for c in self._clients.values()]
         return [{k: d.get(k) for k in ("model", "device", "dtype")} for d in described]
+
+    def cancel(self, wait_s: float = 3.0) -> None:
+        """Cancel the reward calls in flight (TRL runs them on its own event loop thread) and wait up to
+        ``wait_s`` for them to end: their model requests are dropped, a hung env step is left to its thread."""
+        loop, calls = self._loop, list(self._calls)
+        if loop is None or loop.is_closed() or not calls:
+            return
+
+        async def cancel_all() -> None:
+            for task in calls:
+                task.cancel()
+            await asyncio.wait(calls, timeout=wait_s)
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(wait_s + 1)
+        except Exception:  # noqa: BLE001 - stopping anyway: the loop may already be gone
+            pass
 
     async def aclose(self) -> None:
         for client in self._clients.values():
