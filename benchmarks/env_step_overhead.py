@@ -1,12 +1,12 @@
 """What bounding every env call costs: HotPotQA and WebShop resets and steps through the actor's ``env_reset`` /
 ``env_step`` with ``env_step_timeout_s`` set (each instance steps in its own thread, ``agents/env_threads.py``)
 next to the same calls with the bound off (``--env-step-timeout-s 0``: on the event loop, as before), and whole
-``collect`` runs with a scripted actor that answers at once, bound on and off.
+``collect`` runs (every task, ``--trials`` each) with a scripted actor that answers at once, bound on and off.
 
 Scripted episodes (HotPotQA: Search, Lookup, Finish; WebShop: search, click the first result, buy), one at a time
 (the latency a call gains) and ``--concurrent`` at once on one loop (throughput); the two modes alternate round by
 round, so machine load hits both alike. The last stdout line is JSON. Usage:
-    python benchmarks/env_step_overhead.py [--rounds 7] [--episodes 40] [--concurrent 8]
+    python benchmarks/env_step_overhead.py [--rounds 7] [--episodes 40] [--concurrent 8] [--trials 5]
 """
 
 from __future__ import annotations
@@ -108,16 +108,19 @@ def collect_seconds(name: str, args) -> dict:
         for r in range(args.rounds + 1):
             order = (("loop", 0.0), ("threads", 120.0)) if r % 2 else (("threads", 120.0), ("loop", 0.0))
             for mode, timeout in order:
-                cfg = CollectConfig(env=name, tasks=args.episodes, trials=1, max_steps=6, concurrency=args.concurrent,
+                cfg = CollectConfig(env=name, trials=args.trials, max_steps=6, concurrency=args.concurrent,
                                     run=f"{mode}{r}", env_step_timeout_s=timeout)
                 t0 = time.perf_counter()
                 collect.run(cfg, ws, actor=FakeLLM([reply[name]]), reflector=None)
                 if r:
                     seconds[mode].append(time.perf_counter() - t0)
-                seen[mode] = sorted((t.task_id, [s.observation for s in t.steps]) for t in collect.load_trials(ws, cfg.run))
+                seen[mode] = sorted((t.task_id, t.trial, [s.observation for s in t.steps])
+                                    for t in collect.load_trials(ws, cfg.run))
     loop_s, thread_s = statistics.median(seconds["loop"]), statistics.median(seconds["threads"])
-    return {"episodes": args.episodes, "steps_per_episode": 6, "seconds_loop": round(loop_s, 3),
+    episodes, steps = len(seen["loop"]), sum(len(obs) for _, _, obs in seen["loop"])
+    return {"episodes": episodes, "steps": steps, "seconds_loop": round(loop_s, 3),
             "seconds_threads": round(thread_s, 3), "ratio": round(thread_s / loop_s, 3),
+            "ms_per_episode_added": round((thread_s - loop_s) / episodes * 1000, 3),
             "identical_trials": seen["loop"] == seen["threads"]}
 
 
@@ -126,6 +129,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--episodes", type=int, default=40)
     ap.add_argument("--concurrent", type=int, default=8)
+    ap.add_argument("--trials", type=int, default=5, help="trials per task of the collect runs (every task's)")
     ap.add_argument("--envs", nargs="+", default=["hotpotqa", "webshop"])
     args = ap.parse_args()
     result = {"rounds": args.rounds, "episodes": args.episodes}
