@@ -7,6 +7,7 @@ holds for ppo's online replays, a run stays deterministic, and SIGTERM stops a r
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -200,6 +201,44 @@ def test_online_replays_time_out_hung_envs_retry_and_give_no_reward_after_the_re
     assert reward.env_errors == 1 and reward.episodes == 1 and logged["online/env_errors"] == 1.0
     assert len(Hangs.hung) == 3 and Hangs.reused == []
     reward.close()
+
+
+def test_cancel_ends_the_online_replays_in_flight_on_another_threads_loop(workspace):
+    """What ppo does on Ctrl-C/SIGTERM: TRL runs the reward on its own loop thread; cancel() ends those replays."""
+    from retroformer_cli.stages.ppo_rewards import OnlineReward
+
+    class Stuck:  # an actor whose request never answers
+        model_id = "stuck"
+        started = threading.Event()
+
+        async def agenerate(self, messages, config):
+            self.started.set()
+            await asyncio.sleep(3600)
+
+        async def aclose(self):
+            pass
+
+    collect.run(CollectConfig(tasks=1, trials=2, max_steps=2, run="r1"), workspace,
+                actor=FakeLLM(["Thought: guess.\nAction: Finish[definitely wrong]"]), reflector=FakeLLM(["Later."]))
+    (task,) = {t.task_id for t in collect.load_trials(workspace, "r1")}
+    actor = Stuck()
+    reward = OnlineReward(workspace, actor=actor)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        call = asyncio.run_coroutine_threadsafe(reward(prompts=[""], completions=["plan"], task_id=[task], run=["r1"],
+                                                       trial=[1]), loop)
+        assert actor.started.wait(30)
+        t0 = time.perf_counter()
+        reward.cancel()
+        with pytest.raises(concurrent.futures.CancelledError):
+            call.result(1)
+        assert time.perf_counter() - t0 < 2.0
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        reward.close()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

@@ -306,14 +306,16 @@ class OnlineReward:
     def cancel(self, wait_s: float = 3.0) -> None:
         """Cancel the reward calls in flight (TRL runs them on its own event loop thread) and wait up to
         ``wait_s`` for them to end: their model requests are dropped, a hung env step is left to its thread."""
-        loop, calls = self._loop, list(self._calls)
-        if loop is None or loop.is_closed() or not calls:
+        loop = self._loop
+        if loop is None or loop.is_closed():
             return
 
-        async def cancel_all() -> None:
+        async def cancel_all() -> None:  # on the loop's thread, where the calls come and go
+            calls = list(self._calls)
             for task in calls:
                 task.cancel()
-            await asyncio.wait(calls, timeout=wait_s)
+            if calls:
+                await asyncio.wait(calls, timeout=wait_s)
 
         try:
             asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(wait_s + 1)
