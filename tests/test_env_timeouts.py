@@ -242,7 +242,8 @@ def test_cancel_ends_the_online_replays_in_flight_on_another_threads_loop(worksp
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_sigterm_stops_a_collect_whose_env_step_is_hung_within_seconds(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_or_ctrl_c_stops_a_collect_whose_env_step_is_hung_within_seconds(tmp_path, sig):
     marker = tmp_path / "hung"
     script = f"""
 import dataclasses, sys
@@ -271,9 +272,9 @@ except collect.CollectInterrupted as exc:
     assert marker.exists(), proc.communicate()[1][-2000:] if proc.poll() is not None else "no step hung"
     time.sleep(0.2)
     t0 = time.perf_counter()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
-    assert time.perf_counter() - t0 < 3.0, "SIGTERM waited for the hung step"
+    assert time.perf_counter() - t0 < 3.0, "the signal waited for the hung step"
     assert proc.returncode == 130 and "Interrupted: run 'term'" in err
     manifest = json.loads((tmp_path / "ws" / "runs" / "term" / "manifest.json").read_text())
     assert manifest["status"] == "interrupted"
