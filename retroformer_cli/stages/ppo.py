@@ -26,7 +26,8 @@ Python API::
 The checkpoint lands in ``<checkpoints>/ppo/<name>/`` (adapter + tokenizer + ``retroformer_checkpoint.json``,
 written atomically) and works as a reflector: ``retroformer collect --reflector workspace:ppo/<name>``.
 Trainer checkpoints (and the online replay cache) go to ``<checkpoints>/ppo/.work-<name>/``; ``resume=True``
-continues from the newest ``checkpoint-N`` there. Under ``accelerate launch`` every process samples and
+continues from the newest ``checkpoint-N`` there, and ``state.json`` there says whether the training is running
+or was interrupted (Ctrl-C or SIGTERM), failed or completed. Under ``accelerate launch`` every process samples and
 scores its share of the completions; only the main process writes the final checkpoint.
 """
 
