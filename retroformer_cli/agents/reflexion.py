@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
-from retroformer_cli.agents.actor import EnvFailure, EpisodeResult, run_episode
+from retroformer_cli.agents.actor import EpisodeResult, play_with_retries, run_episode
 from retroformer_cli.agents.prompts.base import PromptSet
 from retroformer_cli.errors import ContextTooLong
 from retroformer_cli.llm.base import GenerationConfig, LLMClient, Usage, apply_stop
@@ -111,33 +111,27 @@ async def run_task(spec: TaskSpec, history: Sequence[Trial], acquire_env: Callab
     for k in range(start, spec.trials + 1):
         memory = reflections[-spec.memory_size:] if spec.memory_size > 0 else []
         started, t0 = now_iso(), time.perf_counter()
-        spent = Usage()  # tokens of failed attempts: spent all the same
-        attempts = 0
-        while True:
-            attempts += 1
-            env = await acquire_env()
-            try:
-                result = await run_episode(env, spec.task_id, actor, prompts, memory, actor_gen, action_names,
-                                           seed=spec.seed, env_timeout_s=spec.env_timeout_s)
-                break
-            except EnvFailure as exc:
-                spent.add(exc.usage)
-                log.warning("task %s trial %d: env failure (attempt %d of %d): %s", spec.task_id, k, attempts,
-                            spec.env_retries + 1, exc)
-                if attempts > spec.env_retries:
-                    trial = Trial(
-                        run_id=spec.run_id, env_id=spec.env_id, task_id=spec.task_id, trial=k, instruction="",
-                        steps=list(exc.steps), success=False, score=0.0, terminated=False, truncated=False,
-                        memory=list(memory), reflection=None, actor_model_id=actor.model_id,
-                        reflector_model_id=reflector.model_id if reflector else None, actor_prompt=[],
-                        info={}, prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
-                        cached_tokens=spent.cached_tokens, env_error=str(exc), env_attempts=attempts,
-                        started_at=started, finished_at=now_iso(), duration_s=round(time.perf_counter() - t0, 3))
-                    await on_trial(trial)
-                    new.append(trial)
-                    return new
-            finally:
-                release_env(env)
+
+        async def play(env: Any) -> EpisodeResult:
+            return await run_episode(env, spec.task_id, actor, prompts, memory, actor_gen, action_names,
+                                     seed=spec.seed, env_timeout_s=spec.env_timeout_s)
+
+        tried = await play_with_retries(play, acquire_env, release_env, spec.env_retries,
+                                        f"task {spec.task_id} trial {k}")
+        attempts, spent, result = tried.attempts, tried.spent, tried.result
+        if result is None:
+            exc = tried.failure
+            trial = Trial(
+                run_id=spec.run_id, env_id=spec.env_id, task_id=spec.task_id, trial=k, instruction="",
+                steps=list(exc.steps), success=False, score=0.0, terminated=False, truncated=False,
+                memory=list(memory), reflection=None, actor_model_id=actor.model_id,
+                reflector_model_id=reflector.model_id if reflector else None, actor_prompt=[],
+                info={}, prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
+                cached_tokens=spent.cached_tokens, env_error=str(exc), env_attempts=attempts,
+                started_at=started, finished_at=now_iso(), duration_s=round(time.perf_counter() - t0, 3))
+            await on_trial(trial)
+            new.append(trial)
+            return new
         result.usage.add(spent)
         reflection = None
         # No reflection after a success or after the last trial: nothing would read it.

@@ -46,8 +46,9 @@ class ClusterReplays:
                                     model_ids=(model_id, None), actor_gen=gen, reflector_gen=gen, actor=actor,
                                     reflector=None)
 
-    async def replay(self, run: str, task_id: str, memory: list[str]) -> tuple[float, bool, dict[str, Any]]:
-        """(score, success, end info) of one episode of ``task_id`` with ``memory``, played on a node."""
+    async def replay(self, run: str, task_id: str, memory: list[str]) -> tuple[float, bool, dict[str, Any]] | None:
+        """(score, success, end info) of one episode of ``task_id`` with ``memory``, played on a node; None when its
+        env failed every attempt there (``env_retries``)."""
         if self.runners is None:
             self.runners = Runners(self.session, self.concurrency, self.local_models, str(self.workspace.root))
         setup, losses, avoid = self.setups[run], 0, set()

@@ -51,49 +51,12 @@ class ReplayOrder:
     memory: list[str]
 
 
-class EnvPool:
-    """Envs for the node's concurrent episodes of one run: built on demand (twins where the spec can spawn)."""
-
-    def __init__(self, cfg: Any, cache_dir: Any, limit: int):
-        from retroformer_cli.envs import get_spec
-
-        self.cfg, self.cache_dir, self.limit = cfg, cache_dir, max(1, limit)
-        self.spec = get_spec(cfg.env)
-        self.idle: asyncio.Queue = asyncio.Queue()
-        self.created: list[Any] = []
-
-    def first(self) -> Any:
-        if not self.created:
-            from retroformer_cli.envs import make_for
-
-            self.created.append(make_for(self.cfg, self.cache_dir))
-            self.idle.put_nowait(self.created[0])
-        return self.created[0]
-
-    async def acquire(self) -> Any:
-        first = self.first()
-        if self.idle.empty() and len(self.created) < self.limit:
-            from retroformer_cli.envs import make_for
-
-            env = first.spawn() if self.spec.spawn else make_for(self.cfg, self.cache_dir)
-            self.created.append(env)
-            return env
-        return await self.idle.get()
-
-    def release(self, env: Any) -> None:
-        self.idle.put_nowait(env)
-
-    def close(self) -> None:
-        for env in self.created:
-            env.close()
-        self.created = []
-
-
 @dataclass
 class _Played:
     """One run setup on this node: its envs, clients and prompts."""
 
-    pool: EnvPool
+    pool: Any  # agents.env_threads.EnvPool, as a local run's
+    spec: Any  # the env's EnvSpec
     actor: Any
     reflector: Any
     prompts: Any
@@ -125,22 +88,25 @@ class NodeRunner:
     def _setup(self, setup: RunSetup) -> _Played:
         if setup.key in self.setups:
             return self.setups[setup.key]
+        from retroformer_cli.agents.env_threads import EnvPool
         from retroformer_cli.agents.prompts.base import get_prompts
         from retroformer_cli.config import fill_from_env
+        from retroformer_cli.envs import get_spec, make_for
         from retroformer_cli.workspace import Workspace
 
         cfg = fill_from_env(setup.cfg)  # the job's runtime env carries OPENAI_API_KEY and friends
+        cache_dir, spec = Workspace.open(setup.workspace_root).cache_dir, get_spec(cfg.env)
         concurrency = max(1, cfg.concurrency)
-        pool = EnvPool(cfg, Workspace.open(setup.workspace_root).cache_dir, min(concurrency, cfg.workers or concurrency))
+        first = make_for(cfg, cache_dir)  # the node's envs: built here from the run's config and data path
+        pool = EnvPool(first, lambda: first.spawn() if spec.spawn else make_for(cfg, cache_dir),
+                       min(concurrency, cfg.workers or concurrency))
         actor = setup.actor if setup.actor is not None else self._model_client(setup, "actor")
         reflector = setup.reflector
         if reflector == "config":
             reflector = self._model_client(setup, "reflector")
         if getattr(reflector, "diagnostic", False):  # an oracle reads the gold data of the node's env
-            from retroformer_cli.envs import get_spec
-
-            reflector.bind(pool.first(), get_spec(cfg.env))
-        played = _Played(pool, actor, reflector, get_prompts(cfg.env, cfg.few_shot))
+            reflector.bind(first, spec)
+        played = _Played(pool, spec, actor, reflector, get_prompts(cfg.env, cfg.few_shot))
         self.setups[setup.key] = played
         return played
 
@@ -163,7 +129,7 @@ class NodeRunner:
             try:
                 await run_task(spec, [Trial.from_json(d) for d in order.history], played.pool.acquire,
                                played.pool.release, played.actor, played.reflector, played.prompts,
-                               order.setup.actor_gen, order.setup.reflector_gen, on_trial, played.pool.spec.action_names)
+                               order.setup.actor_gen, order.setup.reflector_gen, on_trial, played.spec.action_names)
             finally:
                 await out.put(_DONE)
 
@@ -175,20 +141,23 @@ class NodeRunner:
         finally:
             running.cancel()
 
-    async def replay(self, order: ReplayOrder) -> tuple[float, bool, dict[str, Any]]:
-        """ppo's online replay: one episode of ``task_id`` with ``memory``; its (score, success, end info)."""
-        from retroformer_cli.agents.actor import run_episode
+    async def replay(self, order: ReplayOrder) -> tuple[float, bool, dict[str, Any]] | None:
+        """ppo's online replay: one episode of ``task_id`` with ``memory``; its (score, success, end info), or None
+        when its env failed every attempt (as a local replay: retried from reset ``env_retries`` times)."""
+        from retroformer_cli.agents.actor import play_with_retries, run_episode
 
         played = self._setup(order.setup)
         cfg = order.setup.cfg
-        env = await played.pool.acquire()
-        try:
-            result = await run_episode(env, order.task_id, played.actor, played.prompts, order.memory,
-                                       order.setup.actor_gen, played.pool.spec.action_names, seed=cfg.seed,
-                                       env_timeout_s=cfg.env_step_timeout_s or None)
-        finally:
-            played.pool.release(env)
-        return result.score, result.success, result.info
+
+        async def play(env: Any) -> Any:
+            return await run_episode(env, order.task_id, played.actor, played.prompts, order.memory,
+                                     order.setup.actor_gen, played.spec.action_names, seed=cfg.seed,
+                                     env_timeout_s=cfg.env_step_timeout_s or None)
+
+        tried = await play_with_retries(play, played.pool.acquire, played.pool.release, max(0, cfg.env_retries),
+                                        f"online replay of task {order.task_id} on a node")
+        result = tried.result
+        return None if result is None else (result.score, result.success, result.info)
 
     def identity(self) -> dict[str, Any]:
         """The node and process this runner lives in."""

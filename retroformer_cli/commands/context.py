@@ -19,9 +19,9 @@ TRAIN_FLAGS = (
     Flag("save_steps"), Flag("threads"), Flag("seed"), Flag("report_to"),
 )
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest trainer checkpoint of --name.")]
-# collect, eval --env and ppo --mode online: play the episodes on a Ray cluster (docs/cluster.md). Not a config
-# field: a run's config stays the same with or without it. Typer has no optional option values, so the bare
-# `--ray` of issue #20 is spelled `--ray local`.
+# collect and eval --env: play the episodes on a Ray cluster (docs/cluster.md; ppo's is its config field `ray`).
+# Not a collect config field: a run's config, which --resume reads back, stays the same with or without it.
+# Typer has no optional option values, so the bare `--ray` of issue #20 is spelled `--ray local`.
 RayOpt = Annotated[Optional[str], typer.Option(
     "--ray", metavar="ADDRESS", help="Play the episodes on a Ray cluster: local (start one on this machine), auto (join "
                                      "the one `ray start` made here) or HOST:PORT; needs the 'ray' extra.")]

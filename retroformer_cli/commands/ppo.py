@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import os
 
-from retroformer_cli.commands.context import TRAIN_FLAGS, RayOpt, ResumeOpt, build, command_app, config_command, done, examples, workspace
+from retroformer_cli.commands.context import TRAIN_FLAGS, ResumeOpt, build, command_app, config_command, done, examples, workspace
 from retroformer_cli.options import Flag
 from retroformer_cli.stages.ppo import PPOStageConfig
 
 PPO_FLAGS = (
     Flag("sft"), Flag("reward_model"), Flag("mode"), Flag("reward_metric"), Flag("actor"),
     Flag("num_generations", ("-G",)), Flag("prompts_per_step"), Flag("beta"), Flag("max_completion_length"),
-    Flag("max_prompt_tokens"), Flag("online_concurrency"), Flag("device"),
+    Flag("max_prompt_tokens"), Flag("online_concurrency"), Flag("device"), Flag("ray", metavar="ADDRESS"),
 )
 
 app = command_app()
@@ -28,7 +28,7 @@ app = command_app()
     "accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m retroformer_cli ppo --config configs/ppo.yaml",
     "retroformer collect --reflector workspace:ppo/default --run retroformer")),
                 PPOStageConfig, TRAIN_FLAGS, PPO_FLAGS)
-def ppo(overrides: dict, resume: ResumeOpt = False, ray: RayOpt = None) -> None:
+def ppo(overrides: dict, resume: ResumeOpt = False) -> None:
     """Fine-tune the reflector with GRPO (clipped PPO surrogate, group-relative advantages, KL to the reference)."""
     from retroformer_cli import console
     from retroformer_cli.stages.ppo import run_ppo
@@ -40,7 +40,7 @@ def ppo(overrides: dict, resume: ResumeOpt = False, ray: RayOpt = None) -> None:
         metric = f" metric={cfg.reward_metric}" if cfg.mode == "online" else ""
         console.log(("ppo", "bold"), f" mode={cfg.mode}{metric} dataset={cfg.dataset} name={cfg.name} "
                                      f"steps={cfg.max_steps} G={cfg.num_generations} beta={cfg.beta} workspace={ws.root}")
-    result = run_ppo(cfg, ws, console.RichProgress() if main else None, resume=resume, ray=ray)
+    result = run_ppo(cfg, ws, console.RichProgress() if main else None, resume=resume)
     if not main:
         return
     m = result.metrics

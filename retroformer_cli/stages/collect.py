@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from retroformer_cli import __version__
+from retroformer_cli.agents.env_threads import EnvPool, close_env
 from retroformer_cli.cluster.connect import join_cluster
 from retroformer_cli.config import CollectConfig, to_dict
 from retroformer_cli.envs import make_for
@@ -261,7 +262,7 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
                        **({"error": failure} if failure else {}))
         manifest.update(status=status, finished_at=now_iso())
         workspace.write_manifest(run_name, manifest)
-        env.close()
+        close_env(env)
         if cluster is not None:
             cluster.close()
 
@@ -301,22 +302,12 @@ async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: An
     from retroformer_cli.envs import get_spec
 
     env_spec = get_spec(cfg.env)
-    # A pool of environment instances, one per concurrent episode (capped by --workers); built lazily.
+    # A pool of environment instances, one per concurrent episode (capped by --workers); built lazily. A hung one
+    # is retired and replaced (agents/env_threads.py).
     concurrency = max(1, cfg.concurrency)
-    n_envs = max(1, min(concurrency, cfg.workers or concurrency))
-    pool: asyncio.Queue = asyncio.Queue()
-    pool.put_nowait(first_env)
-    created = [first_env]
-
-    async def acquire_env() -> Any:
-        if pool.empty() and len(created) < n_envs:
-            env = first_env.spawn() if env_spec.spawn else make_for(cfg, workspace.cache_dir)
-            created.append(env)
-            return env
-        return await pool.get()
-
-    def release_env(env: Any) -> None:
-        pool.put_nowait(env)
+    pool = EnvPool(first_env, lambda: first_env.spawn() if env_spec.spawn else make_for(cfg, workspace.cache_dir),
+                   limit=max(1, min(concurrency, cfg.workers or concurrency)))
+    acquire_env, release_env = pool.acquire, pool.release
 
     remaining = [t for t in task_ids if not _finished(history.get(t, []), cfg.trials)]
     progress.start(len(task_ids), len(task_ids) - len(remaining))
@@ -359,8 +350,7 @@ async def _collect_async(cfg: CollectConfig, workspace: Workspace, first_env: An
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     finally:
-        for env in created[1:]:
-            env.close()
+        pool.close(keep_first=True)  # run() closes the first, which also listed the tasks
         for client in {id(c): c for c in (actor, reflector) if c is not None}.values():
             await client.aclose()
 

@@ -26,7 +26,8 @@ Python API::
 The checkpoint lands in ``<checkpoints>/ppo/<name>/`` (adapter + tokenizer + ``retroformer_checkpoint.json``,
 written atomically) and works as a reflector: ``retroformer collect --reflector workspace:ppo/<name>``.
 Trainer checkpoints (and the online replay cache) go to ``<checkpoints>/ppo/.work-<name>/``; ``resume=True``
-continues from the newest ``checkpoint-N`` there. Under ``accelerate launch`` every process samples and
+continues from the newest ``checkpoint-N`` there, and ``state.json`` there says whether the training is running
+or was interrupted (Ctrl-C or SIGTERM), failed or completed. Under ``accelerate launch`` every process samples and
 scores its share of the completions; only the main process writes the final checkpoint.
 """
 
@@ -88,6 +89,7 @@ class PPOStageConfig(TrainerSettings):
     device: str = setting("auto", "auto | cpu | cuda | cuda:N: where the online actor's local model runs; cpu also trains the policy on the CPU (on a GPU the trainer uses the devices accelerate gives it); the checkpoint manifest records the devices and dtypes used")
     gradient_checkpointing: bool = setting(False, "trade compute for memory (large models)")
     online_concurrency: int = setting(8, "online mode: episodes replayed at once")
+    ray: str | None = setting(None, "online mode: replay on a Ray cluster: local (start one here), auto (join this machine's) or HOST:PORT (needs the 'ray' extra; docs/cluster.md)")
     online_memory_size: int | None = setting(None, "online mode: reflections in memory [default: the run's]")
     lora: LoraSettings = setting(help="a fresh adapter (no SFT checkpoint)", factory=LoraSettings)
 
@@ -214,6 +216,8 @@ def _validate(cfg: PPOStageConfig, workspace: Workspace) -> None:
         raise UsageError(f"Unknown reward mode '{cfg.mode}' (--mode): choose offline or online.")
     if cfg.reward_metric not in REWARD_METRICS:
         raise UsageError(f"Unknown --reward-metric '{cfg.reward_metric}': choose {', '.join(REWARD_METRICS)}.")
+    if cfg.ray is not None and cfg.mode != "online":
+        raise UsageError("--ray runs the online replays on a cluster: it needs --mode online.")
     check_name(cfg.name)
     report_to_list(cfg.report_to)  # unknown or not installed: fails before the model loads
     for key in ("max_steps", "num_generations", "prompts_per_step", "gradient_accumulation_steps",
@@ -261,8 +265,7 @@ def _training_rows(cfg: PPOStageConfig, workspace: Workspace) -> tuple[list[dict
 
 
 def _reward_function(cfg: PPOStageConfig, workspace: Workspace, work: Path, process_index: int, runs: list[str],
-                     reward_path: Path | None, scorer: Callable | None, actor_client: Any,
-                     ray: str | None = None) -> tuple[Any, Any]:
+                     reward_path: Path | None, scorer: Callable | None, actor_client: Any) -> tuple[Any, Any]:
     """(the reward function TRL calls, the OnlineReward to close afterwards or None)."""
     from retroformer_cli.stages.ppo_rewards import OfflineReward, OnlineReward
 
@@ -276,7 +279,7 @@ def _reward_function(cfg: PPOStageConfig, workspace: Workspace, work: Path, proc
     online = OnlineReward(workspace, actor=actor_client if actor_client is not None else cfg.actor,
                           concurrency=cfg.online_concurrency, memory_size=cfg.online_memory_size, metric=cfg.reward_metric,
                           cache_path=work / f"online_cache.{process_index}.jsonl", threads=cfg.threads,
-                          cache_glob=str(work / "online_cache.*.jsonl"), device=cfg.device, ray=ray)
+                          cache_glob=str(work / "online_cache.*.jsonl"), device=cfg.device, ray=cfg.ray)
     for r in runs:
         online.context(r)  # an unreadable run, a bad --actor or a --reward-metric the env lacks fails now, not mid-step
     return online, online
@@ -333,15 +336,11 @@ def _save(cfg: PPOStageConfig, trainer: Any, tokenizer: Any, result: PPOResult, 
 
 # ---------------------------------------------------------------------------------------------- the stage
 def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None = None, *, resume: bool = False,
-            scorer: Callable | None = None, actor_client: Any = None, callbacks: list | None = None,
-            ray: str | None = None) -> PPOResult:
-    """Train the reflector with GRPO; ``scorer``/``actor_client`` replace the reward model / actor (tests);
-    ``ray``: online replays on a Ray cluster (``local``, ``auto`` or an address)."""
+            scorer: Callable | None = None, actor_client: Any = None, callbacks: list | None = None) -> PPOResult:
+    """Train the reflector with GRPO; ``scorer``/``actor_client`` replace the reward model / actor (tests)."""
     from retroformer_cli.stages.common import training as tc
 
     _validate(cfg, workspace)
-    if ray is not None and cfg.mode != "online":
-        raise UsageError("--ray runs the online replays on a cluster: it needs --mode online.")
     progress = progress or NullProgress()
     final = workspace.checkpoint_dir("ppo", cfg.name)
     work = tc.work_dir(workspace, "ppo", cfg.name)  # trainer checkpoints + online replay cache
@@ -369,7 +368,7 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None
                         f"({cfg.max_prompt_tokens}).")
 
     reward_fn, online = _reward_function(cfg, workspace, work, dist.process_index, sorted(set(dataset["run"])),
-                                         reward_path, scorer, actor_client, ray)
+                                         reward_path, scorer, actor_client)
     import warnings
 
     from transformers import PrinterCallback
@@ -384,11 +383,20 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None
                           callbacks=[report, *(callbacks or [])])
     trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout, which is for --json data
     t0 = time.perf_counter()
+    mark = _state_writer(work, cfg.name, resume_from, dist.is_main_process)
+    mark("running")
     try:
-        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with tc.stop_on_signals(trainer):  # SIGTERM as Ctrl-C, never mid-checkpoint
+            out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except KeyboardInterrupt:
+        if online is not None:
+            online.cancel()  # the replays in flight on TRL's event loop
         lc = latest_trainer_checkpoint(work)
+        mark("interrupted", lc)
         raise PPOInterrupted(cfg.name, str(lc) if lc else None) from None
+    except BaseException:
+        mark("failed", latest_trainer_checkpoint(work))
+        raise
     finally:
         progress.finish(report.handle)
         if online is not None:
@@ -405,4 +413,23 @@ def run_ppo(cfg: PPOStageConfig, workspace: Workspace, progress: Progress | None
         _save(cfg, trainer, tokenizer, result, base=base, sft=sft_path, reward=reward_path,
               runs=sorted(set(dataset["run"])), devices=_devices(cfg, trainer.args, online))
     trainer.accelerator.wait_for_everyone()
+    mark("completed", latest_trainer_checkpoint(work))
     return result
+
+
+def _state_writer(work: Path, name: str, resume_from: Path | None, main: bool) -> Callable[..., None]:
+    """``mark(status, last_checkpoint=None)``: ``<work>/state.json`` says what became of this training (running,
+    interrupted, failed, completed) and the newest complete trainer checkpoint (what ``--resume`` continues from)."""
+    from retroformer_cli.store import write_json_atomic
+    from retroformer_cli.workspace import now_iso
+
+    started = now_iso()
+
+    def mark(status: str, last_checkpoint: Path | None = None) -> None:
+        if main:
+            write_json_atomic(work / "state.json", {
+                "stage": "ppo", "name": name, "status": status, "started_at": started, "updated_at": now_iso(),
+                "resumed_from": resume_from.name if resume_from else None,
+                "last_checkpoint": last_checkpoint.name if last_checkpoint else None})
+
+    return mark

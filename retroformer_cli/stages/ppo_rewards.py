@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from retroformer_cli.agents.env_threads import EnvPool
 from retroformer_cli.errors import DataError, UsageError
 from retroformer_cli.llm.base import GenerationConfig, LLMClient
 from retroformer_cli.stages.common.reflections import clean_reflection
@@ -74,32 +75,20 @@ class OfflineReward:
 
 @dataclass
 class _RunContext:
-    """What replaying trial k+1 of one run needs: its env factory, actor, prompts and trials."""
+    """What replaying trial k+1 of one run needs: its env pool, actor, prompts and trials."""
 
     run: str
     env_id: str
-    make_env: Callable[[], Any]
+    pool: EnvPool  # one instance per concurrent replay; a hung one is retired and replaced
     actor: LLMClient
     gen: GenerationConfig
     prompts: Any
     action_names: tuple[str, ...]
-    spawn: bool  # the env's spec offers spawn(): twins over the loaded data
     memory_size: int
     seed: int
     trials: dict[tuple[str, int], Any]
-    envs: list[Any] = field(default_factory=list)  # idle environments
-    created: list[Any] = field(default_factory=list)
-
-    def acquire(self) -> Any:
-        if self.envs:
-            return self.envs.pop()
-        first = self.created[0] if self.created else None
-        env = first.spawn() if first is not None and self.spawn else self.make_env()
-        self.created.append(env)
-        return env
-
-    def release(self, env: Any) -> None:
-        self.envs.append(env)
+    env_timeout_s: float | None = None  # the run's --env-step-timeout-s
+    env_retries: int = 2  # the run's --env-retries
 
 
 class OnlineReward:
@@ -130,9 +119,11 @@ class OnlineReward:
         self.cache: dict[str, dict[str, Any]] = {}  # key -> outcome (the keys a cache line had)
         self.episodes = 0  # replays actually run (cache misses)
         self.hits = 0
+        self.env_errors = 0  # replays whose env failed every attempt (no reward)
         self._contexts: dict[str, _RunContext] = {}
         self._clients: dict[str, LLMClient] = {}
         self._inflight: dict[str, asyncio.Future] = {}
+        self._calls: set[asyncio.Task] = set()  # the __call__s running now (cancel() ends them)
         self._gate: asyncio.Semaphore | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer = None
@@ -192,11 +183,13 @@ class OnlineReward:
             else self._client(cfg.actor)
         first = make_for(cfg, self.workspace.cache_dir)
         spec = get_spec(cfg.env)
-        ctx = _RunContext(run=run, env_id=cfg.env, make_env=lambda: make_for(cfg, self.workspace.cache_dir), actor=actor,
+        pool = EnvPool(first, lambda: first.spawn() if spec.spawn else make_for(cfg, self.workspace.cache_dir))
+        ctx = _RunContext(run=run, env_id=cfg.env, pool=pool, actor=actor,
                           gen=generation_config(cfg.actor, ACTOR_STOP), prompts=get_prompts(cfg.env, cfg.few_shot),
-                          action_names=spec.action_names, spawn=spec.spawn,
+                          action_names=spec.action_names,
                           memory_size=self.memory_size if self.memory_size is not None else cfg.memory_size,
-                          seed=cfg.seed, trials=trials, envs=[first], created=[first])
+                          seed=cfg.seed, trials=trials, env_timeout_s=cfg.env_step_timeout_s or None,
+                          env_retries=max(0, cfg.env_retries))
         if self.cluster is not None:
             shipped = None if isinstance(self.actor_override, (str, type(None))) else self.actor_override
             self.cluster.add_run(run, cfg, shipped, actor.model_id, ctx.gen)
@@ -231,8 +224,9 @@ class OnlineReward:
         return found if found is not None and self.metric in found else None
 
     async def replay_outcome(self, run: str, task_id: str, trial: int,
-                             reflection: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(:func:`outcome` of the replayed trial k+1 with the candidate, :func:`outcome` of the stored trial k)."""
+                             reflection: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """(:func:`outcome` of the replayed trial k+1 with the candidate, :func:`outcome` of the stored trial k).
+        The first is None when the env failed every attempt (the run's ``env_retries``): nothing is cached."""
         ctx = self.context(run)
         base = ctx.trials.get((task_id, int(trial)))
         if base is None:
@@ -251,20 +245,26 @@ class OnlineReward:
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
-            from retroformer_cli.agents.actor import run_episode
+            from retroformer_cli.agents.actor import play_with_retries, run_episode
+
+            async def play(env: Any) -> Any:
+                return await run_episode(env, task_id, ctx.actor, ctx.prompts, memory, ctx.gen, ctx.action_names,
+                                         seed=ctx.seed, env_timeout_s=ctx.env_timeout_s)
 
             assert self._gate is not None
             async with self._gate:
-                if self.cluster is not None:  # --ray: the same episode, played on a node
-                    new = outcome(*await self.cluster.replay(run, task_id, memory))
+                if self.cluster is not None:  # --ray: the same episode on a node, with the same env retries
+                    played = await self.cluster.replay(run, task_id, memory)
                 else:
-                    env = ctx.acquire()
-                    try:
-                        result = await run_episode(env, task_id, ctx.actor, ctx.prompts, memory, ctx.gen,
-                                                   ctx.action_names, seed=ctx.seed)
-                    finally:
-                        ctx.release(env)
-                    new = outcome(result.score, result.success, result.info)
+                    tried = await play_with_retries(play, ctx.pool.acquire, ctx.pool.release, ctx.env_retries,
+                                                    f"online replay of run {run} task {task_id} trial {int(trial) + 1}")
+                    played = None if tried.result is None else (tried.result.score, tried.result.success,
+                                                                tried.result.info)
+            if played is None:  # the env failed every attempt: no reward (TRL gives it no advantage)
+                self.env_errors += 1
+                fut.set_result(None)
+                return None, old
+            new = outcome(*played)
             self.episodes += 1
             self.cache[key] = new
             if self._writer is not None:
@@ -279,28 +279,36 @@ class OnlineReward:
         finally:
             self._inflight.pop(key, None)
 
-    async def replay(self, run: str, task_id: str, trial: int, reflection: str) -> tuple[float, float]:
-        """(metric of the replayed trial k+1, metric of trial k) for one candidate reflection."""
+    async def replay(self, run: str, task_id: str, trial: int, reflection: str) -> tuple[float | None, float]:
+        """(metric of the replayed trial k+1, None if its env failed; metric of trial k) for one candidate."""
         new, old = await self.replay_outcome(run, task_id, trial, reflection)
-        return metric_value(self.metric, new), metric_value(self.metric, old)
+        return (metric_value(self.metric, new) if new is not None else None), metric_value(self.metric, old)
 
     async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], task_id: Sequence[str],
                        run: Sequence[str], trial: Sequence[int], log_metric: Callable | None = None,
-                       **_: Any) -> list[float]:
+                       **_: Any) -> list[float | None]:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop, self._gate, self._inflight = loop, asyncio.Semaphore(self.concurrency), {}
+        me = asyncio.current_task()
+        if me is not None:
+            self._calls.add(me)
+            me.add_done_callback(self._calls.discard)
         texts = [clean_reflection(c if isinstance(c, str) else c[-1]["content"]) for c in completions]
-        before = self.episodes
+        before, errors_before = self.episodes, self.env_errors
         pairs = await asyncio.gather(*[self.replay_outcome(r, t, k, x)
                                        for r, t, k, x in zip(run, task_id, trial, texts)])
-        deltas = [metric_value(self.metric, new) - metric_value(self.metric, old) for new, old in pairs]
+        # a replay whose env failed every attempt has no reward: None, which TRL scores as no advantage
+        deltas = [metric_value(self.metric, new) - metric_value(self.metric, old) if new is not None else None
+                  for new, old in pairs]
         if log_metric is not None:
-            n = max(1, len(pairs))
+            played = [new for new, _ in pairs if new is not None]
+            n = max(1, len(played))
             log_metric("online/episodes", float(self.episodes - before))
+            log_metric("online/env_errors", float(self.env_errors - errors_before))
             # cache lines of older versions have no success: their score > 0 stands in (as before)
-            log_metric("online/success", sum(1.0 for new, _ in pairs if new.get("success", new["score"] > 0)) / n)
-            log_metric("online/metric_delta_mean", sum(deltas) / n)
+            log_metric("online/success", sum(1.0 for new in played if new.get("success", new["score"] > 0)) / n)
+            log_metric("online/metric_delta_mean", sum(d for d in deltas if d is not None) / n)
         return deltas
 
     def devices(self) -> list[dict[str, Any]]:
@@ -308,14 +316,32 @@ class OnlineReward:
         described = [c.describe() if hasattr(c, "describe") else {} for c in self._clients.values()]
         return [{k: d.get(k) for k in ("model", "device", "dtype")} for d in described]
 
+    def cancel(self, wait_s: float = 3.0) -> None:
+        """Cancel the reward calls in flight (TRL runs them on its own event loop thread) and wait up to
+        ``wait_s`` for them to end: their model requests are dropped, a hung env step is left to its thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+
+        async def cancel_all() -> None:  # on the loop's thread, where the calls come and go
+            calls = list(self._calls)
+            for task in calls:
+                task.cancel()
+            if calls:
+                await asyncio.wait(calls, timeout=wait_s)
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(wait_s + 1)
+        except Exception:  # noqa: BLE001 - stopping anyway: the loop may already be gone
+            pass
+
     async def aclose(self) -> None:
         for client in self._clients.values():
             await client.aclose()
 
     def close(self) -> None:
         for ctx in self._contexts.values():
-            for env in ctx.created:
-                env.close()
+            ctx.pool.close()
         for client in self._clients.values():
             if hasattr(client, "close"):
                 client.close()

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from retroformer_cli import __version__
 from retroformer_cli.config import setting
@@ -232,6 +233,49 @@ def begin(cfg: Any) -> None:
     report_to_list(cfg.report_to)
     set_threads(cfg.threads)
     quiet_transformers(cfg.seed)
+
+
+@contextmanager
+def stop_on_signals(trainer: Any) -> Iterator[None]:
+    """While training, SIGTERM stops like Ctrl-C (a ``KeyboardInterrupt`` in the main thread, which also ends a
+    wait on a reward function), but never in the middle of a trainer checkpoint: a signal then takes effect as soon
+    as the checkpoint is complete, so the newest one stays resumable. Outside the main thread nothing changes."""
+    import signal
+    import threading
+
+    from transformers import TrainerCallback
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {"saving": False, "pending": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if held["saving"]:
+            held["pending"] = True
+            return
+        raise KeyboardInterrupt
+
+    class HoldDuringSave(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001 - after the default flow decided
+            if held["pending"]:
+                raise KeyboardInterrupt
+            held["saving"] = bool(control.should_save)
+
+        def on_save(self, args, state, control, **kw):  # noqa: ANN001
+            held["saving"] = False
+            if held["pending"]:
+                raise KeyboardInterrupt
+
+    hold = HoldDuringSave()
+    trainer.add_callback(hold)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        trainer.remove_callback(hold)
 
 
 def train(trainer: Any, resume_from: Path | None) -> dict[str, Any]:
