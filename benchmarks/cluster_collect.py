@@ -21,11 +21,14 @@ state (the episodes after the first, over the time from the first trial to the l
     extra_first_trial_s            = first trial's wait on Ray, 1 node - locally   (the once-per-run start)
     speedup_N, steady_speedup_N    = episodes/s on N nodes / episodes/s local
 
+With ``--repeats R`` every leg runs R times, the legs' order reversed on every other repeat, and each leg's run
+with the median wall time is the one reported (all runs are in the JSON).
+
 The last stdout line is JSON with every figure. Usage:
 
     python benchmarks/cluster_collect.py [--nodes 1,2,4] [--alf-tasks 40] [--hotpot-tasks 64] [--concurrency 2]
                                          [--hotpot-concurrency 8] [--delay 0.2] [--max-steps 4]
-                                         [--data ../shared/data/alfworld] [--skip alfworld|hotpotqa]
+                                         [--data ../shared/data/alfworld] [--skip alfworld|hotpotqa] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -150,14 +153,24 @@ def run_leg(cfg_kw: dict, actor, nodes: int | None) -> dict:
             "first_trial_s": round(first - t, 2), "solved": res.solved, "cluster_start_s": round(started, 2)}
 
 
-def workload(name: str, cfg_kw: dict, actor, node_counts: list[int]) -> dict:
-    legs = [run_leg(cfg_kw, actor, None)]
-    log(f"{name} local: {legs[0]}")
-    for n in node_counts:
-        legs.append(run_leg(cfg_kw, actor, n))
-        log(f"{name} ray {n} node(s): {legs[-1]}")
+def median_leg(runs: list[dict]) -> dict:
+    """The leg's run with the median wall time (every run stays in the JSON)."""
+    return sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
+
+
+def workload(name: str, cfg_kw: dict, actor, node_counts: list[int], repeats: int) -> dict:
+    """Every leg (local, then each node count) ``repeats`` times, the order reversed on every other repeat so no
+    leg always runs first or last on a machine whose load drifts; each leg's median run counts."""
+    order: list[int | None] = [None, *node_counts]
+    runs: dict[int | None, list[dict]] = {n: [] for n in order}
+    for r in range(repeats):
+        for n in (order if r % 2 == 0 else order[::-1]):
+            runs[n].append(run_leg(cfg_kw, actor, n))
+            log(f"{name} {'local' if n is None else f'ray {n} node(s)'} (repeat {r + 1}): {runs[n][-1]}")
+    legs = [median_leg(runs[n]) for n in order]
     local = legs[0]
-    out = {"legs": legs, "concurrency_per_node": cfg_kw["concurrency"]}
+    out = {"legs": legs, "runs": {str(n): runs[n] for n in order}, "concurrency_per_node": cfg_kw["concurrency"],
+           "repeats": repeats}
     one = next((leg for leg in legs[1:] if leg["nodes"] == 1), None)
     if one is not None:  # what Ray adds to each episode at the same concurrency, and once per run
         out["overhead_ms_per_episode"] = round((one["seconds"] - local["seconds"]) / local["episodes"] * 1000, 1)
@@ -182,6 +195,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=4)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "alfworld"))
     ap.add_argument("--skip", choices=("alfworld", "hotpotqa"), default=None)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every leg, alternating order; medians count")
     args = ap.parse_args()
     node_counts = [int(n) for n in args.nodes.split(",") if n.strip()]
     report: dict = {"cpus": os.cpu_count(), "node_counts": node_counts}
@@ -189,7 +203,7 @@ def main() -> None:
         ids, walks = walkthroughs(args.data, args.alf_tasks)
         cfg = dict(env="alfworld", data=args.data, task_ids=ids, trials=1, concurrency=args.concurrency,
                    run="bench-alf")
-        report["alfworld"] = workload("alfworld", cfg, WalkthroughActor(walks), node_counts)
+        report["alfworld"] = workload("alfworld", cfg, WalkthroughActor(walks), node_counts, args.repeats)
         report["alfworld"]["steps_per_episode"] = round(sum(map(len, walks.values())) / len(walks), 1)
     if args.skip != "hotpotqa":
         from retroformer_cli.config import ModelConfig
@@ -205,7 +219,7 @@ def main() -> None:
                 cfg = dict(env="hotpotqa", data=str(data), trials=1, concurrency=args.hotpot_concurrency,
                            max_steps=args.max_steps, run="bench-hotpot",
                            actor=ModelConfig(model="openai:fake", base_url=url))
-                report["hotpotqa"] = workload("hotpotqa", cfg, None, node_counts)
+                report["hotpotqa"] = workload("hotpotqa", cfg, None, node_counts, args.repeats)
                 report["hotpotqa"]["delay_s"], report["hotpotqa"]["calls_per_episode"] = args.delay, args.max_steps
             finally:
                 server.terminate()

@@ -169,7 +169,7 @@ def test_a_node_removed_mid_run_loses_no_trial(ray_cluster, workspace, caplog):
     assert alive_nodes() == 3
 
 
-def test_sigkill_then_sigterm_then_resume(ray_cluster, tmp_path):
+def test_sigkill_then_sigterm_then_ctrl_c_then_resume(ray_cluster, tmp_path):
     ws = tmp_path / "ws"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RETROFORMER_"))}
     with FakeOpenAIServer(never_solves, delay_s=0.1) as srv:
@@ -191,15 +191,16 @@ def test_sigkill_then_sigterm_then_resume(ray_cluster, tmp_path):
         killed = start(after=2)
         os.killpg(killed.pid, signal.SIGKILL)
         killed.wait(10)
-        termed = start("--resume", after=trials.read_text().count("\n") + 2)
-        t0 = time.monotonic()
-        termed.send_signal(signal.SIGTERM)
-        _, err = termed.communicate(timeout=30)
-        stopped_s = time.monotonic() - t0
-        assert termed.returncode == 130 and stopped_s < 10, (termed.returncode, stopped_s, err.decode()[-2000:])
-        assert "Interrupted: run 'sig' kept" in err.decode()
-        manifest = json.loads((ws / "runs" / "sig" / "manifest.json").read_text())
-        assert manifest["status"] == "interrupted" and manifest["cluster"]["address"] == ray_cluster.address
+        for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT: Ctrl-C
+            stopped = start("--resume", after=trials.read_text().count("\n") + 2)
+            t0 = time.monotonic()
+            stopped.send_signal(sig)
+            _, err = stopped.communicate(timeout=30)
+            stopped_s = time.monotonic() - t0
+            assert stopped.returncode == 130 and stopped_s < 10, (sig, stopped.returncode, stopped_s, err.decode()[-2000:])
+            assert "Interrupted: run 'sig' kept" in err.decode()
+            manifest = json.loads((ws / "runs" / "sig" / "manifest.json").read_text())
+            assert manifest["status"] == "interrupted" and manifest["cluster"]["address"] == ray_cluster.address
         done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, timeout=120)
         assert done.returncode == 0, done.stderr.decode()[-2000:]
     records = [json.loads(x) for x in trials.read_text().splitlines()]
