@@ -57,7 +57,8 @@ class Runners:
 
         now = time.monotonic()
         for node in self.session.alive_nodes():
-            if node in self.handles or (not include_suspect and now - self.suspect.get(node, -SUSPECT_S) < SUSPECT_S):
+            recently_lost = node in self.suspect and now - self.suspect[node] < SUSPECT_S
+            if node in self.handles or (recently_lost and not include_suspect):
                 continue
             if self.model_servers and node not in self.model_servers:
                 self.model_servers.update(start_node_models([node], self.workspace_root))
@@ -81,16 +82,22 @@ class Runners:
             ray.kill(handle, no_restart=True)
 
     def close(self) -> None:
-        """Kill the run's actors, after noting the model servers' engine counters in the session (for the manifest)."""
+        """Close the runners' envs and kill the run's actors, after noting the model servers' engine counters in the
+        session (for the manifest)."""
         import ray
 
-        for node, server in self.model_servers.items():
+        asked = {server.stats.remote(): node for node, server in self.model_servers.items()}
+        answered, _ = ray.wait(list(asked), num_returns=len(asked), timeout=2) if asked else ([], [])
+        for ref in answered:  # a server gone with its node, or too busy to answer, is left out
             try:
-                stats = ray.get(server.stats.remote(), timeout=2)
-            except Exception:  # gone with its node, or busy past the deadline: the run ends without them
+                stats = ray.get(ref)
+            except Exception:
                 continue
             if any(stats.values()):
-                self.session.engine_stats[node] = stats
+                self.session.engine_stats[asked[ref]] = stats
+        closing = [handle.close.remote() for handle in self.handles.values()]  # their envs (and env workers)
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=2)
         for handle in [*self.handles.values(), *self.model_servers.values()]:
             try:
                 ray.kill(handle, no_restart=True)
