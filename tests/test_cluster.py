@@ -120,9 +120,18 @@ def test_ray_run_equals_a_local_run(ray_cluster, workspace):
     assert "cluster" not in workspace.read_manifest("local")
 
 
-def test_online_replays_on_the_cluster_give_the_local_rewards(ray_cluster, workspace):
+def test_online_replays_on_the_cluster_give_the_local_rewards(ray_cluster, workspace, monkeypatch):
+    from retroformer_cli.cluster.replays import ClusterReplays
     from retroformer_cli.stages.ppo_rewards import OnlineReward
 
+    on_cluster: list[str] = []
+    replay = ClusterReplays.replay
+
+    async def counted(self, run, task_id, memory):  # the replays really went to the cluster
+        on_cluster.append(task_id)
+        return await replay(self, run, task_id, memory)
+
+    monkeypatch.setattr(ClusterReplays, "replay", counted)
     with FakeOpenAIServer(learner) as srv:
         collect.run(endpoint_config(srv.base_url, trials=2, run="base", memory_size=1), workspace)
         failed = [t for t in load_trials(workspace, "base") if t.trial == 1]
@@ -133,11 +142,12 @@ def test_online_replays_on_the_cluster_give_the_local_rewards(ray_cluster, works
         here, there = OnlineReward(workspace), OnlineReward(workspace, ray=ray_cluster.address)
         try:
             local, remote = asyncio.run(here(**batch)), asyncio.run(there(**batch))
+            runner_nodes = len(there.cluster.runners.handles)
         finally:
             here.close()
             there.close()
     assert remote == local and sorted(set(local)) == [0.0, 1.0]  # the tip solves the task: +1; anything else: 0
-    assert there.episodes == here.episodes == len(candidates)
+    assert there.episodes == here.episodes == len(on_cluster) == len(candidates) and runner_nodes == 3
 
 
 def test_a_node_removed_mid_run_loses_no_trial(ray_cluster, workspace, caplog):
