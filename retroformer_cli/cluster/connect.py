@@ -99,6 +99,9 @@ def connect(address: str) -> ClusterSession:
         return ClusterSession(address, owned=False, ray_version=ray.__version__)
     try:
         if address == LOCAL:
+            # Ray announces, as a warning, that the cluster it starts for this run has token auth on: the secure
+            # default, and nothing for the user to do, so it is not shown.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             ray.init(include_dashboard=False, **kwargs)
         else:
             ray.init(address=address, **kwargs)
