@@ -54,6 +54,24 @@ def _linear_cls() -> Any:
             out = y[:, :n] if self._group else y
             return out.reshape(*shape[:-1], n)
 
+        def compute(self, x: Any) -> Any:
+            """``x [T, in]`` (fp32) times this layer's own rows: ``[T, out]`` (no hand-over to the group)."""
+            y = self.compute_stacked(x)
+            return y[:, :self.out_features] if self._group else y
+
+        def compute_stacked(self, x: Any) -> Any:
+            """``x [T, in]`` times every row this layer holds (its own, then its group's): ``[T, rows]``."""
+            if not x.is_contiguous():
+                x = x.contiguous()
+            return gguf_kernel.matmul(self._lib, self._stacked, self._kind, x, self._threads)
+
+        def stacked_spans(self) -> list[tuple[int, int]] | None:
+            """The columns of :meth:`compute_stacked` each module of the group owns (this one first); None
+            when this layer holds only its own rows."""
+            if not self._group:
+                return None
+            return [(0, self.out_features), *(span for _box, span in self._group)]
+
     return QuantLinear
 
 

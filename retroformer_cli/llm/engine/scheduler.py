@@ -281,10 +281,14 @@ class Engine(EngineEndings):
             batch.pad_to(4)
         kwargs: dict[str, Any] = {}
         model = self._lora.select(batch.names, kwargs)
+        lean = self._model.lean if not kwargs and set(batch.names) == {None} else None
         self._stage = "running a forward pass"
-        with use_step(batch.context()):
+        with use_step(batch.context()) as ctx:
             try:
-                out = model(**batch.inputs(), use_cache=False, **kwargs)
+                if lean is not None:  # base-model rows only: the same numbers without transformers' modules
+                    logits = lean.forward(batch.ids, batch.positions, ctx)
+                else:
+                    logits = model(**batch.inputs(), use_cache=False, **kwargs).logits[:, -1, :]
             except ValueError:
                 if "adapter_names" not in kwargs:
                     raise
@@ -302,7 +306,7 @@ class Engine(EngineEndings):
             if seq.state == "prefill" and self.prefix is not None:
                 self._store(seq, seq.computed)
         self._stage = "sampling and finishing sequences"
-        self._take_tokens(batch.samplers, out.logits[:, -1, :])
+        self._take_tokens(batch.samplers, logits)
 
     def _build_batch(self) -> StepBatch | None:
         """Decoding sequences' last tokens (and drafts) first, then whole prompt chunks while the step has room."""
