@@ -35,15 +35,51 @@ def _projection(module: Any) -> Callable[[Any], Any]:
     return lambda x: F.linear(x, module.weight, module.bias)
 
 
-def _fused(modules: list[Any]) -> Callable[[Any], list[Any]]:
-    """``x -> [each module's output]``, in one kernel call when the first module computes the others' rows too."""
-    first = modules[0]
-    spans = getattr(first, "stacked_spans", lambda: None)()
-    if spans is not None and len(spans) == len(modules):
-        compute = first.compute_stacked
-        return lambda x: [y[:, a:b] for y in (compute(x),) for a, b in spans]
-    projections = [_projection(m) for m in modules]
-    return lambda x: [p(x) for p in projections]
+def _fused(modules: list[Any]) -> tuple[Callable[[Any], Any], list[tuple[int, int]]] | None:
+    """``(x -> [T, all rows], each module's columns)`` when the first module computes the others' rows too."""
+    spans = getattr(modules[0], "stacked_spans", lambda: None)()
+    if spans is not None and len(spans) == len(modules) and spans == sorted(spans) and spans[0][0] == 0 and \
+            all(a == b for (_, a), (b, _) in zip(spans, spans[1:])):
+        return modules[0].compute_stacked, spans
+    return None
+
+
+def _qkv(attn: Any) -> Callable[[Any, Any, Any], tuple[Any, Any, Any]]:
+    """``(x, cos, sin) -> (q, k, v)``, q and k rotated, ``[T, heads, head_dim]`` each. Stacked q/k/v rows: one
+    kernel call, and q and k rotated together (the same elementwise operations on the same numbers)."""
+    d = attn.head_dim
+    fused = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+    if fused is not None:
+        compute, ((_, nq), (_, nk), (_, nv)) = fused
+        heads = nq // d
+
+        def stacked(x: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
+            y = compute(x)
+            rows = y.shape[0]
+            qk = _rotate(y[:, :nk].view(rows, -1, d), cos, sin)
+            return qk[:, :heads], qk[:, heads:], y[:, nk:nv].view(rows, -1, d)
+
+        return stacked
+    q_proj, k_proj, v_proj = (_projection(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+    def separate(x: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
+        rows = x.shape[0]
+        return (_rotate(q_proj(x).view(rows, -1, d), cos, sin), _rotate(k_proj(x).view(rows, -1, d), cos, sin),
+                v_proj(x).view(rows, -1, d))
+
+    return separate
+
+
+def _gate_up(mlp: Any) -> Callable[[Any], Any]:
+    """``x -> silu(gate(x)) * up(x)``."""
+    import torch.nn.functional as F
+
+    fused = _fused([mlp.gate_proj, mlp.up_proj])
+    if fused is not None:
+        compute, ((_, ng), (_, nu)) = fused
+        return lambda x: (lambda y: F.silu(y[:, :ng]) * y[:, ng:nu])(compute(x))
+    gate, up = _projection(mlp.gate_proj), _projection(mlp.up_proj)
+    return lambda x: F.silu(gate(x)) * up(x)
 
 
 def supported(model: Any) -> str | None:
@@ -74,10 +110,10 @@ class LeanForward:
         for layer in inner.layers[: model.config.num_hidden_layers]:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append((
-                (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
-                _fused([attn.q_proj, attn.k_proj, attn.v_proj]), attn, _projection(attn.o_proj),
+                (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon), _qkv(attn), attn,
+                _projection(attn.o_proj),
                 (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
-                _fused([mlp.gate_proj, mlp.up_proj]), _projection(mlp.down_proj)))
+                _gate_up(mlp), _projection(mlp.down_proj)))
 
     def forward(self, ids: list[int], positions: list[int], ctx: StepContext) -> Any:
         import torch
@@ -87,14 +123,10 @@ class LeanForward:
         h = F.embedding(torch.tensor(ids), self.embed)
         cos, sin = self._rotary(torch.tensor(positions), h.dtype)
         for norm1, qkv, attn, o_proj, norm2, gate_up, down in self.layers:
-            q, k, v = qkv(_rms_norm(h, *norm1))
-            d = attn.head_dim
-            q, k = _rotate(q.view(rows, -1, d), cos, sin), _rotate(k.view(rows, -1, d), cos, sin)
-            out, _ = varlen_attention(attn, q.unsqueeze(2), k.unsqueeze(2), v.view(rows, -1, 1, d), None,
-                                      scaling=attn.scaling)
+            q, k, v = qkv(_rms_norm(h, *norm1), cos, sin)
+            out, _ = varlen_attention(attn, q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), None, scaling=attn.scaling)
             h = h + o_proj(out.reshape(rows, -1))
-            gate, up = gate_up(_rms_norm(h, *norm2))
-            h = h + down(F.silu(gate) * up)
+            h = h + down(gate_up(_rms_norm(h, *norm2)))
         h = _rms_norm(h, *self.final_norm)
         if ctx.logit_rows is not None:
             h = h[ctx.logit_rows]
@@ -114,9 +146,10 @@ def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
     import torch
 
     dtype = x.dtype
-    x = x.to(torch.float32)
+    if dtype != torch.float32:
+        x = x.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
+    return weight * (x if dtype == torch.float32 else x.to(dtype))
 
 
 def _rotate(x: Any, cos: Any, sin: Any) -> Any:
