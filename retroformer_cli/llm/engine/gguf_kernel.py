@@ -8,7 +8,7 @@ bit-identical to the ``gguf`` package's dequantization; activations and sums sta
 Each output ``y[t, n]`` is summed in one fixed order (two 8-lane accumulators over the row's 8-value chunks,
 then one fixed horizontal reduction), whatever the number of rows ``T``, the tiling or the thread count, so a
 sequence decodes to the same numbers alone or in any batch. AVX2/FMA/F16C when the compiler targets them
-(``-march=native``), else plain C++; OpenMP over row tiles when available.
+(``-march=native``), else plain C++; with ``threads`` > 1, row tiles shared with helper threads (no barrier).
 
 The source is compiled once per machine (``c++``/``g++``/``$CXX``) into the given cache folder, keyed by a hash
 of the source, the compiler and the CPU flags, and loaded with ctypes (the call releases the GIL). No compiler:
@@ -34,6 +34,10 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #ifndef RF_ISA  /* RF_ISA forces a fallback (256: AVX2, 0: plain C++) so that it can be built and tested anywhere */
 #if defined(__AVX512F__) && defined(__F16C__)
 #define RF_ISA 512
@@ -214,34 +218,88 @@ static void rows(const uint8_t* w, int64_t row_bytes, int64_t nb, const float* x
 
 extern "C" int rf_simd(void) { return RF_SIMD; }
 
+/* Threads without a barrier: the caller and its helpers take row tiles from one counter, and the caller waits
+   only for tiles a helper has taken. On a shared machine a helper that is not scheduled simply takes none (an
+   OpenMP team waits for every thread at the end of each call: milliseconds per call on a busy core). Each tile's
+   outputs are computed by one thread with the same code, so results do not depend on the thread count. */
+typedef void (*tile_fn)(const void* job, int64_t i);
+/* never destroyed: a condition variable's destructor at exit would wait for the helpers blocked on it */
+static std::mutex& pool_mu = *new std::mutex;
+static std::mutex& run_mu = *new std::mutex;
+static std::condition_variable& pool_cv = *new std::condition_variable;
+static int pool_helpers = 0, pool_wanted = 0;  /* helpers started; helpers the current job still asks for */
+static uint32_t pool_gen = 0;                  /* the current job's number (a helper joins each job once) */
+static tile_fn pool_fn;
+static const void* pool_job;
+static int64_t pool_tiles;
+static std::atomic<uint64_t> pool_next(0);      /* (job number << 32) | next tile */
+static std::atomic<int64_t> pool_done(0);
+
+static int64_t grab(uint32_t gen, int64_t tiles) {
+    uint64_t c = pool_next.load();
+    for (;;) {
+        if ((uint32_t)(c >> 32) != gen || (int64_t)(c & 0xffffffffu) >= tiles) return -1;
+        if (pool_next.compare_exchange_weak(c, c + 1)) return (int64_t)(c & 0xffffffffu);
+    }
+}
+
+static void helper() {
+    uint32_t seen = 0;
+    for (;;) {
+        uint32_t gen; tile_fn fn; const void* job; int64_t tiles;
+        {
+            std::unique_lock<std::mutex> lock(pool_mu);
+            pool_cv.wait(lock, [&] { return pool_gen != seen && pool_wanted > 0; });
+            seen = gen = pool_gen; pool_wanted--; fn = pool_fn; job = pool_job; tiles = pool_tiles;
+        }
+        for (int64_t i; (i = grab(gen, tiles)) >= 0;) { fn(job, i); pool_done.fetch_add(1); }
+    }
+}
+
+static void parallel(tile_fn fn, const void* job, int64_t tiles, int threads) {
+    if (threads <= 1 || tiles < 2) { for (int64_t i = 0; i < tiles; i++) fn(job, i); return; }
+    std::lock_guard<std::mutex> run(run_mu);  /* one job at a time */
+    uint32_t gen;
+    {
+        std::lock_guard<std::mutex> lock(pool_mu);
+        for (; pool_helpers < threads - 1; pool_helpers++) std::thread(helper).detach();
+        gen = ++pool_gen ? pool_gen : ++pool_gen;
+        pool_fn = fn; pool_job = job; pool_tiles = tiles; pool_wanted = threads - 1;
+        pool_done.store(0);
+        pool_next.store((uint64_t)gen << 32);
+    }
+    pool_cv.notify_all();
+    for (int64_t i; (i = grab(gen, tiles)) >= 0;) { fn(job, i); pool_done.fetch_add(1); }
+    while (pool_done.load() < tiles) std::this_thread::yield();
+}
+
+struct Job { const uint8_t* w; int64_t N, K, T, nb, row_bytes; const float* x; float* y; };
+#define TILE_ROWS 16
+
 template <int KIND>
-static void matmul(const uint8_t* w, int64_t N, int64_t K, const float* x, int64_t T, float* y, int threads) {
-    const int64_t nb = K / 32, row_bytes = nb * block_bytes(KIND), tile_rows = 16;
-    const int64_t tiles = (N + tile_rows - 1) / tile_rows;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-#endif
-    for (int64_t i = 0; i < tiles; i++) {
-        int64_t n0 = i * tile_rows, n1 = n0 + tile_rows < N ? n0 + tile_rows : N;
-        for (int64_t t = 0; t < T; t += GMAX) {
-            const float* xt = x + t * K;
-            float* yt = y + t * N;
-            switch (T - t < GMAX ? T - t : GMAX) {
-                case 1: rows<KIND, 4, 1>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
-                case 2: rows<KIND, 4, 2>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
-                case 3: rows<KIND, 2, 3>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+static void row_tile(const void* p, int64_t i) {
+    const Job& j = *(const Job*)p;
+    const uint8_t* w = j.w; const float* x = j.x; float* y = j.y;
+    const int64_t N = j.N, K = j.K, T = j.T, nb = j.nb, row_bytes = j.row_bytes;
+    int64_t n0 = i * TILE_ROWS, n1 = n0 + TILE_ROWS < N ? n0 + TILE_ROWS : N;
+    for (int64_t t = 0; t < T; t += GMAX) {
+        const float* xt = x + t * K;
+        float* yt = y + t * N;
+        switch (T - t < GMAX ? T - t : GMAX) {
+            case 1: rows<KIND, 4, 1>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+            case 2: rows<KIND, 4, 2>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+            case 3: rows<KIND, 2, 3>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
 #if GMAX > 4
-                case 4: rows<KIND, 2, 4>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
-                case 5: rows<KIND, 2, 5>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
-                case 6: rows<KIND, 2, 6>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
-                case 7: rows<KIND, 1, 7>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
-                case 8: rows<KIND, 1, 8>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
-                case 9: rows<KIND, 1, 9>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
-                case 10: rows<KIND, 1, 10>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
-                case 11: rows<KIND, 1, 11>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+            case 4: rows<KIND, 2, 4>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+            case 5: rows<KIND, 2, 5>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+            case 6: rows<KIND, 2, 6>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+            case 7: rows<KIND, 1, 7>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+            case 8: rows<KIND, 1, 8>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+            case 9: rows<KIND, 1, 9>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+            case 10: rows<KIND, 1, 10>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
+            case 11: rows<KIND, 1, 11>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
 #endif
-                default: rows<KIND, 1, GMAX>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
-            }
+            default: rows<KIND, 1, GMAX>(w, row_bytes, nb, xt, K, yt, N, n0, n1); break;
         }
     }
 }
@@ -249,8 +307,9 @@ static void matmul(const uint8_t* w, int64_t N, int64_t K, const float* x, int64
 /* y[T, N] = x[T, K] @ w[N, K]^T, w as N rows of K/32 blocks of the given kind (Q4_1 repacked) */
 extern "C" void rf_matmul(const uint8_t* w, int kind, int64_t N, int64_t K, const float* x, int64_t T, float* y,
                           int threads) {
-    if (kind == 0) matmul<0>(w, N, K, x, T, y, threads);
-    else matmul<1>(w, N, K, x, T, y, threads);
+    const int64_t nb = K / 32;
+    Job job = {w, N, K, T, nb, nb * block_bytes(kind), x, y};
+    parallel(kind == 0 ? row_tile<0> : row_tile<1>, &job, (N + TILE_ROWS - 1) / TILE_ROWS, threads);
 }
 """
 
@@ -290,7 +349,7 @@ def _build(cxx: str, target: Path, isa: str) -> None:
         out = Path(tmp) / target.name
         errors = []
         arch = ISA_FLAGS[isa]
-        for flags in ([*arch, "-fopenmp"], arch, [] if isa == "native" else None):
+        for flags in ([*arch, "-pthread"], arch, [] if isa == "native" else None):
             if flags is None:
                 break
             cmd = [cxx, "-O3", "-std=c++14", "-shared", "-fPIC", *flags, str(src), "-o", str(out)]
