@@ -5,13 +5,16 @@
 int8). Both products are exact in fp32 (an 11-bit mantissa times a 4- or 8-bit integer), so each decoded weight is
 bit-identical to the ``gguf`` package's dequantization; activations and sums stay fp32.
 
-Each output ``y[t, n]`` is summed in one fixed order (two 8-lane accumulators over the row's 8-value chunks,
-then one fixed horizontal reduction), whatever the number of rows ``T``, the tiling or the thread count, so a
-sequence decodes to the same numbers alone or in any batch. AVX2/FMA/F16C when the compiler targets them
-(``-march=native``), else plain C++; with ``threads`` > 1, row tiles shared with helper threads (no barrier).
+Each output ``y[t, n]`` is summed in one fixed order (two vector accumulators over the row's chunks of 16
+values with AVX-512, 8 with AVX2 or in plain C++, then one fixed horizontal reduction), whatever the number of
+rows ``T``, the tiling or the thread count, so a sequence decodes to the same numbers alone or in any batch.
+AVX-512 or AVX2/FMA/F16C when the compiler targets them (``-march=native``), else plain C++ (``load(isa=...)``
+builds a fallback on purpose). Q4_1 is read in :func:`pack`'s layout; with AVX-512 a block's weights are looked
+up in its 16 exact values ``d * i + m``; the bytes a few tiles ahead are prefetched. With ``threads`` > 1, row
+tiles are shared with helper threads through one counter, without a barrier.
 
 The source is compiled once per machine (``c++``/``g++``/``$CXX``) into the given cache folder, keyed by a hash
-of the source, the compiler and the CPU flags, and loaded with ctypes (the call releases the GIL). No compiler:
+of the source, the compiler, the CPU flags and the instruction set asked for, and loaded with ctypes (the call releases the GIL). No compiler:
 :func:`load` returns None and the caller keeps the fp32 path.
 """
 
