@@ -125,7 +125,6 @@ def main() -> None:
         "threads": m_on["models"]["actor"].get("threads"),
         "dtype": m_on["models"]["actor"].get("dtype"),
         "weights": m_on["models"]["actor"].get("weights"),
-        "forward": m_on["models"]["actor"].get("forward"),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "repeats": args.repeats,
