@@ -115,7 +115,7 @@ def test_a_failed_step_ends_its_batch_and_the_engine_goes_on(engine, monkeypatch
         def broken(**inputs):
             raise Injected("injected: forward pass failed")
 
-        monkeypatch.setattr(engine._lora, "select", _select_failing_on(2, engine._lora.select, broken))
+        monkeypatch.setattr(engine, "_forward", _forward_failing_on(2, engine._forward, broken))
         expected = "running a forward pass"
     elif stage == "sampling":
         monkeypatch.setattr(scheduler, "greedy_rows", once(3, scheduler.greedy_rows, Injected("injected: sampling")))
@@ -133,15 +133,15 @@ def test_a_failed_step_ends_its_batch_and_the_engine_goes_on(engine, monkeypatch
     assert_serves_again(engine)
 
 
-def _select_failing_on(call: int, real, broken):
+def _forward_failing_on(call: int, real, broken):
+    """The engine's forward pass (lean or transformers') calling ``broken`` instead on its ``call``-th step."""
     calls = {"n": 0}
 
-    def select(names, kwargs):
+    def forward(batch, ctx, kwargs):
         calls["n"] += 1
-        model = real(names, kwargs)
-        return broken if calls["n"] == call else model
+        return broken() if calls["n"] == call else real(batch, ctx, kwargs)
 
-    return select
+    return forward
 
 
 def test_a_failing_callback_stops_neither_its_request_nor_the_engine(engine):
@@ -159,7 +159,7 @@ def test_a_dead_model_thread_ends_every_request_and_refuses_new_work(engine, mon
     if where == "loop":  # a bug outside any request's protection
         monkeypatch.setattr(engine, "_reap_cancelled", once(1, engine._reap_cancelled, Injected("injected: loop bug")))
     else:  # a BaseException in a forward pass: no `except Exception` catches it
-        monkeypatch.setattr(engine._lora, "select", _select_failing_on(1, engine._lora.select, _raise_thread_killer))
+        monkeypatch.setattr(engine, "_forward", _forward_failing_on(1, engine._forward, _raise_thread_killer))
     handles = [engine.submit(p, Sampling(max_tokens=50)) for p in prompts(engine, 3)]
     for h in handles:
         err = outcome(h)

@@ -31,12 +31,24 @@ def random_blocks(kind: str, n: int, k: int, rng) -> tuple[np.ndarray, np.ndarra
     return data, dequantize(data, GGMLQuantizationType[kind.upper()])
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
+def _cpu_has(flag: str) -> bool:
+    try:
+        return f" {flag}" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module", params=["native", "avx2", "scalar"])
+def lib(request, tmp_path_factory):
+    """The kernel as this CPU runs it best, and its AVX2 and plain C++ fallbacks built and run here too."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler")
-    built = gguf_kernel.load(tmp_path_factory.mktemp("kernel-cache"))
+    if request.param == "avx2" and not all(_cpu_has(f) for f in ("avx2", "fma", "f16c")):
+        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    built = gguf_kernel.load(tmp_path_factory.mktemp("kernel-cache"), request.param)
     assert built is not None
+    expected = {"avx2": 256, "scalar": 0}.get(request.param)
+    assert expected is None or built.rf_simd() == expected
     return built
 
 
@@ -45,7 +57,7 @@ def lib(tmp_path_factory):
 def test_kernel_equals_dequantize_then_matmul(lib, kind, n, k):
     rng = np.random.default_rng(n + k)
     data, w = random_blocks(kind, n, k, rng)
-    blocks = torch.from_numpy(data)
+    blocks = gguf_kernel.pack(data, kind)
     for rows in (1, 2, 3, 4, 5, 8, 9, 17):
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
         got = gguf_kernel.matmul(lib, blocks, kind, x, 1).double()
@@ -59,7 +71,7 @@ def test_kernel_equals_dequantize_then_matmul(lib, kind, n, k):
 def test_kernel_results_do_not_depend_on_batch_size_or_threads(lib, kind):
     rng = np.random.default_rng(7)
     data, _ = random_blocks(kind, 203, 576, rng)
-    blocks = torch.from_numpy(data)
+    blocks = gguf_kernel.pack(data, kind)
     x = torch.randn(13, 576, generator=torch.Generator().manual_seed(3))
     whole = gguf_kernel.matmul(lib, blocks, kind, x, 1)
     for i in range(13):

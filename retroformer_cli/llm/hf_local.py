@@ -184,7 +184,8 @@ class HFLocalClient:
         return engine.stats() if engine is not None and engine.ready else {}
 
     def describe(self) -> dict[str, Any]:
-        """Facts for run manifests: model id, folder, device, dtype, threads, engine settings."""
+        """Facts for run manifests: model id, folder, device, dtype, threads, engine settings (``forward``: the
+        engine's lean Llama forward pass or transformers' modules)."""
         cfg = self.engine_config
         desc: dict[str, Any] = {"backend": "hf_local", "model": self.model_spec, "model_id": self.model_id,
                                 "threads": self.threads, "max_batch_size": cfg.max_batch_size,
@@ -194,7 +195,7 @@ class HFLocalClient:
         if engine is not None and engine.ready:
             info = engine.info
             desc.update(path=self._adapter_path or info.get("path"), device=info["device"], dtype=info["dtype"],
-                        weights=info.get("weights", cfg.weights),
+                        weights=info.get("weights", cfg.weights), forward=info.get("forward"),
                         load_seconds=info.get("load_seconds"))
             if self._adapter_path is not None:
                 desc.update(adapter=self._adapter_path, adapter_name=self._adapter, base=cfg.model,

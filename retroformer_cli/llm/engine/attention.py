@@ -73,6 +73,7 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
                      dropout: float = 0.0, sliding_window: int | None = None, **kwargs: Any) -> tuple[Any, None]:
     """transformers attention function: ``query`` ``[T, heads, 1, d]``, ``key``/``value`` ``[T, kv_heads, 1, d]``
     (RoPE already applied); returns ``[T, 1, heads, d]``."""
+    import torch
     import torch.nn.functional as F
 
     ctx = current()
@@ -83,28 +84,31 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     layer = module.layer_idx
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    out = query.new_empty(rows, 1, heads, dim)
     gqa = heads != kv_heads
+    # Few operators per sequence (a decode step runs this for every sequence in every layer): the new keys and
+    # values of all rows side by side once, each sequence's written with one copy, the outputs joined once.
+    new_kv = torch.stack((key[:, :, 0], value[:, :, 0]), dim=1)  # [rows, 2, kv_heads, dim]
+    queries = query[:, :, 0]
+    outs = []
     for seg in ctx.segments:
         a, n, past = seg.start, seg.count, seg.past
         if seg.kv is None:  # padding rows: no sequence, nothing to attend to
-            out[a:a + n].zero_()
+            outs.append(query.new_zeros(n, heads, dim))
             continue
         buf = seg.kv[layer]
-        buf[0, :, past:past + n] = key[a:a + n, :, 0].transpose(0, 1)
-        buf[1, :, past:past + n] = value[a:a + n, :, 0].transpose(0, 1)
+        buf[:, :, past:past + n] = new_kv[a:a + n].permute(1, 2, 0, 3)
         lo, mask = 0, seg.mask
         if sliding_window is not None and past + n > sliding_window:  # this layer sees only the last keys
             if n == 1:
                 lo = past + 1 - sliding_window
             else:
                 mask = causal_mask(n, past, sliding_window, query.device)
-        q = query[a:a + n, :, 0].transpose(0, 1).unsqueeze(0)
-        k = buf[0, :, lo:past + n].unsqueeze(0)
-        v = buf[1, :, lo:past + n].unsqueeze(0)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        out[a:a + n, 0] = o[0].transpose(0, 1)
-    return out, None
+        seen = buf[:, :, lo:past + n]
+        o = F.scaled_dot_product_attention(queries[a:a + n].transpose(0, 1).unsqueeze(0), seen[0:1], seen[1:2],
+                                           attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        outs.append(o[0].transpose(0, 1))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.unsqueeze(1), None
 
 
 def keep_logit_rows(_module: Any, args: tuple) -> tuple | None:

@@ -54,6 +54,24 @@ def _linear_cls() -> Any:
             out = y[:, :n] if self._group else y
             return out.reshape(*shape[:-1], n)
 
+        def compute(self, x: Any) -> Any:
+            """``x [T, in]`` (fp32) times this layer's own rows: ``[T, out]`` (no hand-over to the group)."""
+            y = self.compute_stacked(x)
+            return y[:, :self.out_features] if self._group else y
+
+        def compute_stacked(self, x: Any) -> Any:
+            """``x [T, in]`` times every row this layer holds (its own, then its group's): ``[T, rows]``."""
+            if not x.is_contiguous():
+                x = x.contiguous()
+            return gguf_kernel.matmul(self._lib, self._stacked, self._kind, x, self._threads)
+
+        def stacked_spans(self) -> list[tuple[int, int]] | None:
+            """The columns of :meth:`compute_stacked` each module of the group owns (this one first); None
+            when this layer holds only its own rows."""
+            if not self._group:
+                return None
+            return [(0, self.out_features), *(span for _box, span in self._group)]
+
     return QuantLinear
 
 
@@ -129,6 +147,7 @@ def use_gguf_weights(model: Any, gguf_path: str, cache_dir: str, threads: int) -
     if _QUANT is None:
         _QUANT = _linear_cls()
     tied = getattr(model.get_input_embeddings(), "weight", None)
+    blocks = {name: (kind, gguf_kernel.pack(data, kind)) for name, (kind, data) in blocks.items()}
     stacked = _stack(blocks, model.config.num_hidden_layers)
     boxes: dict[str, list] = {}
     with torch.no_grad():
@@ -137,7 +156,7 @@ def use_gguf_weights(model: Any, gguf_path: str, cache_dir: str, threads: int) -
             original = module.weight.detach()
             module.__class__ = _QUANT
             module._kind, module._lib, module._threads = kind, lib, threads
-            module._stacked, module._group = stacked.get(name, (torch.from_numpy(data), []))
+            module._stacked, module._group = stacked.get(name, (data, []))
             module._pending = boxes.setdefault(name, [None])
             module._group = [(boxes.setdefault(n, [None]), span) for n, span in module._group]
             if module.weight is not tied:
@@ -163,7 +182,7 @@ def _stack(blocks: dict[str, tuple[str, Any]], layers: int) -> dict[str, tuple[A
             if len({blocks[n][0] for n in names}) != 1:
                 continue
             rows = [blocks[n][1].shape[0] for n in names]
-            whole = torch.from_numpy(np.concatenate([blocks[n][1] for n in names]))
+            whole = torch.cat([blocks[n][1] for n in names])
             ends = np.cumsum(rows).tolist()
             spans = [(ends[j] - rows[j], ends[j]) for j in range(len(names))]
             out[names[0]] = (whole, [(n, s) for n, s in zip(names[1:], spans[1:])])

@@ -61,6 +61,7 @@ class LoadedModel:
     pad_small_batches: bool  # PyTorch's CPU GEMM: pad 2-3 row batches to 4 rows
     namespace: bytes  # the base model's prefix-cache namespace
     info: dict[str, Any]
+    lean: Any = None  # the lean forward pass (lean_forward.LeanForward) for base-model batches; None: transformers
 
     def kv_buffer(self, capacity: int) -> Any:
         """An empty key/value buffer for one sequence: ``[layers, 2, kv_heads, capacity, head_dim]``."""
@@ -74,7 +75,7 @@ def load_model(cfg: EngineConfig, threads: int, name: str) -> LoadedModel:
     """Load ``cfg.model`` for the engine (sets torch's thread count for the calling thread's process)."""
     import torch
 
-    from retroformer_cli.llm.engine import attention
+    from retroformer_cli.llm.engine import attention, lean_forward
     from retroformer_cli.llm.engine.cpu_linear import pack_linear_layers
     from retroformer_cli.llm.model_cache import load_base_model
 
@@ -87,6 +88,7 @@ def load_model(cfg: EngineConfig, threads: int, name: str) -> LoadedModel:
     quant = _gguf_weights(cfg, model, device, dtype, threads)
     packed = pack_linear_layers(model) if cfg.cpu_packed_linear else 0
     model.set_attn_implementation(attention.register())
+    lean = lean_forward.build(model)
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(attention.keep_logit_rows)
@@ -109,7 +111,8 @@ def load_model(cfg: EngineConfig, threads: int, name: str) -> LoadedModel:
         pad_small_batches=not packed and quant["weights"] != "gguf" and device == "cpu",
         namespace=f"{info.get('path', cfg.model)}|{dtype}|base".encode(),
         info={**info, "device": device, "dtype": dtype, "threads": threads, "kv_bytes_per_token": token_bytes,
-              "packed_linear_layers": packed, **quant},
+              "packed_linear_layers": packed, **quant, "forward": "transformers" if lean is None else "lean"},
+        lean=lean,
     )
 
 

@@ -280,11 +280,10 @@ class Engine(EngineEndings):
             # layers do not): pad with rows that attend to nothing and whose logits are never read.
             batch.pad_to(4)
         kwargs: dict[str, Any] = {}
-        model = self._lora.select(batch.names, kwargs)
         self._stage = "running a forward pass"
-        with use_step(batch.context()):
+        with use_step(batch.context()) as ctx:
             try:
-                out = model(**batch.inputs(), use_cache=False, **kwargs)
+                logits = self._forward(batch, ctx, kwargs)
             except ValueError:
                 if "adapter_names" not in kwargs:
                     raise
@@ -302,7 +301,17 @@ class Engine(EngineEndings):
             if seq.state == "prefill" and self.prefix is not None:
                 self._store(seq, seq.computed)
         self._stage = "sampling and finishing sequences"
-        self._take_tokens(batch.samplers, out.logits[:, -1, :])
+        self._take_tokens(batch.samplers, logits)
+
+    def _forward(self, batch: StepBatch, ctx: Any, kwargs: dict[str, Any]) -> Any:
+        """The logits of the step's logit rows: base-model rows only through the lean forward pass (the same
+        numbers without transformers' modules), else through the model (PEFT for adapter rows; ``kwargs`` gets
+        its ``adapter_names`` for a mixed batch)."""
+        model = self._lora.select(batch.names, kwargs)
+        lean = self._model.lean
+        if lean is not None and not kwargs and set(batch.names) == {None}:
+            return lean.forward(batch.ids, batch.positions, ctx)
+        return model(**batch.inputs(), use_cache=False, **kwargs).logits[:, -1, :]
 
     def _build_batch(self) -> StepBatch | None:
         """Decoding sequences' last tokens (and drafts) first, then whole prompt chunks while the step has room."""
