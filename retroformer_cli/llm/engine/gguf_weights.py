@@ -122,6 +122,74 @@ def _same_weight(kind: str, blocks: Any, weight: Any) -> bool:
     return w.shape == tuple(weight.shape) and np.array_equal(w, weight.detach().numpy())
 
 
+def _checked_blocks(model: Any, gguf_path: str, cache_dir: str) -> tuple[Any, dict[str, tuple[str, Any]] | str]:
+    """``(kernel library, packed blocks per module)`` when the kernel builds and every GGUF matrix dequantizes to
+    the model's weight; else ``(None, why)`` (one warning line when the file is the cause)."""
+    lib = gguf_kernel.load(cache_dir)
+    if lib is None:
+        return None, "no C++ compiler for the GGUF kernel"
+    try:
+        blocks = read_blocks(gguf_path, model)
+    except (ValueError, OSError, AttributeError) as exc:
+        log.warning("the GGUF weights cannot be used (%s): the model runs on fp32 weights", exc)
+        return None, str(exc)
+    modules = dict(model.named_modules())
+    for name, (kind, data) in blocks.items():
+        if not _same_weight(kind, data, modules[name].weight):
+            log.warning("%s: the GGUF blocks do not match the model's weight; the model runs on fp32 weights", name)
+            return None, f"{name} differs from the GGUF"
+    return lib, {name: (kind, gguf_kernel.pack(data, kind)) for name, (kind, data) in blocks.items()}
+
+
+def _kernel_info(lib: Any, weights: str, layers: int) -> dict[str, Any]:
+    return {"weights": weights, "gguf_kernel": {512: "avx512", 256: "avx2"}.get(lib.rf_simd(), "scalar"),
+            "gguf_linear_layers": layers}
+
+
+class QuantMatrix:
+    """One linear layer's GGUF blocks beside the model (``--weights hybrid``: decode rows only), with the
+    interface the lean forward pass calls: ``compute``, ``compute_stacked``, ``stacked_spans``."""
+
+    def __init__(self, lib: Any, kind: str, blocks: Any, out_features: int, spans: list[tuple[int, int]] | None,
+                 threads: int):
+        self.lib, self.kind, self.blocks, self.threads = lib, kind, blocks, threads
+        self.out_features, self.spans = out_features, spans
+
+    def compute_stacked(self, x: Any) -> Any:
+        """``x [T, in]`` (fp32) times every row these blocks hold: ``[T, rows]``."""
+        if not x.is_contiguous():
+            x = x.contiguous()
+        return gguf_kernel.matmul(self.lib, self.blocks, self.kind, x, self.threads)
+
+    def compute(self, x: Any) -> Any:
+        """``x [T, in]`` times this layer's own rows: ``[T, out]``."""
+        y = self.compute_stacked(x)
+        return y[:, :self.out_features] if self.spans else y
+
+    def stacked_spans(self) -> list[tuple[int, int]] | None:
+        return self.spans
+
+
+def decode_matrices(model: Any, gguf_path: str, cache_dir: str, threads: int) -> tuple[dict[str, Any],
+                                                                                      dict[str, QuantMatrix] | None]:
+    """``--weights hybrid``: the GGUF blocks of every linear layer as :class:`QuantMatrix` objects beside the
+    model, which is left unchanged (its fp32 weights compute prompt rows and every LoRA batch). Returns
+    ``(what was done, {module name: matrix})``, or ``({"weights": "fp32", "why": ...}, None)`` when the kernel
+    or the file cannot be used. Call it before the fp32 weights are packed (the check reads them)."""
+    lib, blocks = _checked_blocks(model, gguf_path, cache_dir)
+    if lib is None:
+        return {"weights": "fp32", "why": blocks}, None
+    assert isinstance(blocks, dict)
+    stacked = _stack(blocks, model.config.num_hidden_layers)
+    modules = dict(model.named_modules())
+    out = {}
+    for name, (kind, data) in blocks.items():
+        whole, group = stacked.get(name, (data, []))
+        spans = [(0, modules[name].out_features), *(span for _n, span in group)] if group else None
+        out[name] = QuantMatrix(lib, kind, whole, modules[name].out_features, spans, threads)
+    return _kernel_info(lib, "hybrid", len(out)), out
+
+
 def use_gguf_weights(model: Any, gguf_path: str, cache_dir: str, threads: int) -> dict[str, Any]:
     """Swap the model's linear layers for :class:`QuantLinear` over the GGUF's blocks. Returns what was done
     (``{"weights": "gguf", ...}``), or ``{"weights": "fp32", "why": ...}`` when the kernel or the file cannot be
@@ -131,23 +199,14 @@ def use_gguf_weights(model: Any, gguf_path: str, cache_dir: str, threads: int) -
 
     from retroformer_cli.llm.engine.cpu_linear import release_pages
 
-    lib = gguf_kernel.load(cache_dir)
+    lib, blocks = _checked_blocks(model, gguf_path, cache_dir)
     if lib is None:
-        return {"weights": "fp32", "why": "no C++ compiler for the GGUF kernel"}
-    try:
-        blocks = read_blocks(gguf_path, model)
-    except (ValueError, OSError, AttributeError) as exc:
-        log.warning("the GGUF weights cannot be used (%s): the model runs on fp32 weights", exc)
-        return {"weights": "fp32", "why": str(exc)}
-    modules = dict(model.named_modules())
-    for name, (kind, data) in blocks.items():
-        if not _same_weight(kind, data, modules[name].weight):
-            log.warning("%s: the GGUF blocks do not match the model's weight; the model runs on fp32 weights", name)
-            return {"weights": "fp32", "why": f"{name} differs from the GGUF"}
+        return {"weights": "fp32", "why": blocks}
+    assert isinstance(blocks, dict)
     if _QUANT is None:
         _QUANT = _linear_cls()
+    modules = dict(model.named_modules())
     tied = getattr(model.get_input_embeddings(), "weight", None)
-    blocks = {name: (kind, gguf_kernel.pack(data, kind)) for name, (kind, data) in blocks.items()}
     stacked = _stack(blocks, model.config.num_hidden_layers)
     boxes: dict[str, list] = {}
     with torch.no_grad():
@@ -164,8 +223,7 @@ def use_gguf_weights(model: Any, gguf_path: str, cache_dir: str, threads: int) -
                 module.weight = torch.nn.Parameter(placeholder, requires_grad=False)
                 release_pages(original)
             del original
-    return {"weights": "gguf", "gguf_kernel": {512: "avx512", 256: "avx2"}.get(lib.rf_simd(), "scalar"),
-            "gguf_linear_layers": len(blocks)}
+    return _kernel_info(lib, "gguf", len(blocks))
 
 
 def _stack(blocks: dict[str, tuple[str, Any]], layers: int) -> dict[str, tuple[Any, list]]:
