@@ -9,6 +9,7 @@ dequantizes it to fp32 once, ``--weights fp32``, computes from its Q4_1/Q8_0 blo
 prompt rows on the first and decode rows on the second, ``--weights hybrid``; each
 setting given is measured, in the order given for odd thread counts and reversed for even ones). Measured, each in a fresh process with the same thread count: prompt speed (a ~1,000-token prompt, no
 reuse), single-request decode speed (64 greedy tokens) and, for our engine only, 8 requests decoded together
+and the process's peak resident memory (``peak_rss_mb``)
 (llama.cpp's Python binding runs one sequence at a time). Each thread count given is measured in turn. The
 llama.cpp side reports its package version and build flags (``llama_print_system_info``); a crash of that side
 (a segfault, say) is one line in the JSON (``error``) and our figures still print. Progress on stderr; the last
@@ -28,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 OURS = r"""
-import json, sys, time
+import json, resource, sys, time
 from retroformer_cli.llm.engine.scheduler import Engine
 from retroformer_cli.llm.engine.types import EngineConfig, Sampling
 cache, threads, text, weights = sys.argv[1], int(sys.argv[2]), open(sys.argv[3]).read(), sys.argv[4]
@@ -47,6 +48,7 @@ n8 = sum(h.result().completion_tokens for h in hs); eight = time.perf_counter() 
 print(json.dumps({"load_s": round(load, 2), "prefill_tok_per_s": round(len(ids) / prefill, 1),
                   "decode_1_tok_per_s": round(r.completion_tokens / one, 1),
                   "decode_8_tok_per_s": round(n8 / eight, 1), "weights": engine.info["weights"],
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                   "first_tokens": r.choices[0].token_ids[:16]}))
 """
 

@@ -83,7 +83,7 @@ class EngineConfig:
     cpu_packed_linear: bool = True  # CPU: linear layers with oneDNN-packed weights (faster batches, batch-invariant)
     # embedded model on CPU: fp32 | gguf (the Q4_1/Q8_0 blocks) | hybrid (prompt rows fp32, decode rows gguf) |
     # auto (hybrid where it applies: the embedded model on CPU in float32; else fp32)
-    weights: str = "fp32"
+    weights: str = "auto"
 
     @classmethod
     def for_model(cls, model: str, cache_dir: str | os.PathLike[str], **settings: object) -> tuple[EngineConfig, str | None]:
