@@ -155,6 +155,7 @@ def test_adapters_never_share_cached_prefixes(engines):
 def test_accounting_counts_prompt_cached_and_completion_tokens(tiny):
     engine = make_engine(tiny, True)
     try:
+        assert engine.config.weights == "auto" and engine.info["weights"] == "fp32"  # auto: hybrid is embedded-only
         ids = engine.encode_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}])
         first = engine.submit(ids, Sampling(max_tokens=5)).result(60)
         assert first.prompt_tokens == len(ids) and first.cached_tokens == 0

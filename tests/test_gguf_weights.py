@@ -214,15 +214,16 @@ def test_hybrid_weights_prompt_like_fp32_decode_like_gguf(embedded_cache, monkey
 
 @pytest.mark.slow
 @needs_model
-def test_hybrid_without_a_compiler_runs_on_fp32(embedded_cache, monkeypatch):
+def test_default_weights_without_a_compiler_run_on_fp32(embedded_cache, monkeypatch):
+    """The default, ``auto`` (hybrid for the embedded model), on a machine without a C++ compiler: the fp32 path,
+    the reason recorded, and generation works."""
     monkeypatch.setattr(gguf_kernel, "_compiler", lambda: None)
     from retroformer_cli.llm.engine.scheduler import Engine
     from retroformer_cli.llm.engine.types import EngineConfig, Sampling
 
-    engine = Engine(EngineConfig(model="embedded", cache_dir=str(embedded_cache), threads=1,
-                                 weights="hybrid")).start(wait=True)
+    engine = Engine(EngineConfig(model="embedded", cache_dir=str(embedded_cache), threads=1)).start(wait=True)
     try:
-        assert engine.info["weights"] == "fp32" and "no C++ compiler" in engine.info["why"]
+        assert engine.config.weights == "auto" and engine.info["weights"] == "fp32" and "no C++ compiler" in engine.info["why"]
         ids = engine.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
         assert engine.submit(ids, Sampling(max_tokens=4)).result(600).choices[0].completion_tokens == 4
     finally:
