@@ -181,6 +181,28 @@ def test_gguf_weights_decode_like_the_fp32_path_and_alone_like_batched(embedded_
     assert [a[0] for a in alone] == [g[0] for g in gguf_out]
 
 
+@needs_model
+def test_tensor_table_matches_the_gguf_package():
+    """Our header reader (it skips the metadata ``GGUFReader`` parses) finds every tensor where the ``gguf``
+    package does, and the bytes of each Q4_1/Q8_0 matrix read from there are the package's."""
+    from gguf import GGUFReader
+
+    from retroformer_cli.llm.engine.gguf_weights import GGML_TYPES, tensor_table
+    from retroformer_cli.llm.model_cache import embedded_gguf_path
+
+    path = str(embedded_gguf_path())
+    table = tensor_table(path)
+    tensors = GGUFReader(path).tensors
+    assert len(table) == len(tensors)
+    for t in tensors:
+        ggml_type, dims, offset = table[t.name]
+        assert (ggml_type, dims, offset) == (t.tensor_type.value, [int(d) for d in t.shape], t.data_offset), t.name
+        if ggml_type in GGML_TYPES and t.name.startswith(("blk.0.", "token_embd")):
+            block = GGML_TYPES[ggml_type][1]
+            got = np.fromfile(path, dtype=np.uint8, count=dims[1] * dims[0] // 32 * block, offset=offset)
+            assert np.array_equal(got.reshape(dims[1], -1), np.asarray(t.data)), t.name
+
+
 @pytest.mark.slow
 @needs_model
 def test_hybrid_weights_prompt_like_fp32_decode_like_gguf(embedded_cache, monkeypatch):
