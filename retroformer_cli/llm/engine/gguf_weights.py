@@ -12,6 +12,10 @@ warning line. A layer's q/k/v projections share one stacked block matrix, as do 
 (stacking rows is exact): the first projection of the group computes all of them in one kernel call and hands
 the others their rows, which they return when called with the same input (PEFT LoRA layers over them keep
 working: they call the base layer with that same input and add their own term).
+
+``--weights hybrid`` (and ``auto`` for the embedded model) leaves the model's modules alone and builds the same
+blocks as :class:`QuantMatrix` objects beside them (:func:`decode_matrices`): the lean forward pass computes
+decode rows with those and prompt rows with the fp32 weights.
 """
 
 from __future__ import annotations
