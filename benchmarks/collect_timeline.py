@@ -1,7 +1,7 @@
 """Where a local-model collect spends its time: start-up, forward passes that compute prompts, decode-only passes.
 
     python benchmarks/collect_timeline.py [--data ../shared/data/hotpotqa/dev.jsonl] [--tasks 3] [--trials 2]
-                                          [--workspace DIR] [--threads 1] [--no-prefix-reuse]
+                                          [--workspace DIR] [--threads 1] [--no-prefix-reuse] [--weights auto]
 
 Runs `retroformer_cli.stages.collect.run` in process on the embedded model with the engine's step timed, then
 prints the time to the first forward pass (imports, model load, env), the time in passes that carry prompt
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--workspace", default=str(REPO / "retroformer-workspace"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-prefix-reuse", action="store_true")
+    ap.add_argument("--weights", default=None, help="the models' --weights (auto, fp32, gguf or hybrid); default: auto")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
@@ -53,6 +54,8 @@ def main() -> None:
     for model in (cfg.actor, cfg.reflector):
         model.threads = args.threads
         model.prefix_reuse = not args.no_prefix_reuse
+        if args.weights:
+            model.weights = args.weights
     collect.run(cfg, Workspace.open(args.workspace))
     total = time.perf_counter() - t_start
     busy = sum(p[1] for p in passes)

@@ -1,6 +1,6 @@
 """Where one single-sequence decode step of the embedded model spends its time (``torch.profiler``).
 
-    python benchmarks/decode_profile.py [--workspace DIR] [--threads 1] [--weights fp32 gguf] [--steps 32]
+    python benchmarks/decode_profile.py [--workspace DIR] [--threads 1] [--weights fp32 gguf hybrid] [--steps 32]
                                         [--forward lean transformers]
 
 Loads the model as the engine does (``load_model``), computes a ~300-token prompt, then decodes ``--steps``
@@ -25,12 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 LINEAR_OPS = ("aten::linear", "aten::addmm", "aten::mm", "mkldnn::_linear_pointwise", "retroformer::")
 
 
-def forward(m, lean: bool, ids: list[int], positions: list[int], ctx) -> object:
-    """The logits of ``ctx``'s logit rows, ``[rows, vocab]``."""
+def forward(m, lean: bool, ids: list[int], positions: list[int], ctx, decode: bool = False) -> object:
+    """The logits of ``ctx``'s logit rows, ``[rows, vocab]``; ``decode``: the rows are decode rows (``--weights
+    hybrid`` computes them on the GGUF blocks, prompt rows on the fp32 weights)."""
     import torch
 
     if lean:
-        return m.lean.forward(ids, positions, ctx)
+        return m.lean.forward(ids, positions, ctx, len(ids) if decode else 0)
     return m.model(input_ids=torch.tensor(ids).view(-1, 1), position_ids=torch.tensor(positions).view(-1, 1),
                    use_cache=False).logits[:, -1, :]
 
@@ -58,7 +59,7 @@ def decode_steps(m, lean: bool, kv, token: int, past: int, steps: int) -> tuple[
     for _ in range(steps):
         t0 = time.perf_counter()
         with use_step(StepContext([Segment(kv, 0, 1, past)])) as ctx:
-            logits = forward(m, lean, [token], [past], ctx)
+            logits = forward(m, lean, [token], [past], ctx, decode=True)
         token = int(logits[-1].argmax())
         times.append(time.perf_counter() - t0)
         tokens.append(token)
@@ -95,7 +96,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workspace", default=str(REPO / "retroformer-workspace"))
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--weights", nargs="+", default=["fp32", "gguf"], help="weight formats to profile, in order")
+    ap.add_argument("--weights", nargs="+", default=["fp32", "gguf", "hybrid"],
+                    help="weight formats to profile, in order")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--forward", nargs="+", default=["lean", "transformers"], choices=["lean", "transformers"],
                     help="forward passes to profile for each weight format, in order")

@@ -1,7 +1,7 @@
 """Prompt-prefix reuse end to end: the same `retroformer collect` on the embedded model with reuse on and off.
 
     python benchmarks/embedded_collect.py [--data ../shared/data/hotpotqa/dev.jsonl] [--tasks 3] [--trials 2]
-                                          [--workspace DIR] [--threads N] [--dtype float32] [--weights fp32] [--repeats 1]
+                                          [--workspace DIR] [--threads N] [--dtype float32] [--weights hybrid] [--repeats 1]
 
 Runs the whole CLI process (`python -m retroformer_cli collect --env hotpotqa ...`, greedy), start-up included,
 with `--prefix-reuse` and with `--no-prefix-reuse`, `--repeats` times each in the same run, the legs' order
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--workspace", default=str(REPO / "retroformer-workspace"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--weights", default=None, help="collect's --weights (fp32 or gguf); default: collect's own")
+    ap.add_argument("--weights", default=None, help="collect's --weights (auto, fp32, gguf or hybrid); default: collect's own")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each leg, in alternating order")
     args = ap.parse_args()
     if args.repeats < 1:

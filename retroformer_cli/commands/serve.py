@@ -100,7 +100,7 @@ def serve(
     shutdown_grace_s: float = typer.Option(30.0, "--shutdown-grace-s", help="On Ctrl-C or SIGTERM, in-flight requests get this long to finish; then they are cancelled."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads [default: 1 on up to 2 cores, else cores - 1 (at most 8)]."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (transformers engine)."),
-    weights: str = typer.Option("fp32", "--weights", help="Embedded model on CPU: fp32 (dequantized once) | gguf (the shipped Q4_1/Q8_0 blocks, a C++ kernel built at first use)."),
+    weights: str = typer.Option("auto", "--weights", help="Embedded model on CPU: fp32 (dequantized once) | gguf (the shipped Q4_1/Q8_0 blocks, a C++ kernel built at first use) | hybrid (prompt rows on fp32, decode rows on the GGUF blocks) | auto (hybrid for the embedded model on CPU in float32, else fp32)."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="GPUs per model (vllm engine)."),
     runtime_adapters: bool = typer.Option(True, "--runtime-adapters/--no-runtime-adapters", help="Allow /v1/load_lora_adapter and /v1/unload_lora_adapter."),
 ) -> None:

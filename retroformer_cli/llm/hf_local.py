@@ -74,7 +74,7 @@ class HFLocalClient:
         prefix_cache_mb: int = 512,
         max_step_tokens: int = 512,
         prefill_chunk: int = 256,
-        weights: str = "fp32",
+        weights: str = "auto",
     ):
         self.model_spec = str(model)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -137,7 +137,7 @@ class TransformersBackend(LengthLimits):
         prefix_cache_mb: int = 512,
         max_step_tokens: int = 512,
         prefill_chunk: int = 256,
-        weights: str = "fp32",
+        weights: str = "auto",
     ):
         from retroformer_cli.llm.model_cache import default_cache_dir
 

@@ -1,6 +1,7 @@
 """One forward pass being put together: the flattened rows of every scheduled sequence (a decoding sequence's
-last token and draft, or a prompt chunk), their positions and adapters, the attention segments, and which rows'
-logits are read and by whom.
+last token and draft, or a prompt chunk), their positions and adapters, the attention segments, which rows'
+logits are read and by whom, and how many leading rows are decode rows (``--weights hybrid`` computes those on
+the GGUF blocks and prompt rows on the fp32 weights).
 """
 
 from __future__ import annotations
@@ -21,11 +22,18 @@ class StepBatch:
         self.logit_rows: list[int] = []
         self.scheduled: list[tuple[Seq, int]] = []  # (sequence, tokens it computes this step)
         self.samplers: list[tuple[Seq, int, list[int]]] = []  # (sequence, its first logit row, draft tokens)
+        self.decode_rows = 0  # rows 0..decode_rows-1 are decoding sequences' tokens and drafts; prompt rows follow
 
-    def add(self, seq: Seq, tokens: list[int], logits: int = 0, draft: list[int] | None = None) -> None:
-        """Schedule ``tokens`` of ``seq`` (after its computed positions); the last ``logits`` rows are read."""
+    def add(self, seq: Seq, tokens: list[int], logits: int = 0, draft: list[int] | None = None,
+            decode: bool = False) -> None:
+        """Schedule ``tokens`` of ``seq`` (after its computed positions); the last ``logits`` rows are read.
+        ``decode``: a decoding sequence's last token and draft, which must come before any prompt chunk."""
         n = len(tokens)
         ids = self.ids
+        if decode:
+            if self.decode_rows != len(ids):
+                raise ValueError("a decoding sequence's rows must come before every prompt chunk's")
+            self.decode_rows += n
         self.segments.append(Segment(seq.kv, len(ids), n, seq.computed, causal_mask(n, seq.computed, None, self.device)))
         ids.extend(tokens)
         self.positions.extend(range(seq.computed, seq.computed + n))

@@ -12,6 +12,10 @@ warning line. A layer's q/k/v projections share one stacked block matrix, as do 
 (stacking rows is exact): the first projection of the group computes all of them in one kernel call and hands
 the others their rows, which they return when called with the same input (PEFT LoRA layers over them keep
 working: they call the base layer with that same input and add their own term).
+
+``--weights hybrid`` (and ``auto`` for the embedded model) leaves the model's modules alone and builds the same
+blocks as :class:`QuantMatrix` objects beside them (:func:`decode_matrices`): the lean forward pass computes
+decode rows with those and prompt rows with the fp32 weights.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ LAYER_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "se
                  "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                  "mlp.down_proj": "ffn_down"}
 GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
-KINDS = {"Q4_1": "q4_1", "Q8_0": "q8_0"}
 
 
 def _linear_cls() -> Any:
@@ -84,16 +87,81 @@ def _reverse_permute(rows: Any, heads: int) -> Any:
     return rows.reshape(heads, dim, 2).swapaxes(2, 1).reshape(rows.shape)
 
 
+GGML_TYPES = {3: ("q4_1", 20), 8: ("q8_0", 34)}  # GGML type id: (kind, bytes per block of 32 weights)
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
+
+
+def tensor_table(path: str) -> dict[str, tuple[int, list[int], int]]:
+    """``{tensor name: (GGML type id, dims, absolute byte offset)}`` from a GGUF v2/v3 file's header.
+
+    ``gguf.GGUFReader`` parses every metadata value into numpy objects, the tokenizer's ~100,000 strings
+    included: 1.6 s of each start here. Only the tensor table is needed, so the metadata is skipped. A misread
+    table cannot go unnoticed: every matrix is checked bit-for-bit against the fp32 model after."""
+    import struct
+
+    with open(path, "rb") as f:
+        buf = memoryview(f.read(1 << 20))
+        while True:
+            try:
+                return _parse_table(buf, struct)
+            except struct.error:  # the header is longer than what was read: read more
+                if len(buf) >= (1 << 30):
+                    raise ValueError(f"{path}: no readable GGUF header") from None
+                f.seek(0)
+                buf = memoryview(f.read(len(buf) * 4))
+
+
+def _parse_table(buf: Any, struct: Any) -> dict[str, tuple[int, list[int], int]]:
+    magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
+    if magic != b"GGUF" or version not in (2, 3):
+        raise ValueError(f"not a GGUF v2/v3 file ({magic!r}, version {version})")
+    pos, alignment = 24, 32
+
+    def string(at: int) -> tuple[bytes, int]:
+        (n,) = struct.unpack_from("<Q", buf, at)
+        if at + 8 + n > len(buf):
+            raise struct.error("short")
+        return bytes(buf[at + 8:at + 8 + n]), at + 8 + n
+
+    def skip(kind: int, at: int) -> int:
+        if kind == 8:
+            return string(at)[1]
+        if kind == 9:
+            inner, count = struct.unpack_from("<IQ", buf, at)
+            at += 12
+            if inner in _SCALAR_BYTES:
+                return at + count * _SCALAR_BYTES[inner]
+            for _ in range(count):
+                at = skip(inner, at)
+            return at
+        return at + _SCALAR_BYTES[kind]
+
+    for _ in range(n_kv):
+        key, pos = string(pos)
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        if key == b"general.alignment" and kind == 4:
+            (alignment,) = struct.unpack_from("<I", buf, pos + 4)
+        pos = skip(kind, pos + 4)
+    infos = []
+    for _ in range(n_tensors):
+        name, pos = string(pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = list(struct.unpack_from(f"<{n_dims}Q", buf, pos + 4))
+        ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        infos.append((name.decode(), ggml_type, dims, offset))
+    start = -(-pos // alignment) * alignment
+    return {name: (ggml_type, dims, start + offset) for name, ggml_type, dims, offset in infos}
+
+
 def read_blocks(path: str, model: Any) -> dict[str, tuple[str, Any]]:
     """``{module name: (kind, uint8 blocks [out, in / 32 * block bytes])}`` for every decoder linear layer and
     the tied output layer, rows in transformers' order. Raises ValueError when a tensor is missing or of
     another type."""
     import numpy as np
-    from gguf import GGUFReader
 
     cfg = model.config
-    reader = GGUFReader(path)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = tensor_table(path)
     wanted = {"lm_head": "token_embd.weight"}
     for i in range(cfg.num_hidden_layers):
         for hf, gg in LAYER_TENSORS.items():
@@ -101,10 +169,12 @@ def read_blocks(path: str, model: Any) -> dict[str, tuple[str, Any]]:
     out: dict[str, tuple[str, Any]] = {}
     for name, gg in wanted.items():
         t = tensors.get(gg)
-        kind = KINDS.get(t.tensor_type.name) if t is not None else None
-        if kind is None:
-            raise ValueError(f"{gg} is {'missing' if t is None else t.tensor_type.name}, not Q4_1/Q8_0")
-        data = np.array(t.data, copy=True)
+        kind, block = GGML_TYPES.get(t[0], (None, 0)) if t is not None else (None, 0)
+        if kind is None or len(t[1]) != 2 or t[1][0] % 32:  # type: ignore[index]
+            raise ValueError(f"{gg} is {'missing' if t is None else f'GGML type {t[0]}'}, not a Q4_1/Q8_0 matrix")
+        (cols, rows), offset = t[1], t[2]  # type: ignore[index]
+        data = np.fromfile(path, dtype=np.uint8, count=rows * cols // 32 * block, offset=offset)
+        data = data.reshape(rows, cols // 32 * block)
         if name.endswith(("q_proj", "k_proj")):
             heads = cfg.num_attention_heads if name.endswith("q_proj") else cfg.num_key_value_heads
             data = data[_reverse_permute(np.arange(data.shape[0]), heads)]
@@ -122,6 +192,74 @@ def _same_weight(kind: str, blocks: Any, weight: Any) -> bool:
     return w.shape == tuple(weight.shape) and np.array_equal(w, weight.detach().numpy())
 
 
+def _checked_blocks(model: Any, gguf_path: str, cache_dir: str) -> tuple[Any, dict[str, tuple[str, Any]] | str]:
+    """``(kernel library, packed blocks per module)`` when the kernel builds and every GGUF matrix dequantizes to
+    the model's weight; else ``(None, why)`` (one warning line when the file is the cause)."""
+    lib = gguf_kernel.load(cache_dir)
+    if lib is None:
+        return None, "no C++ compiler for the GGUF kernel"
+    try:
+        blocks = read_blocks(gguf_path, model)
+    except (ValueError, OSError, AttributeError) as exc:
+        log.warning("the GGUF weights cannot be used (%s): the model runs on fp32 weights", exc)
+        return None, str(exc)
+    modules = dict(model.named_modules())
+    for name, (kind, data) in blocks.items():
+        if not _same_weight(kind, data, modules[name].weight):
+            log.warning("%s: the GGUF blocks do not match the model's weight; the model runs on fp32 weights", name)
+            return None, f"{name} differs from the GGUF"
+    return lib, {name: (kind, gguf_kernel.pack(data, kind)) for name, (kind, data) in blocks.items()}
+
+
+def _kernel_info(lib: Any, weights: str, layers: int) -> dict[str, Any]:
+    return {"weights": weights, "gguf_kernel": {512: "avx512", 256: "avx2"}.get(lib.rf_simd(), "scalar"),
+            "gguf_linear_layers": layers}
+
+
+class QuantMatrix:
+    """One linear layer's GGUF blocks beside the model (``--weights hybrid``: decode rows only), with the
+    interface the lean forward pass calls: ``compute``, ``compute_stacked``, ``stacked_spans``."""
+
+    def __init__(self, lib: Any, kind: str, blocks: Any, out_features: int, spans: list[tuple[int, int]] | None,
+                 threads: int):
+        self.lib, self.kind, self.blocks, self.threads = lib, kind, blocks, threads
+        self.out_features, self.spans = out_features, spans
+
+    def compute_stacked(self, x: Any) -> Any:
+        """``x [T, in]`` (fp32) times every row these blocks hold: ``[T, rows]``."""
+        if not x.is_contiguous():
+            x = x.contiguous()
+        return gguf_kernel.matmul(self.lib, self.blocks, self.kind, x, self.threads)
+
+    def compute(self, x: Any) -> Any:
+        """``x [T, in]`` times this layer's own rows: ``[T, out]``."""
+        y = self.compute_stacked(x)
+        return y[:, :self.out_features] if self.spans else y
+
+    def stacked_spans(self) -> list[tuple[int, int]] | None:
+        return self.spans
+
+
+def decode_matrices(model: Any, gguf_path: str, cache_dir: str, threads: int) -> tuple[dict[str, Any],
+                                                                                      dict[str, QuantMatrix] | None]:
+    """``--weights hybrid``: the GGUF blocks of every linear layer as :class:`QuantMatrix` objects beside the
+    model, which is left unchanged (its fp32 weights compute prompt rows and every LoRA batch). Returns
+    ``(what was done, {module name: matrix})``, or ``({"weights": "fp32", "why": ...}, None)`` when the kernel
+    or the file cannot be used. Call it before the fp32 weights are packed (the check reads them)."""
+    lib, blocks = _checked_blocks(model, gguf_path, cache_dir)
+    if lib is None:
+        return {"weights": "fp32", "why": blocks}, None
+    assert isinstance(blocks, dict)
+    stacked = _stack(blocks, model.config.num_hidden_layers)
+    modules = dict(model.named_modules())
+    out = {}
+    for name, (kind, data) in blocks.items():
+        whole, group = stacked.get(name, (data, []))
+        spans = [(0, modules[name].out_features), *(span for _n, span in group)] if group else None
+        out[name] = QuantMatrix(lib, kind, whole, modules[name].out_features, spans, threads)
+    return _kernel_info(lib, "hybrid", len(out)), out
+
+
 def use_gguf_weights(model: Any, gguf_path: str, cache_dir: str, threads: int) -> dict[str, Any]:
     """Swap the model's linear layers for :class:`QuantLinear` over the GGUF's blocks. Returns what was done
     (``{"weights": "gguf", ...}``), or ``{"weights": "fp32", "why": ...}`` when the kernel or the file cannot be
@@ -131,23 +269,14 @@ def use_gguf_weights(model: Any, gguf_path: str, cache_dir: str, threads: int) -
 
     from retroformer_cli.llm.engine.cpu_linear import release_pages
 
-    lib = gguf_kernel.load(cache_dir)
+    lib, blocks = _checked_blocks(model, gguf_path, cache_dir)
     if lib is None:
-        return {"weights": "fp32", "why": "no C++ compiler for the GGUF kernel"}
-    try:
-        blocks = read_blocks(gguf_path, model)
-    except (ValueError, OSError, AttributeError) as exc:
-        log.warning("the GGUF weights cannot be used (%s): the model runs on fp32 weights", exc)
-        return {"weights": "fp32", "why": str(exc)}
-    modules = dict(model.named_modules())
-    for name, (kind, data) in blocks.items():
-        if not _same_weight(kind, data, modules[name].weight):
-            log.warning("%s: the GGUF blocks do not match the model's weight; the model runs on fp32 weights", name)
-            return {"weights": "fp32", "why": f"{name} differs from the GGUF"}
+        return {"weights": "fp32", "why": blocks}
+    assert isinstance(blocks, dict)
     if _QUANT is None:
         _QUANT = _linear_cls()
+    modules = dict(model.named_modules())
     tied = getattr(model.get_input_embeddings(), "weight", None)
-    blocks = {name: (kind, gguf_kernel.pack(data, kind)) for name, (kind, data) in blocks.items()}
     stacked = _stack(blocks, model.config.num_hidden_layers)
     boxes: dict[str, list] = {}
     with torch.no_grad():
@@ -164,8 +293,7 @@ def use_gguf_weights(model: Any, gguf_path: str, cache_dir: str, threads: int) -
                 module.weight = torch.nn.Parameter(placeholder, requires_grad=False)
                 release_pages(original)
             del original
-    return {"weights": "gguf", "gguf_kernel": {512: "avx512", 256: "avx2"}.get(lib.rf_simd(), "scalar"),
-            "gguf_linear_layers": len(blocks)}
+    return _kernel_info(lib, "gguf", len(blocks))
 
 
 def _stack(blocks: dict[str, tuple[str, Any]], layers: int) -> dict[str, tuple[Any, list]]:

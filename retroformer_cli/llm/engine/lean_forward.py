@@ -44,11 +44,10 @@ def _fused(modules: list[Any]) -> tuple[Callable[[Any], Any], list[tuple[int, in
     return None
 
 
-def _qkv(attn: Any) -> Callable[[Any, Any, Any], tuple[Any, Any, Any]]:
-    """``(x, cos, sin) -> (q, k, v)``, q and k rotated, ``[T, heads, head_dim]`` each. Stacked q/k/v rows: one
-    kernel call, and q and k rotated together (the same elementwise operations on the same numbers)."""
-    d = attn.head_dim
-    fused = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
+def _qkv(d: int, q: Any, k: Any, v: Any) -> Callable[[Any, Any, Any], tuple[Any, Any, Any]]:
+    """``(x, cos, sin) -> (q, k, v)``, q and k rotated, ``[T, heads, head_dim]`` each (``d``). Stacked q/k/v
+    rows: one kernel call, and q and k rotated together (the same elementwise operations on the same numbers)."""
+    fused = _fused([q, k, v])
     if fused is not None:
         compute, ((_, nq), (_, nk), (_, nv)) = fused
         heads = nq // d
@@ -60,7 +59,7 @@ def _qkv(attn: Any) -> Callable[[Any, Any, Any], tuple[Any, Any, Any]]:
             return qk[:, :heads], qk[:, heads:], y[:, nk:nv].view(rows, -1, d)
 
         return stacked
-    q_proj, k_proj, v_proj = (_projection(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q_proj, k_proj, v_proj = (_projection(m) for m in (q, k, v))
 
     def separate(x: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
         rows = x.shape[0]
@@ -70,15 +69,15 @@ def _qkv(attn: Any) -> Callable[[Any, Any, Any], tuple[Any, Any, Any]]:
     return separate
 
 
-def _gate_up(mlp: Any) -> Callable[[Any], Any]:
+def _gate_up(gate_proj: Any, up_proj: Any) -> Callable[[Any], Any]:
     """``x -> silu(gate(x)) * up(x)``."""
     import torch.nn.functional as F
 
-    fused = _fused([mlp.gate_proj, mlp.up_proj])
+    fused = _fused([gate_proj, up_proj])
     if fused is not None:
         compute, ((_, ng), (_, nu)) = fused
         return lambda x: (lambda y: F.silu(y[:, :ng]) * y[:, ng:nu])(compute(x))
-    gate, up = _projection(mlp.gate_proj), _projection(mlp.up_proj)
+    gate, up = _projection(gate_proj), _projection(up_proj)
     return lambda x: F.silu(gate(x)) * up(x)
 
 
@@ -98,39 +97,51 @@ def supported(model: Any) -> str | None:
 
 
 class LeanForward:
-    """``forward(ids, positions, ctx)``: the logits of ``ctx.logit_rows`` (all rows when None), ``[rows, vocab]``."""
+    """``forward(ids, positions, ctx, decode_rows)``: the logits of ``ctx.logit_rows`` (all rows when None),
+    ``[rows, vocab]``.
 
-    def __init__(self, model: Any):
+    ``decode`` (``--weights hybrid``): ``{module name: matrix}`` computing the same layers another way (the GGUF
+    blocks, :class:`~.gguf_weights.QuantMatrix`). The first ``decode_rows`` rows of a pass (decoding sequences'
+    tokens and drafts, which the batch puts first) go through those, the others (prompt chunks) through the
+    model's own layers; each group in its own calls, joined after, so a row's numbers depend only on its kind."""
+
+    def __init__(self, model: Any, decode: dict[str, Any] | None = None):
         inner = model.model
         self.embed = inner.embed_tokens.weight
         self.rotary = inner.rotary_emb
         self.final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
         self.head = _projection(model.get_output_embeddings())
-        self.layers = []
-        for layer in inner.layers[: model.config.num_hidden_layers]:
+        self.layers = []  # (norm1, attn, norm2, the model's projections, the decode rows' projections)
+        for i, layer in enumerate(inner.layers[: model.config.num_hidden_layers]):
             attn, mlp = layer.self_attn, layer.mlp
-            self.layers.append((
-                (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon), _qkv(attn), attn,
-                _projection(attn.o_proj),
-                (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
-                _gate_up(mlp), _projection(mlp.down_proj)))
+            own = _projections(attn.head_dim, attn, mlp)
+            fast = own if decode is None else _projections(
+                attn.head_dim, *(_Named(decode, f"model.layers.{i}.{part}.") for part in ("self_attn", "mlp")))
+            self.layers.append(((layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon), attn,
+                                (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
+                                own, fast))
+        self.fast_head = self.head if decode is None else _projection(decode["lm_head"])
+        self.splits = decode is not None
 
-    def forward(self, ids: list[int], positions: list[int], ctx: StepContext) -> Any:
+    def forward(self, ids: list[int], positions: list[int], ctx: StepContext, decode_rows: int = 0) -> Any:
         import torch
         import torch.nn.functional as F
 
         rows = len(ids)
+        d = decode_rows if self.splits else 0
         h = F.embedding(torch.tensor(ids), self.embed)
         cos, sin = self._rotary(torch.tensor(positions), h.dtype)
-        for norm1, qkv, attn, o_proj, norm2, gate_up, down in self.layers:
-            q, k, v = qkv(_rms_norm(h, *norm1), cos, sin)
+        for norm1, attn, norm2, own, fast in self.layers:
+            q, k, v = _by_kind(own[0], fast[0], d, _rms_norm(h, *norm1), cos, sin)
             out, _ = varlen_attention(attn, q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), None, scaling=attn.scaling)
-            h = h + o_proj(out.reshape(rows, -1))
-            h = h + down(gate_up(_rms_norm(h, *norm2)))
+            h = h + _by_kind(own[1], fast[1], d, out.reshape(rows, -1))
+            x = _by_kind(own[2], fast[2], d, _rms_norm(h, *norm2))
+            h = h + _by_kind(own[3], fast[3], d, x)
         h = _rms_norm(h, *self.final_norm)
         if ctx.logit_rows is not None:
             h = h[ctx.logit_rows]
-        return self.head(h)
+            d = int((ctx.logit_rows < d).sum()) if d else 0  # logit rows ascend: the decode rows' come first
+        return _by_kind(self.head, self.fast_head, d, h)
 
     def _rotary(self, positions: Any, dtype: Any) -> tuple[Any, Any]:
         """transformers' ``LlamaRotaryEmbedding.forward`` for these positions: ``[T, 1, head_dim]`` each."""
@@ -140,6 +151,38 @@ class LeanForward:
         emb = torch.cat((freqs, freqs), dim=-1)
         scale = self.rotary.attention_scaling
         return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
+
+
+class _Named:
+    """``obj.q_proj`` -> ``matrices[prefix + "q_proj"]``: decode matrices addressed like the model's modules."""
+
+    def __init__(self, matrices: dict[str, Any], prefix: str):
+        self.matrices, self.prefix = matrices, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        return self.matrices[self.prefix + name]
+
+
+def _projections(head_dim: int, attn: Any, mlp: Any) -> tuple[Callable[..., Any], ...]:
+    """One layer's ``(qkv, o_proj, gate_up, down)`` computations over ``attn``'s and ``mlp``'s projections."""
+    return (_qkv(head_dim, attn.q_proj, attn.k_proj, attn.v_proj), _projection(attn.o_proj),
+            _gate_up(mlp.gate_proj, mlp.up_proj), _projection(mlp.down_proj))
+
+
+def _by_kind(own: Callable[..., Any], fast: Callable[..., Any], d: int, x: Any, *rowwise: Any) -> Any:
+    """``own`` over rows ``d:`` and ``fast`` over rows ``:d`` of ``x`` (and of each ``rowwise`` tensor), joined
+    in row order: each group in calls of its own, so no row's numbers depend on the other group."""
+    import torch
+
+    if d == 0:
+        return own(x, *rowwise)
+    if d == x.shape[0]:
+        return fast(x, *rowwise)
+    top = fast(x[:d], *(t[:d] for t in rowwise))
+    bottom = own(x[d:], *(t[d:] for t in rowwise))
+    if isinstance(top, tuple):
+        return tuple(torch.cat((a, b)) for a, b in zip(top, bottom))
+    return torch.cat((top, bottom))
 
 
 def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
@@ -160,12 +203,13 @@ def _rotate(x: Any, cos: Any, sin: Any) -> Any:
     return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
 
 
-def build(model: Any) -> LeanForward | None:
-    """The lean forward pass for ``model``, or None (one debug line says why) when it is not a model it takes."""
+def build(model: Any, decode: dict[str, Any] | None = None) -> LeanForward | None:
+    """The lean forward pass for ``model`` (``decode``: see :class:`LeanForward`), or None (one debug line says
+    why) when it is not a model it takes."""
     why = supported(model)
     if why is None:
         try:
-            return LeanForward(model)
+            return LeanForward(model, decode)
         except (TypeError, AttributeError) as exc:
             why = str(exc)
     log.debug("the engine runs this model through transformers' modules: %s", why)

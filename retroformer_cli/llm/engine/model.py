@@ -85,10 +85,10 @@ def load_model(cfg: EngineConfig, threads: int, name: str) -> LoadedModel:
     if getattr(model.config, "is_encoder_decoder", False) or not getattr(model, "_supports_attention_backend", False):
         raise BackendError(f"The model {name} ({type(model).__name__}) does not support transformers' "
                            "attention backends, which the engine needs (Llama, Qwen, Mistral, Phi-3, Gemma ... do).")
-    quant = _gguf_weights(cfg, model, device, dtype, threads)
+    quant, decode = _gguf_weights(cfg, model, device, dtype, threads)
     packed = pack_linear_layers(model) if cfg.cpu_packed_linear else 0
     model.set_attn_implementation(attention.register())
-    lean = lean_forward.build(model)
+    lean = lean_forward.build(model, decode)
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(attention.keep_logit_rows)
@@ -116,17 +116,26 @@ def load_model(cfg: EngineConfig, threads: int, name: str) -> LoadedModel:
     )
 
 
-def _gguf_weights(cfg: EngineConfig, model: Any, device: str, dtype: str, threads: int) -> dict[str, Any]:
-    """``--weights gguf``: the embedded model's linear layers on its GGUF blocks (:mod:`.gguf_weights`)."""
-    if cfg.weights != "gguf":
-        return {"weights": "fp32"}
-    if cfg.model != "embedded" or device != "cpu" or dtype != "float32":
-        raise UsageError(f"--weights gguf runs the embedded model on CPU in float32, not {cfg.model} on "
-                         f"{device} in {dtype}; use --weights fp32.")
-    from retroformer_cli.llm.engine.gguf_weights import use_gguf_weights
+def _gguf_weights(cfg: EngineConfig, model: Any, device: str, dtype: str,
+                  threads: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``--weights gguf``: the embedded model's linear layers on its GGUF blocks; ``hybrid``: those blocks beside
+    the fp32 weights, for the lean forward pass's decode rows (:mod:`.gguf_weights`); ``auto``: hybrid for the
+    embedded model on CPU in float32, else fp32. ``(info, decode matrices or None)``; without a compiler,
+    ``{"weights": "fp32", "why": ...}``."""
+    applies = cfg.model == "embedded" and device == "cpu" and dtype == "float32"
+    mode = ("hybrid" if applies else "fp32") if cfg.weights == "auto" else cfg.weights
+    if mode not in ("gguf", "hybrid"):
+        return {"weights": "fp32"}, None
+    if not applies:
+        raise UsageError(f"--weights {mode} runs the embedded model on CPU in float32, not {cfg.model} on "
+                         f"{device} in {dtype}; use --weights fp32 or auto.")
+    from retroformer_cli.llm.engine.gguf_weights import decode_matrices, use_gguf_weights
     from retroformer_cli.llm.model_cache import default_cache_dir, embedded_gguf_path
 
-    return use_gguf_weights(model, str(embedded_gguf_path()), str(cfg.cache_dir or default_cache_dir()), threads)
+    path, cache = str(embedded_gguf_path()), str(cfg.cache_dir or default_cache_dir())
+    if mode == "hybrid":
+        return decode_matrices(model, path, cache, threads)
+    return use_gguf_weights(model, path, cache, threads), None
 
 
 def chat_token_ids(tok: Any, messages: Sequence[dict[str, str]]) -> list[int]:

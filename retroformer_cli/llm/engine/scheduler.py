@@ -67,6 +67,7 @@ class Engine(EngineEndings):
         self._model: LoadedModel | None = None
         self._lora = Adapters()  # model thread only
         self._stage = "idle"  # what the step is doing, for the error of a failed step
+        self._prompt_blocks_only = False  # cache only prompt blocks (hybrid weights: see _finish_seq)
 
     def num_waiting(self) -> int:
         return len(self._inbox) + self._waiting_count
@@ -158,6 +159,7 @@ class Engine(EngineEndings):
         m = self._model = load_model(cfg, self.threads, self.name)
         self._tok = self._local.tok = m.tok
         self._stop_ids, self._device, self._pad_small_batches = m.stop_ids, m.device, m.pad_small_batches
+        self._prompt_blocks_only = m.info.get("weights") == "hybrid"
         self.context_length = m.context_length
         self.prefix = PrefixCache(cfg.prefix_cache_mb * 2**20, cfg.block_size) if cfg.prefix_reuse else None
         self._block_bytes = m.token_bytes * cfg.block_size
@@ -310,7 +312,7 @@ class Engine(EngineEndings):
         model = self._lora.select(batch.names, kwargs)
         lean = self._model.lean
         if lean is not None and not kwargs and set(batch.names) == {None}:
-            return lean.forward(batch.ids, batch.positions, ctx)
+            return lean.forward(batch.ids, batch.positions, ctx, batch.decode_rows)
         return model(**batch.inputs(), use_cache=False, **kwargs).logits[:, -1, :]
 
     def _build_batch(self) -> StepBatch | None:
@@ -323,7 +325,7 @@ class Engine(EngineEndings):
         for seq in self._running:
             if seq.state == "decode" and (group is None or seq.req.adapter == group[0]):
                 draft = prompt_lookup_draft(seq, cfg.draft_tokens, budget - 1)
-                batch.add(seq, [seq.tokens[-1], *draft], 1 + len(draft), draft)
+                batch.add(seq, [seq.tokens[-1], *draft], 1 + len(draft), draft, decode=True)
                 budget -= 1 + len(draft)
         computing: set[bytes] = set()
         for seq in self._running:
@@ -425,7 +427,9 @@ class Engine(EngineEndings):
         seq.req.counts[seq.index] = counted if counted is not None else len(seq.generated)
         if seq.kv is not None:
             if self.prefix is not None and seq.computed:
-                self._store(seq, min(seq.computed, len(seq.tokens)))
+                # hybrid weights: generated tokens' keys/values come from the decode path, and a prompt's must be
+                # the prompt path's whether or not it is reused, so only the prompt's blocks are kept
+                self._store(seq, min(seq.computed, seq.prompt_len if self._prompt_blocks_only else len(seq.tokens)))
             seq.kv = None
         if seq in self._running:
             self._running.remove(seq)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from retroformer_cli.errors import BackendError, UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-WEIGHTS = ("fp32", "gguf")
+WEIGHTS = ("auto", "fp32", "gguf", "hybrid")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -81,7 +81,9 @@ class EngineConfig:
     block_size: int = 16  # tokens per cached block (only whole blocks are reused)
     draft_tokens: int = 4  # greedy requests: prompt-lookup draft tokens checked per step (0: off)
     cpu_packed_linear: bool = True  # CPU: linear layers with oneDNN-packed weights (faster batches, batch-invariant)
-    weights: str = "fp32"  # embedded model on CPU: fp32 (dequantized once) | gguf (decoded from the Q4_1/Q8_0 blocks)
+    # embedded model on CPU: fp32 | gguf (the Q4_1/Q8_0 blocks) | hybrid (prompt rows fp32, decode rows gguf) |
+    # auto (hybrid where it applies: the embedded model on CPU in float32; else fp32)
+    weights: str = "auto"
 
     @classmethod
     def for_model(cls, model: str, cache_dir: str | os.PathLike[str], **settings: object) -> tuple[EngineConfig, str | None]:
