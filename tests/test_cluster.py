@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,6 +106,27 @@ def lines_per_trial(workspace, run: str) -> Counter:
     return Counter((r["task_id"], r["trial"]) for r in records)
 
 
+def collect_with_fault(cfg: CollectConfig, workspace, ray_cluster, caplog, after_lines: int, fault) -> Any:
+    """``collect --ray`` of ``cfg`` against a never-solving endpoint, with ``fault()`` run from another thread once
+    ``after_lines`` trials are on disk (the run is then mid-task)."""
+    def when_running() -> None:
+        path = workspace.trials_path(cfg.run)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not path.exists() or path.read_text().count("\n") < after_lines):
+            time.sleep(0.05)
+        fault()
+
+    caplog.set_level(logging.WARNING, logger="retroformer.cluster")
+    with FakeOpenAIServer(never_solves, delay_s=0.1) as srv:
+        for m in (cfg.actor, cfg.reflector):
+            m.base_url = srv.base_url
+        faulter = threading.Thread(target=when_running)
+        faulter.start()
+        result = collect.run(cfg, workspace, ray=ray_cluster.address)
+        faulter.join()
+    return result
+
+
 def test_ray_run_equals_a_local_run(ray_cluster, workspace):
     with FakeOpenAIServer(learner) as srv:
         local = collect.run(endpoint_config(srv.base_url, trials=3, run="local"), workspace)
@@ -155,21 +177,9 @@ def test_a_node_removed_mid_run_loses_no_trial(ray_cluster, workspace, caplog):
     ray_cluster.wait_for_nodes()
     cfg = endpoint_config("", trials=3, run="faults", concurrency=1, max_steps=3)
 
-    def remove_when_running() -> None:  # once a few trials are on disk, every node is mid-task
-        path = workspace.trials_path("faults")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not path.exists() or path.read_text().count("\n") < 4):
-            time.sleep(0.05)
-        ray_cluster.remove_node(doomed, allow_graceful=False)
-
-    caplog.set_level(logging.WARNING, logger="retroformer.cluster")
-    with FakeOpenAIServer(never_solves, delay_s=0.1) as srv:
-        for m in (cfg.actor, cfg.reflector):
-            m.base_url = srv.base_url
-        remover = threading.Thread(target=remove_when_running)
-        remover.start()
-        result = collect.run(cfg, workspace, ray=ray_cluster.address)
-        remover.join()
+    # once a few trials are on disk, every node is mid-task
+    result = collect_with_fault(cfg, workspace, ray_cluster, caplog, 4,
+                                lambda: ray_cluster.remove_node(doomed, allow_graceful=False))
     assert result.status == "completed"
     assert any("worker lost" in r.getMessage() for r in caplog.records)  # the node died with a task in flight
     counts = lines_per_trial(workspace, "faults")
@@ -341,21 +351,8 @@ def test_a_worker_process_killed_mid_run_loses_no_trial(ray_cluster, workspace, 
     monkeypatch.setattr(dispatch.Runners, "ensure", noting)
     cfg = endpoint_config("", trials=3, run="killed", concurrency=1, max_steps=3)
 
-    def kill_one_when_running() -> None:
-        path = workspace.trials_path("killed")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not path.exists() or path.read_text().count("\n") < 3):
-            time.sleep(0.05)
-        os.kill(ray.get(made[0].identity.remote())["pid"], signal.SIGKILL)
-
-    caplog.set_level(logging.WARNING, logger="retroformer.cluster")
-    with FakeOpenAIServer(never_solves, delay_s=0.1) as srv:
-        for m in (cfg.actor, cfg.reflector):
-            m.base_url = srv.base_url
-        killer = threading.Thread(target=kill_one_when_running)
-        killer.start()
-        result = collect.run(cfg, workspace, ray=ray_cluster.address)
-        killer.join()
+    result = collect_with_fault(cfg, workspace, ray_cluster, caplog, 3,
+                                lambda: os.kill(ray.get(made[0].identity.remote())["pid"], signal.SIGKILL))
     assert result.status == "completed"
     assert any("worker lost" in r.getMessage() for r in caplog.records)
     counts = lines_per_trial(workspace, "killed")
