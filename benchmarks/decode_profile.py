@@ -1,7 +1,7 @@
-"""Where one single-sequence decode step of the embedded model spends its time (``torch.profiler``).
+"""Where one decode step of the embedded model spends its time (``torch.profiler``).
 
     python benchmarks/decode_profile.py [--workspace DIR] [--threads 1] [--weights fp32 gguf hybrid] [--steps 32]
-                                        [--forward lean transformers]
+                                        [--forward lean transformers] [--batch 1 8]
 
 Loads the model as the engine does (``load_model``), computes a ~300-token prompt, then decodes ``--steps``
 greedy tokens one forward pass at a time (the engine's varlen attention, one row per pass) and profiles them,
@@ -49,25 +49,29 @@ def prefill(m, lean: bool, prompt: list[int], steps: int) -> tuple[object, int]:
     return kv, int(logits[-1].argmax())
 
 
-def decode_steps(m, lean: bool, kv, token: int, past: int, steps: int) -> tuple[list[float], list[int]]:
-    """``steps`` greedy single-row passes after ``past`` positions; (seconds per pass, tokens)."""
+def decode_steps(m, lean: bool, kv, token: int, past: int, steps: int, batch: int = 1) -> tuple[list[float], list[int]]:
+    """``steps`` greedy passes after ``past`` positions, each with one row for each of ``batch`` sequences (copies
+    of the prompt's buffer, as the engine's decoding sequences each have their own); (seconds per pass, the first
+    sequence's tokens)."""
     import torch
 
     from retroformer_cli.llm.engine.attention import Segment, StepContext, use_step
 
+    kvs = [kv] + [kv.clone() for _ in range(batch - 1)]
+    last = [token] * batch
     times, tokens = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
-        with use_step(StepContext([Segment(kv, 0, 1, past)])) as ctx:
-            logits = forward(m, lean, [token], [past], ctx, decode=True)
-        token = int(logits[-1].argmax())
+        with use_step(StepContext([Segment(b, i, 1, past) for i, b in enumerate(kvs)])) as ctx:
+            logits = forward(m, lean, last, [past] * batch, ctx, decode=True)
+        last = logits.argmax(-1).tolist()
         times.append(time.perf_counter() - t0)
-        tokens.append(token)
+        tokens.append(last[0])
         past += 1
     return times, tokens
 
 
-def profile(m, weights: str, lean: bool, steps: int) -> dict:
+def profile(m, weights: str, lean: bool, steps: int, batch: int = 1) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -75,18 +79,18 @@ def profile(m, weights: str, lean: bool, steps: int) -> dict:
     prompt = m.tok(text, add_special_tokens=False)["input_ids"][:300]
     with torch.inference_mode():
         kv, first = prefill(m, lean, prompt, 2 * steps + 4)
-        decode_steps(m, lean, kv, first, len(prompt), 4)  # warm-up
-        times, tokens = decode_steps(m, lean, kv, first, len(prompt), steps)
+        decode_steps(m, lean, kv, first, len(prompt), 4, batch)  # warm-up
+        times, tokens = decode_steps(m, lean, kv, first, len(prompt), steps, batch)
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            decode_steps(m, lean, kv, first, len(prompt), steps)
+            decode_steps(m, lean, kv, first, len(prompt), steps, batch)
     events = prof.key_averages()
     calls = steps
     total_us = sum(e.self_cpu_time_total for e in events)
     linear_us = sum(e.self_cpu_time_total for e in events if e.key.startswith(LINEAR_OPS))
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
     ms = statistics.median(times) * 1000
-    return {"weights": weights, "forward": "lean" if lean else "transformers", "info_weights": m.info.get("weights"), "ms_per_step": round(ms, 2),
-            "tok_per_s": round(1000 / ms, 1), "profiled_ms_per_pass": round(total_us / calls / 1000, 2),
+    return {"weights": weights, "forward": "lean" if lean else "transformers", "info_weights": m.info.get("weights"),
+            "batch": batch, "ms_per_step": round(ms, 2), "tok_per_s": round(batch * 1000 / ms, 1), "profiled_ms_per_pass": round(total_us / calls / 1000, 2),
             "linear_share": round(linear_us / total_us, 3) if total_us else None,
             "top_self_ms_per_pass": {e.key: round(e.self_cpu_time_total / calls / 1000, 3) for e in top},
             "ops_per_pass": round(sum(e.count for e in events) / calls), "tokens": tokens[:16]}
@@ -99,6 +103,8 @@ def main() -> None:
     ap.add_argument("--weights", nargs="+", default=["fp32", "gguf", "hybrid"],
                     help="weight formats to profile, in order")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1],
+                    help="decoding sequences per pass (one row each), e.g. 1 8")
     ap.add_argument("--forward", nargs="+", default=["lean", "transformers"], choices=["lean", "transformers"],
                     help="forward passes to profile for each weight format, in order")
     args = ap.parse_args()
@@ -123,9 +129,10 @@ def main() -> None:
         for how in args.forward:
             if how == "lean" and m.lean is None:
                 sys.exit("this model has no lean forward pass")
-            row = profile(m, weights, how == "lean", args.steps)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            out["runs"].append(row)
+            for batch in args.batch:
+                row = profile(m, weights, how == "lean", args.steps, batch)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                out["runs"].append(row)
         del m
     print(json.dumps(out))
 
