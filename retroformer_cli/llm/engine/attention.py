@@ -73,15 +73,21 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
                      dropout: float = 0.0, sliding_window: int | None = None, **kwargs: Any) -> tuple[Any, None]:
     """transformers attention function: ``query`` ``[T, heads, 1, d]``, ``key``/``value`` ``[T, kv_heads, 1, d]``
     (RoPE already applied); returns ``[T, 1, heads, d]``."""
-    import torch
-    import torch.nn.functional as F
-
     ctx = current()
     if ctx is None:
         raise RuntimeError("retroformer's varlen attention runs only inside the engine (no step context)")
     if kwargs.get("softcap") or kwargs.get("s_aux") is not None:
         raise RuntimeError("this model's attention (logit soft-capping or sinks) is not supported by the engine")
-    layer = module.layer_idx
+    return attend_segments(module.layer_idx, query, key, value, ctx.segments, scaling, sliding_window), None
+
+
+def attend_segments(layer: int, query: Any, key: Any, value: Any, segments: list[Segment], scaling: float | None,
+                    sliding_window: int | None = None) -> Any:
+    """:func:`varlen_attention` for ``segments`` only (their rows of ``query``/``key``/``value``, the whole pass's
+    ``[T, heads, 1, d]`` tensors): ``[their rows, 1, heads, d]``, in segment order."""
+    import torch
+    import torch.nn.functional as F
+
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     gqa = heads != kv_heads
@@ -90,7 +96,7 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     new_kv = torch.stack((key[:, :, 0], value[:, :, 0]), dim=1)  # [rows, 2, kv_heads, dim]
     queries = query[:, :, 0]
     outs = []
-    for seg in ctx.segments:
+    for seg in segments:
         a, n, past = seg.start, seg.count, seg.past
         if seg.kv is None:  # padding rows: no sequence, nothing to attend to
             outs.append(query.new_zeros(n, heads, dim))
@@ -108,7 +114,7 @@ def varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
                                            attn_mask=mask, scale=scaling, enable_gqa=gqa)
         outs.append(o[0].transpose(0, 1))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out.unsqueeze(1), None
+    return out.unsqueeze(1)
 
 
 def keep_logit_rows(_module: Any, args: tuple) -> tuple | None:

@@ -31,6 +31,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from retroformer_cli.llm.engine import decode_attention
+
 log = logging.getLogger("retroformer.engine")
 
 SOURCE = r"""
@@ -310,7 +312,7 @@ extern "C" void rf_matmul(const uint8_t* w, int kind, int64_t N, int64_t K, cons
     Job job = {w, N, K, T, nb, nb * block_bytes(kind), x, y};
     parallel(kind == 0 ? row_tile<0> : row_tile<1>, &job, (N + TILE_ROWS - 1) / TILE_ROWS, threads);
 }
-"""
+""" + decode_attention.SOURCE
 
 KINDS = {"q4_1": 0, "q8_0": 1}
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
@@ -361,7 +363,7 @@ def _build(cxx: str, target: Path, isa: str) -> None:
 
 
 def load(cache_dir: str | os.PathLike[str], isa: str = "native") -> Any:
-    """The kernel library (``rf_matmul``, ``rf_simd``), built into ``cache_dir/kernels`` at first use; None when
+    """The kernel library (``rf_matmul``, ``rf_simd``, ``rf_decode_attention``), built into ``cache_dir/kernels`` at first use; None when
     this machine has no C++ compiler or the build fails (one warning line says so). ``isa`` ``"avx2"`` or
     ``"scalar"`` builds that fallback instead of the best this CPU runs (the tests exercise all three)."""
     cxx = _compiler()
@@ -387,6 +389,7 @@ def load(cache_dir: str | os.PathLike[str], isa: str = "native") -> Any:
         lib.rf_matmul.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, i64, ptr, ctypes.c_int]
         lib.rf_matmul.restype = None
         lib.rf_simd.restype = ctypes.c_int
+        decode_attention.declare(lib)
         _loaded[str(target)] = lib
         return lib
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from retroformer_cli.llm.engine.attention import StepContext, varlen_attention
+from retroformer_cli.llm.engine.attention import StepContext, attend_segments
+from retroformer_cli.llm.engine.decode_attention import DecodeSegments
 
 log = logging.getLogger("retroformer.engine")
 
@@ -122,6 +123,10 @@ class LeanForward:
                                 own, fast))
         self.fast_head = self.head if decode is None else _projection(decode["lm_head"])
         self.splits = decode is not None
+        # the decode rows' attention: one C++ call per layer (.decode_attention) in the kernel's library
+        head = decode.get("lm_head") if decode else None
+        self.kernel = (head.lib, head.threads) if getattr(getattr(head, "lib", None), "rf_decode_attention",
+                                                          None) else None
 
     def forward(self, ids: list[int], positions: list[int], ctx: StepContext, decode_rows: int = 0) -> Any:
         import torch
@@ -131,9 +136,11 @@ class LeanForward:
         d = decode_rows if self.splits else 0
         h = F.embedding(torch.tensor(ids), self.embed)
         cos, sin = self._rotary(torch.tensor(positions), h.dtype)
-        for norm1, attn, norm2, own, fast in self.layers:
+        decoding = DecodeSegments.build(ctx.segments, d) if d and self.kernel else None
+        others = [s for s in ctx.segments if s.start >= d] if decoding else ctx.segments
+        for i, (norm1, attn, norm2, own, fast) in enumerate(self.layers):
             q, k, v = _by_kind(own[0], fast[0], d, _rms_norm(h, *norm1), cos, sin)
-            out, _ = varlen_attention(attn, q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), None, scaling=attn.scaling)
+            out = self._attention(i, attn, q, k, v, decoding, others)
             h = h + _by_kind(own[1], fast[1], d, out.reshape(rows, -1))
             x = _by_kind(own[2], fast[2], d, _rms_norm(h, *norm2))
             h = h + _by_kind(own[3], fast[3], d, x)
@@ -142,6 +149,22 @@ class LeanForward:
             h = h[ctx.logit_rows]
             d = int((ctx.logit_rows < d).sum()) if d else 0  # logit rows ascend: the decode rows' come first
         return _by_kind(self.head, self.fast_head, d, h)
+
+    def _attention(self, layer: int, attn: Any, q: Any, k: Any, v: Any, decoding: DecodeSegments | None,
+                   others: list[Any]) -> Any:
+        """Every row's attention output ``[rows, heads, d]``: the decode rows' through the kernel when
+        ``decoding``, the other segments' through PyTorch's (the engine's varlen attention)."""
+        import torch
+
+        if decoding is None:
+            return attend_segments(layer, q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), others, attn.scaling)
+        d = decoding.rows
+        lib, threads = self.kernel  # type: ignore[misc]
+        top = decoding.attend(lib, layer, q[:d], k[:d], v[:d], attn.scaling, None, threads)
+        if not others:
+            return top
+        bottom = attend_segments(layer, q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), others, attn.scaling)
+        return torch.cat((top, bottom.squeeze(1)))
 
     def _rotary(self, positions: Any, dtype: Any) -> tuple[Any, Any]:
         """transformers' ``LlamaRotaryEmbedding.forward`` for these positions: ``[T, 1, head_dim]`` each."""
