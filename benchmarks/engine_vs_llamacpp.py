@@ -13,13 +13,13 @@ reuse), single-request decode speed (64 greedy tokens) and, for our engine only,
 and the process's peak resident memory (``peak_rss_mb``)
 (llama.cpp's Python binding runs one sequence at a time). Each thread count given is measured in turn.
 
-llama.cpp's configurations (``--llama-extra-bufts``). On CPUs with AMX (and AVX-512), llama.cpp by default
-places the weights in "extra buffer types", repacked for its AMX and AVX-512 matmul kernels; with
-llama-cpp-python 0.3.36 built with default flags, every ``llama_decode`` on such a CPU died with SIGSEGV in
-``ggml_backend_amx_mul_mat`` (issue #19). ``on``: llama.cpp's defaults only. ``off``: the model parameter
-``use_extra_bufts`` set to false (plain CPU buffers; the ``Llama`` constructor has no argument for it, so the
-default model parameters it reads are wrapped). ``auto`` (the default): the defaults, and when they crash, again
-with extra buffer types off. Each configuration run is one key of the thread count's row: ``llamacpp_q4_1``
+llama.cpp's configurations (``--llama-extra-bufts``). By default llama.cpp may place weights in "extra buffer
+types" with layouts of their own (ggml's AMX buffer on a CPU with AMX, repacked weights); with llama-cpp-python
+0.3.36 built with default flags, every ``llama_decode`` on this project's AMX machine died with SIGSEGV in
+``ggml_backend_amx_mul_mat`` (issue #19; docs/benchmarks.md says why). ``on``: llama.cpp's defaults only.
+``off``: the model parameter ``use_extra_bufts`` set to false (plain CPU buffers; the ``Llama`` constructor has
+no argument for it, so the default model parameters it reads are wrapped). ``auto`` (the default): the
+defaults, and when they fail, again with extra buffer types off. Each configuration run is one key of the thread count's row: ``llamacpp_q4_1``
 (defaults) and ``llamacpp_q4_1_no_extra_bufts``; each records the package version, its build flags
 (``llama_print_system_info``), ``use_extra_bufts`` as the loaded model has it, and its figures, or ``error``: one
 line naming how it ended and the step it was in. A crash of either side is one line (``error`` in its record)
@@ -163,7 +163,7 @@ def main() -> None:
                     help="our engine's weight settings to measure")
     ap.add_argument("--llama-python", default=None, help="interpreter of an environment with llama-cpp-python")
     ap.add_argument("--llama-extra-bufts", choices=["auto", "on", "off"], default="auto",
-                    help="llama.cpp's extra buffer types (AMX/AVX-512 repacked weights): on (its defaults), off, or "
+                    help="llama.cpp's extra buffer types (its AMX buffer, repacked weights): on (its defaults), off, or "
                          "auto (the defaults, then off if they crash)")
     args = ap.parse_args()
     from retroformer_cli.llm.model_cache import embedded_gguf_path
