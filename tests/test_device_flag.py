@@ -54,6 +54,8 @@ def test_collect_records_the_device_and_dtype_in_the_manifest(tiny, tmp_path):
     assert manifest["config"]["actor"]["device"] == "cpu" and manifest["config"]["reflector"]["device"] == "cpu"
     actor = manifest["models"]["actor"]
     assert (actor["device"], actor["dtype"]) == ("cpu", "float32")
+    # the --weights setting and what the loaded model resolved it to (auto: hybrid is embedded-only)
+    assert (actor["weights_setting"], actor["weights"]) == ("auto", "fp32"), actor
 
     from retroformer_cli.llm.engine import shared
 

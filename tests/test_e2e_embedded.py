@@ -40,6 +40,10 @@ def test_collect_and_eval_on_embedded_model(tmp_path, embedded_cache):
         second = next(x for x in trials if x["task_id"] == t["task_id"] and x["trial"] == 2)
         assert second["memory"] == [t["reflection"]["text"]]
     assert (ws / "cache" / "models").is_dir()  # dequantized weights cached in the workspace
+    actor = json.loads((ws / "runs" / "e2e" / "manifest.json").read_text())["models"]["actor"]
+    assert actor["weights_setting"] == "auto", actor  # the manifest keeps the setting and what it resolved to
+    assert (actor["weights"] == "hybrid" and actor["gguf_kernel"] in ("avx512", "avx2", "scalar")
+            or actor["weights"] == "fp32" and actor["weights_why"]), actor  # no compiler: the fp32 path and why
 
     report = subprocess.run(cli + ["--json", "eval", "--run", "e2e"], capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]

@@ -256,10 +256,29 @@ def test_lora_adapter_folder_loads_on_its_base(tiny_dir, tokenizer, tmp_path):
 def test_describe_for_manifests(client):
     before = client.describe()
     assert before["device"] == "cpu" and before["dtype"] == "float32" and before["threads"] == 1
+    assert before["weights_setting"] == "auto" and "weights" not in before  # resolved only by loading
     client.load()
     after = client.describe()
     assert after["model_id"] == str(client.model_spec) and after["path"] == str(client.model_spec)
     assert "load_seconds" in after
+    assert after["weights_setting"] == "auto" and after["weights"] == "fp32"  # auto: hybrid is embedded-only
+    assert "gguf_kernel" not in after and "weights_why" not in after
+
+
+@pytest.mark.parametrize("resolved, recorded", [
+    ({"weights": "hybrid", "gguf_kernel": "avx512", "gguf_linear_layers": 211},
+     {"weights": "hybrid", "gguf_kernel": "avx512"}),
+    ({"weights": "fp32", "why": "no C++ compiler (c++, g++ or clang++) on PATH"},
+     {"weights": "fp32", "weights_why": "no C++ compiler (c++, g++ or clang++) on PATH"}),
+])
+def test_describe_records_what_the_weights_resolved_to(client, monkeypatch, resolved, recorded):
+    """The embedded model's outcomes (kernel built, or the fp32 fallback and its reason), as the engine reports
+    them, reach the manifest's description beside the setting."""
+    client.load()
+    monkeypatch.setattr(client._engine, "info", {**client._engine.info, **resolved})
+    described = client.describe()
+    assert {key: described.get(key) for key in recorded} == recorded
+    assert described["weights_setting"] == "auto"
 
 
 def test_invalid_options_name_the_flag(tiny_dir):

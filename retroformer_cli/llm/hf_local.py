@@ -185,18 +185,22 @@ class HFLocalClient:
 
     def describe(self) -> dict[str, Any]:
         """Facts for run manifests: model id, folder, device, dtype, threads, engine settings (``forward``: the
-        engine's lean Llama forward pass or transformers' modules)."""
+        engine's lean Llama forward pass or transformers' modules). ``weights_setting`` is ``--weights`` as given;
+        once the model loaded, ``weights`` is what it resolved to (``hybrid``, ``gguf``, ``fp32``), with the GGUF
+        kernel's instruction set (``gguf_kernel``) or why it fell back to fp32 (``weights_why``)."""
         cfg = self.engine_config
         desc: dict[str, Any] = {"backend": "hf_local", "model": self.model_spec, "model_id": self.model_id,
                                 "threads": self.threads, "max_batch_size": cfg.max_batch_size,
                                 "prefix_reuse": cfg.prefix_reuse, "prefix_cache_mb": cfg.prefix_cache_mb,
-                                "weights": cfg.weights}
+                                "weights_setting": cfg.weights}
         engine = self._engine
         if engine is not None and engine.ready:
             info = engine.info
             desc.update(path=self._adapter_path or info.get("path"), device=info["device"], dtype=info["dtype"],
                         weights=info.get("weights", cfg.weights), forward=info.get("forward"),
                         load_seconds=info.get("load_seconds"))
+            desc.update({key: info[name] for key, name in (("gguf_kernel", "gguf_kernel"), ("weights_why", "why"))
+                         if info.get(name) is not None})
             if self._adapter_path is not None:
                 desc.update(adapter=self._adapter_path, adapter_name=self._adapter, base=cfg.model,
                             base_path=info.get("path"))

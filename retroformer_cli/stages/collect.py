@@ -194,6 +194,24 @@ def _start_manifest(cfg: CollectConfig, workspace: Workspace, run_name: str, res
     return manifest, session
 
 
+def _end_session(manifest: dict, session: dict, status: str, counters: dict[str, int], failure: dict[str, Any],
+                 clients: tuple[LLMClient, LLMClient | None], cluster: Any) -> None:
+    """The manifest at the end of a session: token usage, the session's status, engine counters and error, and the
+    models as they ran."""
+    manifest["usage"]["prompt_tokens"] += counters["prompt"]
+    manifest["usage"]["completion_tokens"] += counters["completion"]
+    manifest["usage"]["cached_prompt_tokens"] = manifest["usage"].get("cached_prompt_tokens", 0) + counters["cached"]
+    engines = cluster.engine_stats if cluster is not None else {  # --ray: each node's model server's
+        role: client.stats() for role, client in zip(("actor", "reflector"), clients)
+        if client is not None and hasattr(client, "stats")}
+    session.update(finished_at=now_iso(), status=status, trials_written=counters["written"],
+                   **({"engine_stats": engines} if any(engines.values()) else {}),
+                   **({"error": failure} if failure else {}))
+    if cluster is None:  # a local model resolved its weights (and kernel) while loading: record what ran
+        manifest["models"] = {"actor": describe(clients[0]), "reflector": describe(clients[1])}
+    manifest.update(status=status, finished_at=now_iso())
+
+
 def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progress: Progress | None = None,
         actor: LLMClient | None = None, reflector: LLMClient | None | str = "config",
         ray: str | None = None) -> CollectResult:
@@ -251,16 +269,7 @@ def run(cfg: CollectConfig, workspace: Workspace, *, resume: bool = False, progr
         write_thread.shutdown(wait=True)
         writer.close()
         progress.stop()
-        manifest["usage"]["prompt_tokens"] += counters["prompt"]
-        manifest["usage"]["completion_tokens"] += counters["completion"]
-        manifest["usage"]["cached_prompt_tokens"] = manifest["usage"].get("cached_prompt_tokens", 0) + counters["cached"]
-        engines = cluster.engine_stats if cluster is not None else {  # --ray: each node's model server's
-            role: client.stats() for role, client in (("actor", actor), ("reflector", reflector))
-            if client is not None and hasattr(client, "stats")}
-        session.update(finished_at=now_iso(), status=status, trials_written=counters["written"],
-                       **({"engine_stats": engines} if any(engines.values()) else {}),
-                       **({"error": failure} if failure else {}))
-        manifest.update(status=status, finished_at=now_iso())
+        _end_session(manifest, session, status, counters, failure, (actor, reflector), cluster)
         workspace.write_manifest(run_name, manifest)
         close_env(env)
         if cluster is not None:
