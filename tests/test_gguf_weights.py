@@ -206,31 +206,31 @@ def test_tensor_table_matches_the_gguf_package():
 @pytest.mark.slow
 @needs_model
 def test_hybrid_weights_prompt_like_fp32_decode_like_gguf(embedded_cache, monkeypatch):
-    """``--weights hybrid`` on the same 50 generations (decode rows attending through the C++ kernel): the greedy
+    """``--weights hybrid`` on the same 50 generations (decode rows through the C++ layers): the greedy
     tokens of the fp32 path (a difference only at a near-tie), numbers of its own (neither all-fp32 nor all-GGUF: both paths are used), at least one step mixing
     decode rows and a prompt chunk, and the prompts one at a time giving exactly the batched tokens and margins
     (a row's path and numbers do not depend on what it is batched with)."""
-    from retroformer_cli.llm.engine.decode_attention import DecodeSegments
+    from retroformer_cli.llm.engine.decode_layers import DecodeStack
     from retroformer_cli.llm.engine.lean_forward import LeanForward
 
     steps, kernel_rows = [], []
-    plain, attend = LeanForward.forward, DecodeSegments.attend
+    plain, stack_run = LeanForward.forward, DecodeStack.run
 
     def spy(self, ids, positions, ctx, decode_rows=0):
         steps.append((len(ids), decode_rows))
         return plain(self, ids, positions, ctx, decode_rows)
 
-    def attend_spy(self, lib, layer, q, *args):
-        kernel_rows.append(q.shape[0])
-        return attend(self, lib, layer, q, *args)
+    def stack_spy(self, h, *args):
+        kernel_rows.append(h.shape[0])
+        return stack_run(self, h, *args)
 
     monkeypatch.setattr(LeanForward, "forward", spy)
-    monkeypatch.setattr(DecodeSegments, "attend", attend_spy)
+    monkeypatch.setattr(DecodeStack, "run", stack_spy)
     hybrid, info = _run(embedded_cache, "hybrid")
     assert info["weights"] == "hybrid" and info["gguf_linear_layers"] == 211 and info["forward"] == "lean"
     assert any(0 < d < rows for rows, d in steps), "no step mixed decode rows with a prompt chunk"
-    # every decode row attended through the kernel (.decode_attention), once per layer
-    assert sum(kernel_rows) == 30 * sum(d for _rows, d in steps)
+    # every decode row went through all layers in one C++ call (.decode_layers)
+    assert sum(kernel_rows) == sum(d for _rows, d in steps)
     fp32_out, _ = _run(embedded_cache, "fp32")
     gguf_out, _ = _run(embedded_cache, "gguf")
     flips = [(i, a[1], b[1]) for i, (a, b) in enumerate(zip(hybrid, fp32_out)) if a[0] != b[0]]

@@ -215,22 +215,28 @@ static void attend_row(const void* p, int64_t r) {
 
 /* Write each row's new key and value into its segment's buffer (position past + its index in the segment), then
    attend every row; rows are shared with the helper threads. */
+static void decode_attention(const AttnJob& job, int64_t rows, int threads) {
+    const int d = job.d, kv_heads = job.kv_heads;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t s = job.row_seg[r], pos = job.segs[3 * s + 2] + (r - job.segs[3 * s]), cap = job.caps[s];
+        for (int g = 0; g < kv_heads; g++) {
+            memcpy(job.bufs[s] + ((int64_t)g * cap + pos) * d, job.k + r * job.k_stride + (int64_t)g * d,
+                   d * sizeof(float));
+            memcpy(job.bufs[s] + (((int64_t)kv_heads + g) * cap + pos) * d, job.v + r * job.v_stride + (int64_t)g * d,
+                   d * sizeof(float));
+        }
+    }
+    parallel(attend_row, &job, rows, threads);
+}
+
 extern "C" void rf_decode_attention(const float* q, int64_t q_stride, const float* k, int64_t k_stride,
                                     const float* v, int64_t v_stride, float* out, int64_t rows,
                                     const int64_t* row_seg, const int64_t* segs, float* const* bufs,
                                     const int64_t* caps, int heads, int kv_heads, int d, float scale,
                                     int64_t window, int threads) {
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t s = row_seg[r], pos = segs[3 * s + 2] + (r - segs[3 * s]), cap = caps[s];
-        for (int g = 0; g < kv_heads; g++) {
-            memcpy(bufs[s] + ((int64_t)g * cap + pos) * d, k + r * k_stride + (int64_t)g * d, d * sizeof(float));
-            memcpy(bufs[s] + (((int64_t)kv_heads + g) * cap + pos) * d, v + r * v_stride + (int64_t)g * d,
-                   d * sizeof(float));
-        }
-    }
     AttnJob job = {q, k, v, q_stride, k_stride, v_stride, out, row_seg, segs, bufs, caps, heads, kv_heads, d,
                    scale, window};
-    parallel(attend_row, &job, rows, threads);
+    decode_attention(job, rows, threads);
 }
 """
 

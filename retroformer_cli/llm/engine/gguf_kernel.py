@@ -31,7 +31,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from retroformer_cli.llm.engine import decode_attention
+from retroformer_cli.llm.engine import decode_attention, decode_layers
 
 log = logging.getLogger("retroformer.engine")
 
@@ -312,7 +312,7 @@ extern "C" void rf_matmul(const uint8_t* w, int kind, int64_t N, int64_t K, cons
     Job job = {w, N, K, T, nb, nb * block_bytes(kind), x, y};
     parallel(kind == 0 ? row_tile<0> : row_tile<1>, &job, (N + TILE_ROWS - 1) / TILE_ROWS, threads);
 }
-""" + decode_attention.SOURCE
+""" + decode_attention.SOURCE + decode_layers.SOURCE
 
 KINDS = {"q4_1": 0, "q8_0": 1}
 BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
@@ -390,6 +390,7 @@ def load(cache_dir: str | os.PathLike[str], isa: str = "native") -> Any:
         lib.rf_matmul.restype = None
         lib.rf_simd.restype = ctypes.c_int
         decode_attention.declare(lib)
+        decode_layers.declare(lib)
         _loaded[str(target)] = lib
         return lib
 

@@ -223,6 +223,7 @@ class QuantMatrix:
     def __init__(self, lib: Any, kind: str, blocks: Any, out_features: int, spans: list[tuple[int, int]] | None,
                  threads: int):
         self.lib, self.kind, self.blocks, self.threads = lib, kind, blocks, threads
+        self.code = gguf_kernel.KINDS[kind]  # the kernel's number for the kind
         self.out_features, self.spans = out_features, spans
 
     def compute_stacked(self, x: Any) -> Any:

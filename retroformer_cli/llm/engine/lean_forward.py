@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-from retroformer_cli.llm.engine.attention import StepContext, attend_segments
+from retroformer_cli.llm.engine.attention import Segment, StepContext, attend_segments
 from retroformer_cli.llm.engine.decode_attention import DecodeSegments
+from retroformer_cli.llm.engine.decode_layers import DecodeStack
 
 log = logging.getLogger("retroformer.engine")
 
@@ -127,6 +128,8 @@ class LeanForward:
         head = decode.get("lm_head") if decode else None
         self.kernel = (head.lib, head.threads) if getattr(getattr(head, "lib", None), "rf_decode_attention",
                                                           None) else None
+        # and, when every layer's blocks are stacked, all their layers in one C++ call (.decode_layers)
+        self.stack = DecodeStack.build(model, decode) if self.kernel else None
 
     def forward(self, ids: list[int], positions: list[int], ctx: StepContext, decode_rows: int = 0) -> Any:
         import torch
@@ -137,18 +140,32 @@ class LeanForward:
         h = F.embedding(torch.tensor(ids), self.embed)
         cos, sin = self._rotary(torch.tensor(positions), h.dtype)
         decoding = DecodeSegments.build(ctx.segments, d) if d and self.kernel else None
-        others = [s for s in ctx.segments if s.start >= d] if decoding else ctx.segments
+        if decoding is not None and self.stack is not None:  # the decode rows' layers in one kernel call
+            top = self.stack.run(h[:d], cos[:d], sin[:d], decoding)
+            if d < rows:  # the prompt rows on their own, their segments counted from their first row
+                others = [Segment(s.kv, s.start - d, s.count, s.past, s.mask) for s in ctx.segments if s.start >= d]
+                top = torch.cat((top, self._layers(h[d:], cos[d:], sin[d:], 0, None, others)))
+            h = top
+        else:
+            others = [s for s in ctx.segments if s.start >= d] if decoding else ctx.segments
+            h = self._layers(h, cos, sin, d, decoding, others)
+        h = _rms_norm(h, *self.final_norm)
+        if ctx.logit_rows is not None:
+            h = h[ctx.logit_rows]
+            d = int((ctx.logit_rows < d).sum()) if d else 0  # logit rows ascend: the decode rows' come first
+        return _by_kind(self.head, self.fast_head, d, h)
+
+    def _layers(self, h: Any, cos: Any, sin: Any, d: int, decoding: DecodeSegments | None, others: list[Any]) -> Any:
+        """``h`` through every layer, operator by operator: rows ``:d`` on the decode matrices (attending through
+        the kernel when ``decoding``), the others on the model's own (``others``: their segments)."""
+        rows = h.shape[0]
         for i, (norm1, attn, norm2, own, fast) in enumerate(self.layers):
             q, k, v = _by_kind(own[0], fast[0], d, _rms_norm(h, *norm1), cos, sin)
             out = self._attention(i, attn, q, k, v, decoding, others)
             h = h + _by_kind(own[1], fast[1], d, out.reshape(rows, -1))
             x = _by_kind(own[2], fast[2], d, _rms_norm(h, *norm2))
             h = h + _by_kind(own[3], fast[3], d, x)
-        h = _rms_norm(h, *self.final_norm)
-        if ctx.logit_rows is not None:
-            h = h[ctx.logit_rows]
-            d = int((ctx.logit_rows < d).sum()) if d else 0  # logit rows ascend: the decode rows' come first
-        return _by_kind(self.head, self.fast_head, d, h)
+        return h
 
     def _attention(self, layer: int, attn: Any, q: Any, k: Any, v: Any, decoding: DecodeSegments | None,
                    others: list[Any]) -> Any:
