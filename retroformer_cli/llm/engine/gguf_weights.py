@@ -10,10 +10,12 @@ Loading checks every matrix: the blocks (rows of Q and K reordered as transforme
 layout) must dequantize bit-for-bit to the weight the fp32 model holds, else the fp32 path is kept with one
 warning line. A passed check leaves a marker in the cache folder (``gguf-checks/``) keyed by the GGUF file, the
 fp32 model's files (path, size, mtime), the ``gguf`` package's version and :data:`CHECK_VERSION`; a later start
-with the same key checks one matrix instead of all 211 (0.7-0.9 s of each start here). A layer's q/k/v projections share one stacked block matrix, as do the MLP's gate and up projections
-(stacking rows is exact): the first projection of the group computes all of them in one kernel call and hands
-the others their rows, which they return when called with the same input (PEFT LoRA layers over them keep
-working: they call the base layer with that same input and add their own term).
+with the same key checks one matrix instead of all 211 (0.7-0.9 s of each start here).
+
+A layer's q/k/v projections share one stacked block matrix, as do the MLP's gate and up projections (stacking
+rows is exact): the first projection of the group computes all of them in one kernel call and hands the others
+their rows, which they return when called with the same input (PEFT LoRA layers over them keep working: they
+call the base layer with that same input and add their own term).
 
 ``--weights hybrid`` (and ``auto`` for the embedded model) leaves the model's modules alone and builds the same
 blocks as :class:`QuantMatrix` objects beside them (:func:`decode_matrices`): the lean forward pass computes
@@ -207,7 +209,7 @@ def _identity(path: Path) -> list[Any]:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
-def check_marker(cache_dir: str, gguf_path: str, model: Any) -> Path | None:
+def _check_marker(cache_dir: str, gguf_path: str, model: Any) -> Path | None:
     """Where a passed check of ``gguf_path`` against ``model`` is recorded: a file under ``cache_dir/gguf-checks``
     named by a hash of both sides' files (path, size, mtime), the ``gguf`` package's version and
     :data:`CHECK_VERSION`; None when the model was not loaded from a folder of files (nothing to key on)."""
@@ -231,11 +233,16 @@ def _write_marker(marker: Path) -> None:
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=marker.parent)
+    except OSError as exc:
+        log.debug("cannot record the GGUF check in %s: %s", marker.parent, exc)
+        return
+    try:
         with os.fdopen(fd, "w") as f:
             json.dump({"passed": marker.stem}, f)
         os.replace(tmp, marker)
     except OSError as exc:
         log.debug("cannot record the GGUF check in %s: %s", marker.parent, exc)
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _marker_passed(marker: Path | None) -> bool:
@@ -258,7 +265,7 @@ def _checked_blocks(model: Any, gguf_path: str, cache_dir: str) -> tuple[Any, di
         log.warning("the GGUF weights cannot be used (%s): the model runs on fp32 weights", exc)
         return None, str(exc)
     modules = dict(model.named_modules())
-    marker = check_marker(cache_dir, gguf_path, model)
+    marker = _check_marker(cache_dir, gguf_path, model)
     passed = _marker_passed(marker)
     for name in ["model.layers.0.self_attn.k_proj"] if passed else blocks:
         kind, data = blocks[name]
