@@ -4,6 +4,7 @@ and thread invariance, and (slow) the embedded model's greedy outputs against th
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 
 import pytest
@@ -97,6 +98,67 @@ def test_hybrid_without_a_compiler_keeps_the_fp32_weights(monkeypatch, tmp_path,
         info, matrices = decode_matrices(object(), "unread.gguf", str(tmp_path), 1)
     assert matrices is None and info["weights"] == "fp32" and "no C++ compiler" in info["why"]
     assert len(caplog.records) == 1
+
+
+def test_gguf_check_is_recorded_and_rerun_when_a_file_changes(monkeypatch, tmp_path):
+    """The dequantize-and-compare check of every matrix runs on the first load and leaves a marker; a second load
+    of the same files checks one matrix only; a changed GGUF or model file, a corrupted marker or another check
+    version checks all again; the one matrix still checked catches a model that no longer matches; a failed
+    check records nothing."""
+    from types import SimpleNamespace
+
+    from retroformer_cli.llm.engine import gguf_weights
+
+    rng = np.random.default_rng(5)
+    blocks = {"model.layers.0.self_attn.k_proj": random_blocks("q4_1", 8, 64, rng),
+              "model.layers.0.mlp.up_proj": random_blocks("q4_1", 16, 64, rng),
+              "lm_head": random_blocks("q8_0", 12, 64, rng)}
+    weights = {name: torch.from_numpy(w.copy()) for name, (_, w) in blocks.items()}
+    kinds = {"lm_head": "q8_0"}
+    folder, gguf_file, cache = tmp_path / "fp32", tmp_path / "m.gguf", tmp_path / "cache"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    (folder / "config.json").write_text("{}")
+    gguf_file.write_bytes(b"GGUF")
+    model = SimpleNamespace(name_or_path=str(folder),
+                            named_modules=lambda: [(n, SimpleNamespace(weight=w)) for n, w in weights.items()])
+    monkeypatch.setattr(gguf_weights.gguf_kernel, "load", lambda cache_dir: "kernel")
+    monkeypatch.setattr(gguf_weights, "read_blocks", lambda path, m: {
+        name: (kinds.get(name, "q4_1"), data) for name, (data, _) in blocks.items()})
+    checked: list[str] = []
+    same = gguf_weights._same_weight
+
+    def counting(kind, data, weight):
+        checked.append(kind)
+        return same(kind, data, weight)
+
+    monkeypatch.setattr(gguf_weights, "_same_weight", counting)
+
+    def load() -> int:
+        checked.clear()
+        lib, packed = gguf_weights._checked_blocks(model, str(gguf_file), str(cache))
+        assert lib == "kernel" and set(packed) == set(blocks)
+        return len(checked)
+
+    assert load() == 3
+    markers = list((cache / "gguf-checks").iterdir())
+    assert len(markers) == 1 and markers[0].suffix == ".json"  # written atomically: no temp file left
+    assert load() == 1 and load() == 1
+    os.utime(gguf_file, ns=(1, 1))  # the GGUF file changed (its mtime)
+    assert load() == 3 and load() == 1
+    (folder / "model.safetensors").write_bytes(b"y" * 11)  # the fp32 cache rewritten
+    assert load() == 3 and load() == 1
+    for marker in (cache / "gguf-checks").iterdir():
+        marker.write_text("{")  # a torn or corrupted marker
+    assert load() == 3 and load() == 1
+    monkeypatch.setattr(gguf_weights, "CHECK_VERSION", gguf_weights.CHECK_VERSION + 1)
+    assert load() == 3 and load() == 1
+    weights["model.layers.0.self_attn.k_proj"][0, 0] += 1.0  # the model no longer matches the recorded files
+    lib, why = gguf_weights._checked_blocks(model, str(gguf_file), str(cache))
+    assert lib is None and "k_proj differs" in why
+    shutil.rmtree(cache / "gguf-checks")
+    assert gguf_weights._checked_blocks(model, str(gguf_file), str(cache))[0] is None
+    assert not (cache / "gguf-checks").exists()  # a failed check leaves no marker
 
 
 def test_batch_counts_decode_rows_and_keeps_them_first():
