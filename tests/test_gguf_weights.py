@@ -320,3 +320,33 @@ def test_default_weights_without_a_compiler_run_on_fp32(embedded_cache, monkeypa
         assert engine.submit(ids, Sampling(max_tokens=4)).result(600).choices[0].completion_tokens == 4
     finally:
         engine.shutdown()
+
+
+@pytest.mark.slow
+@needs_model
+def test_hybrid_base_sequences_do_not_depend_on_adapter_requests_beside_them(embedded_cache, tmp_path):
+    """``hybrid`` decodes base rows on the GGUF blocks and PEFT runs adapter rows on the fp32 weights, so the two
+    never share a forward pass: base requests beside LoRA requests give exactly what they give alone (tokens and
+    greedy margins), and the adapter's own outputs differ from the base model's."""
+    peft = pytest.importorskip("peft")
+    from retroformer_cli.llm.engine.scheduler import Engine
+    from retroformer_cli.llm.engine.types import EngineConfig, Sampling
+    from retroformer_cli.llm.model_cache import load_base_model
+
+    model, _tok, _info = load_base_model("embedded", str(embedded_cache), dtype=torch.float32)
+    torch.manual_seed(3)
+    lora = peft.LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(model, lora).save_pretrained(str(tmp_path / "lora"))
+    engine = Engine(EngineConfig(model="embedded", cache_dir=str(embedded_cache), threads=1, weights="hybrid")).start(wait=True)
+    try:
+        engine.load_adapter("lora", tmp_path / "lora")
+        prompts = [engine.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS[:4]]
+        alone = [engine.submit(p, Sampling(max_tokens=24)).result(600).choices[0] for p in prompts]
+        handles = []
+        for p in prompts:
+            handles += [engine.submit(p, Sampling(max_tokens=24)), engine.submit(p, Sampling(max_tokens=24), adapter="lora")]
+        beside = [h.result(600).choices[0] for h in handles]
+    finally:
+        engine.shutdown()
+    assert [(c.token_ids, c.min_margin) for c in beside[0::2]] == [(c.token_ids, c.min_margin) for c in alone]
+    assert [c.token_ids for c in beside[1::2]] != [c.token_ids for c in alone]

@@ -50,12 +50,14 @@ class Adapters:
         self.base: Any = None
         self.peft: Any = None
         self.mixed = True  # mixed-adapter batches (off once peft refuses one)
+        self.separate_base = False  # base rows never share a pass with adapter rows (see group)
         self._active: str | None = None
         self._rr = 0
 
-    def attach(self, base_model: Any, namespace: bytes) -> None:
+    def attach(self, base_model: Any, namespace: bytes, separate_base: bool = False) -> None:
         self.base = base_model
         self.namespaces[None] = namespace
+        self.separate_base = separate_base
 
     def load(self, name: str, path: str, model_name: str, label: str | None = None) -> None:
         label = label or name
@@ -99,15 +101,20 @@ class Adapters:
         self._active = None
         return namespace
 
-    def group(self, running_adapters: Iterable[str | None]) -> tuple[str | None] | None:
-        """With mixed-adapter batches off, the one adapter whose sequences run this step (round robin)."""
-        if self.mixed or self.peft is None:
-            return None
+    def group(self, running_adapters: Iterable[str | None]) -> tuple[str | None, ...] | None:
+        """The adapters whose sequences run this step (None: every running one), taking turns (round robin):
+        one adapter at a time with mixed-adapter batches off; with ``separate_base`` (``--weights hybrid``, whose
+        base decode rows run on the GGUF blocks while PEFT's run on the fp32 weights), the base model's sequences
+        and the adapters' in turns, so a base sequence's numbers never depend on an adapter request beside it."""
         present = list(dict.fromkeys(running_adapters))
-        if not present:
+        if not present or self.peft is None:
             return None
         self._rr += 1
-        return (present[self._rr % len(present)],)
+        if not self.mixed:
+            return (present[self._rr % len(present)],)
+        if not self.separate_base or None not in present or len(present) == 1:
+            return None
+        return (None,) if self._rr % 2 else tuple(a for a in present if a is not None)
 
     def select(self, names: list[str | None], kwargs: dict[str, Any]) -> Any:
         """The model to call for rows of adapters ``names`` (adds peft's ``adapter_names`` to ``kwargs`` for a

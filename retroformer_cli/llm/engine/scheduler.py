@@ -163,7 +163,7 @@ class Engine(EngineEndings):
         self.context_length = m.context_length
         self.prefix = PrefixCache(cfg.prefix_cache_mb * 2**20, cfg.block_size) if cfg.prefix_reuse else None
         self._block_bytes = m.token_bytes * cfg.block_size
-        self._lora.attach(m.model, m.namespace)
+        self._lora.attach(m.model, m.namespace, separate_base=bool(m.lean is not None and m.lean.splits))
         self.info = m.info
 
     def _load_adapter(self, name: str, path: str, label: str | None = None) -> None:
@@ -323,13 +323,13 @@ class Engine(EngineEndings):
         group = self._lora.group(s.req.adapter for s in self._running if s.state in ("prefill", "decode"))
         batch = StepBatch(self._device)
         for seq in self._running:
-            if seq.state == "decode" and (group is None or seq.req.adapter == group[0]):
+            if seq.state == "decode" and (group is None or seq.req.adapter in group):
                 draft = prompt_lookup_draft(seq, cfg.draft_tokens, budget - 1)
                 batch.add(seq, [seq.tokens[-1], *draft], 1 + len(draft), draft, decode=True)
                 budget -= 1 + len(draft)
         computing: set[bytes] = set()
         for seq in self._running:
-            if seq.state != "prefill" or (group is not None and seq.req.adapter != group[0]):
+            if seq.state != "prefill" or (group is not None and seq.req.adapter not in group):
                 continue
             self._reuse(seq)
             take = min(seq.prompt_len - seq.computed, cfg.prefill_chunk)
