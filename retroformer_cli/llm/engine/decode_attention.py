@@ -25,9 +25,9 @@ SOURCE = r"""
 #define ATTN_AHEAD 64
 #endif
 #if RF_SIMD == 512
-/* e^x for x <= 0 (a softmax's shifted scores): 2^n * p(r), r = x - n ln2, p the degree-6 Taylor polynomial of
-   e^r on |r| <= ln2/2 (relative error ~2e-7); below -87 it gives 0 or a denormal, as expf does. */
-static inline __m512 exp_neg(__m512 x) {
+/* e^x: 2^n * p(r), r = x - n ln2, p the degree-6 Taylor polynomial of e^r on |r| <= ln2/2 (relative error ~2e-7);
+   below -87 it gives 0 or a denormal, as expf does, and above 88.7 +inf (scalef saturates). */
+static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -43,6 +43,32 @@ static inline __m512 exp_neg(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 #endif
+
+/* A softmax's numerators in place: st[t] = e^(st[t] - mx) for t < n; returns their sum (16 lanes, then one
+   fixed reduction) */
+static inline float softmax_numerators(float* st, int64_t n, float mx) {
+    float sum = 0.0f;
+    int64_t t = 0;
+#if RF_SIMD == 512
+    const __m512 top = _mm512_set1_ps(mx);
+    __m512 total = _mm512_setzero_ps();
+    for (; t + 16 <= n; t += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(st + t), top));
+        _mm512_storeu_ps(st + t, e);
+        total = _mm512_add_ps(total, e);
+    }
+    if (t < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - t)) - 1);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, st + t), top));
+        _mm512_mask_storeu_ps(st + t, m, e);
+        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+        t = n;
+    }
+    sum = _mm512_reduce_add_ps(total);
+#endif
+    for (; t < n; t++) { st[t] = expf(st[t] - mx); sum += st[t]; }
+    return sum;
+}
 
 /* sum_i a[i] * b[i] over d values: 16 lane sums, then added in one fixed order */
 static inline float dot16(const float* a, const float* b, int d) {
@@ -86,24 +112,7 @@ static void heads16(const float* const* q, const float* K, const float* V, int64
         }
     }
     float inv[NH];
-    for (int h = 0; h < NH; h++) {
-        __m512 total = _mm512_setzero_ps();
-        const __m512 top = _mm512_set1_ps(mx[h]);
-        float* st = sc[h];
-        int64_t t = 0;
-        for (; t + 16 <= n; t += 16) {
-            __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(st + t), top));
-            _mm512_storeu_ps(st + t, e);
-            total = _mm512_add_ps(total, e);
-        }
-        if (t < n) {
-            const __mmask16 m = (__mmask16)((1u << (n - t)) - 1);
-            __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, st + t), top));
-            _mm512_mask_storeu_ps(st + t, m, e);
-            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
-        }
-        inv[h] = 1.0f / _mm512_reduce_add_ps(total);
-    }
+    for (int h = 0; h < NH; h++) inv[h] = 1.0f / softmax_numerators(sc[h], n, mx[h]);
     __m512 acc[NH][NV];
     for (int h = 0; h < NH; h++) for (int i = 0; i < NV; i++) acc[h][i] = _mm512_setzero_ps();
     for (int64_t u = 0; u < n; u++) {
@@ -182,25 +191,7 @@ static void attend_row(const void* p, int64_t r) {
                 sc[t] = dot16(q, K + (lo + t) * d, d) * j.scale;
                 mx = sc[t] > mx ? sc[t] : mx;
             }
-            float sum = 0.0f;
-            int64_t t = 0;
-#if RF_SIMD == 512
-            __m512 acc = _mm512_setzero_ps();
-            for (; t + 16 <= n; t += 16) {
-                __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(sc + t), _mm512_set1_ps(mx)));
-                _mm512_storeu_ps(sc + t, e);
-                acc = _mm512_add_ps(acc, e);
-            }
-            if (t < n) {
-                const __mmask16 m = (__mmask16)((1u << (n - t)) - 1);
-                __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + t), _mm512_set1_ps(mx)));
-                _mm512_mask_storeu_ps(sc + t, m, e);
-                acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, e));
-                t = n;
-            }
-            sum = _mm512_reduce_add_ps(acc);
-#endif
-            for (; t < n; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+            const float sum = softmax_numerators(sc, n, mx);
             for (int c = 0; c < d; c++) o[c] = 0.0f;
             for (int64_t u = 0; u < n; u++) {
                 const float w = sc[u];

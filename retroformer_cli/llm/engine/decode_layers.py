@@ -6,7 +6,7 @@ A decode pass through the lean forward pass ran about 25 PyTorch operators per l
 (norms, rotation, activation, slicing, residuals), a few microseconds each: with the GGUF kernel, as long as the
 matrix products of a one-sequence step (``python benchmarks/decode_profile.py --weights hybrid --batch 1``).
 Here they are loops over the rows in C++. Each row is computed alone in a fixed order (the RMSNorm's squares in
-16 lanes reduced one way, SiLU with our own exponential, the same in the vector loop and the scalar tail), with the kernel's matrix products, which do not depend on
+16 lanes reduced one way, SiLU with our own exponential, each element's path fixed by its position), with the kernel's matrix products, which do not depend on
 the batch either: a row's numbers are the same alone or in any batch, with any thread count. They are not
 bit-identical to PyTorch's operators, which is fine for decode rows of ``--weights hybrid`` (their keys and
 values never enter the prefix cache; prompt rows keep the PyTorch path).
@@ -25,7 +25,7 @@ struct RfLayer {                 /* one decoder layer: GGUF blocks in the kernel
     const float *norm1, *norm2;
 };
 
-/* e^x in fp32 for x in [-87, 88] (clamped): 2^n * p(r) with r = x - n ln2 and exp_neg's degree-6 polynomial */
+/* e^x in fp32 for x in [-87, 88] (clamped): 2^n * p(r) with r = x - n ln2 and exp16's degree-6 polynomial */
 static inline float exp_any(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
     const float n = nearbyintf(x * 1.44269504088896341f);
@@ -39,28 +39,15 @@ static inline float exp_any(float x) {
     return p * two_n;
 }
 
-/* out[i] = silu(g[i]) * u[i] = g / (1 + e^-g) * u, the same numbers in the vector and scalar loops */
+/* out[i] = silu(g[i]) * u[i] = g / (1 + e^-g) * u: exp16 in the vector loop, exp_any (the same polynomial; it
+   clamps where exp16 saturates, |g| > 87) in the scalar tail and the builds without AVX-512 */
 static void silu_mul(const float* g, const float* u, int64_t n, float* out) {
     int64_t i = 0;
 #if RF_SIMD == 512
-    const __m512 lo = _mm512_set1_ps(-87.0f), hi = _mm512_set1_ps(88.0f), one = _mm512_set1_ps(1.0f);
+    const __m512 one = _mm512_set1_ps(1.0f);
     for (; i + 16 <= n; i += 16) {
         const __m512 gv = _mm512_loadu_ps(g + i);
-        const __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), lo), hi);
-        const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-        r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-        __m512 p = _mm512_set1_ps(1.0f / 720);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-        p = _mm512_fmadd_ps(p, r, one);
-        p = _mm512_fmadd_ps(p, r, one);
-        const __m512 two_k = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23));
-        const __m512 e = _mm512_mul_ps(p, two_k);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
         _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
     }
 #endif
