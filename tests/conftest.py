@@ -77,6 +77,21 @@ def tiny(tmp_path_factory, embedded_tokenizer) -> dict[str, Path]:
     return paths
 
 
+def random_gguf_blocks(kind: str, rows: int, cols: int, rng):
+    """``rows`` rows of random GGUF blocks of ``kind`` (``q4_1`` or ``q8_0``) over ``cols`` values each, as a uint8
+    numpy array: finite fp16 scales and minimums, every 4/8-bit value."""
+    import numpy as np
+
+    nb = cols // 32
+    scale = (rng.standard_normal((rows, nb, 1)) * 0.02).astype(np.float16).view(np.uint8)
+    if kind == "q4_1":
+        low = (rng.standard_normal((rows, nb, 1)) * 0.05).astype(np.float16).view(np.uint8)
+        data = np.concatenate([scale, low, rng.integers(0, 256, (rows, nb, 16), dtype=np.uint8)], axis=2)
+    else:
+        data = np.concatenate([scale, rng.integers(0, 256, (rows, nb, 32), dtype=np.uint8)], axis=2)
+    return data.reshape(rows, -1)
+
+
 def play_gadget_episodes(engine, steps: int = 3, episodes: int = 4) -> list[tuple[list[int], float | None]]:
     """Greedy ReAct steps of ``episodes`` made-up HotPotQA questions on ``engine``, the episodes of a step batched
     together and each observation appended as collect would: ``(token_ids, min_margin)`` per step and episode."""

@@ -43,14 +43,9 @@ def tiny_llama():
 
 def blocks(kind, rows, cols, rng):
     """Random GGUF blocks (small finite fp16 scales), packed for the kernel."""
-    nb = cols // 32
-    scale = (rng.standard_normal((rows, nb, 1)) * 0.02).astype(np.float16).view(np.uint8)
-    if kind == "q4_1":
-        low = (rng.standard_normal((rows, nb, 1)) * 0.05).astype(np.float16).view(np.uint8)
-        data = np.concatenate([scale, low, rng.integers(0, 256, (rows, nb, 16), dtype=np.uint8)], axis=2)
-    else:
-        data = np.concatenate([scale, rng.integers(0, 256, (rows, nb, 32), dtype=np.uint8)], axis=2)
-    return gguf_kernel.pack(data.reshape(rows, -1), kind)
+    from conftest import random_gguf_blocks
+
+    return gguf_kernel.pack(random_gguf_blocks(kind, rows, cols, rng), kind)
 
 
 def decode_matrices(model, lib, threads=1):

@@ -18,17 +18,11 @@ from retroformer_cli.llm.engine import gguf_kernel  # noqa: E402
 
 def random_blocks(kind: str, n: int, k: int, rng) -> tuple[np.ndarray, np.ndarray]:
     """Random blocks of ``kind`` (finite fp16 scales, every 4/8-bit value) and their ``gguf`` dequantization."""
+    from conftest import random_gguf_blocks
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    nb = k // 32
-    scale = (rng.standard_normal((n, nb, 1)) * 0.02).astype(np.float16).view(np.uint8)
-    if kind == "q4_1":
-        low = (rng.standard_normal((n, nb, 1)) * 0.05).astype(np.float16).view(np.uint8)
-        data = np.concatenate([scale, low, rng.integers(0, 256, (n, nb, 16), dtype=np.uint8)], axis=2)
-    else:
-        data = np.concatenate([scale, rng.integers(0, 256, (n, nb, 32), dtype=np.uint8)], axis=2)
-    data = data.reshape(n, -1)
+    data = random_gguf_blocks(kind, n, k, rng)
     return data, dequantize(data, GGMLQuantizationType[kind.upper()])
 
 
