@@ -1,7 +1,7 @@
 """Attention of decode rows over their sequences' key/value buffers in one C++ call per layer (``--weights hybrid``).
 
 A decode pass of 8 sequences called PyTorch's scaled-dot-product attention 240 times (8 sequences x 30 layers),
-about 65 us each whatever the length, for a few microseconds of arithmetic: a third of the pass
+about 66 us each after a ~300-token prompt, for a few microseconds of arithmetic: a third of the pass
 (``python benchmarks/decode_profile.py --weights hybrid --forward lean --batch 8``). Here one call per layer
 writes every decode row's new key and value into its sequence's buffer and attends all of them, in fp32.
 
